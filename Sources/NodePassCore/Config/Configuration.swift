@@ -1,0 +1,89 @@
+import NIOCore
+
+/// The tuning of a NodePass process, read from its environment variables.
+public struct Configuration: Hashable, Sendable {
+    /// Concurrent user connections on the server; concurrent launched connections on the client.
+    public var semaphoreLimit: Int = 1024
+    /// Idle pool connections kept at least.
+    public var minPoolCapacity: Int = 16
+    /// Idle pool connections at most.
+    public var maxPoolCapacity: Int = 1024
+    /// Period of the `remote://` heartbeat; three missed periods mean the control channel is dead.
+    public var reportInterval: TimeAmount = .seconds(5)
+    /// Pause before reconnecting or restarting after an error.
+    public var serviceCooldown: TimeAmount = .seconds(5)
+    /// How long a graceful shutdown may take.
+    public var shutdownTimeout: TimeAmount = .seconds(5)
+
+    /// Bound on the TLS handshake of the control channel.
+    public var handshakeTimeout: TimeAmount = .seconds(10)
+    /// Bound on reading a pool connection's ID.
+    public var idReadTimeout: TimeAmount = .seconds(5)
+    /// Bound on dialling a target or the server.
+    public var dialTimeout: TimeAmount = .seconds(10)
+    /// How long a user connection may wait for a pool connection.
+    public var poolWaitTimeout: TimeAmount = .seconds(5)
+    /// How many TLS handshakes the server runs at once; more connections are closed at once.
+    public var maxPendingHandshakes: Int = 64
+
+    /// The defaults.
+    public init() {}
+
+    /// The names of the variables read, in the order of the documentation.
+    public static let variableNames = [
+        "SEMAPHORE_LIMIT", "MIN_POOL_CAPACITY", "MAX_POOL_CAPACITY",
+        "REPORT_INTERVAL", "SERVICE_COOLDOWN", "SHUTDOWN_TIMEOUT",
+    ]
+
+    /// Reads the variables from `environment`; an unset or empty variable keeps its default.
+    ///
+    /// Throws an `.invalidEnvironment` error naming the variable and its value when a value cannot be used.
+    public init(environment: [String: String]) throws(NodePassError) {
+        self.init()
+        self.semaphoreLimit = try Self.integer("SEMAPHORE_LIMIT", environment, default: self.semaphoreLimit, range: 1...1_000_000)
+        self.minPoolCapacity = try Self.integer("MIN_POOL_CAPACITY", environment, default: self.minPoolCapacity, range: 1...65_536)
+        self.maxPoolCapacity = try Self.integer("MAX_POOL_CAPACITY", environment, default: self.maxPoolCapacity, range: 1...65_536)
+        self.reportInterval = try Self.duration("REPORT_INTERVAL", environment, default: self.reportInterval)
+        self.serviceCooldown = try Self.duration("SERVICE_COOLDOWN", environment, default: self.serviceCooldown)
+        self.shutdownTimeout = try Self.duration("SHUTDOWN_TIMEOUT", environment, default: self.shutdownTimeout)
+        guard self.minPoolCapacity <= self.maxPoolCapacity else {
+            throw NodePassError(
+                .invalidEnvironment,
+                "MIN_POOL_CAPACITY=\(self.minPoolCapacity) is greater than MAX_POOL_CAPACITY=\(self.maxPoolCapacity)"
+            )
+        }
+    }
+
+    private static func integer(
+        _ name: String,
+        _ environment: [String: String],
+        default value: Int,
+        range: ClosedRange<Int>
+    ) throws(NodePassError) -> Int {
+        guard let text = environment[name], !text.isEmpty else { return value }
+        guard text.utf8.count <= 10, text.allSatisfy({ $0.isASCII && $0.isNumber }), let number = Int(text),
+            range.contains(number)
+        else {
+            throw NodePassError(
+                .invalidEnvironment,
+                "\(name)='\(text.prefix(64))' is not a whole number from \(range.lowerBound) to \(range.upperBound)"
+            )
+        }
+        return number
+    }
+
+    private static func duration(
+        _ name: String,
+        _ environment: [String: String],
+        default value: TimeAmount
+    ) throws(NodePassError) -> TimeAmount {
+        guard let text = environment[name], !text.isEmpty else { return value }
+        guard let amount = DurationParser.parse(text), amount >= .milliseconds(10) else {
+            throw NodePassError(
+                .invalidEnvironment,
+                "\(name)='\(text.prefix(64))' is not a duration from 10ms to 24h (write it as 5s, 500ms, 1m)"
+            )
+        }
+        return amount
+    }
+}

@@ -1,0 +1,105 @@
+/// The client's pool sizing: how many pool connections to open or close, between MIN and MAX capacity.
+///
+/// The pool starts at the minimum capacity and refills as soon as a connection is taken. When a take leaves
+/// a quarter of the capacity or less idle, the capacity doubles (up to the maximum). Once per adaptation
+/// period, a pool that served fewer than a fifth of its capacity shrinks by a quarter (down to the minimum).
+public struct ClientPoolStateMachine: Sendable {
+    /// What the caller must do after an event.
+    public struct Adjustment: Hashable, Sendable {
+        /// New pool connections to open.
+        public var open: Int
+        /// Idle pool connections to close.
+        public var close: Int
+
+        /// Makes an adjustment.
+        public init(open: Int = 0, close: Int = 0) {
+            self.open = open
+            self.close = close
+        }
+
+        /// Nothing to do.
+        public static let none = Adjustment()
+    }
+
+    /// The least capacity.
+    public let minimum: Int
+    /// The most capacity.
+    public let maximum: Int
+    /// The current target of idle plus opening connections.
+    public private(set) var capacity: Int
+    /// Connections with an ID, waiting for a launch.
+    public private(set) var idle = 0
+    /// Connections being dialled.
+    public private(set) var opening = 0
+    private var takenThisPeriod = 0
+
+    /// Makes a pool machine between `minimum` and `maximum` (swapped if given the wrong way round).
+    public init(minimum: Int, maximum: Int) {
+        self.minimum = max(1, min(minimum, maximum))
+        self.maximum = max(self.minimum, maximum)
+        self.capacity = self.minimum
+    }
+
+    private mutating func refill() -> Adjustment {
+        let missing = self.capacity - self.idle - self.opening
+        guard missing > 0 else { return .none }
+        self.opening += missing
+        return Adjustment(open: missing)
+    }
+
+    /// The pool starts (after the server named its pool port): open up to capacity.
+    public mutating func started() -> Adjustment {
+        self.refill()
+    }
+
+    /// A dialled connection received its ID and is idle.
+    public mutating func connectionEstablished() {
+        self.opening = max(0, self.opening - 1)
+        self.idle += 1
+    }
+
+    /// A dial or an ID read failed; the next period refills.
+    public mutating func connectionFailed() {
+        self.opening = max(0, self.opening - 1)
+    }
+
+    /// An idle connection was launched: refill, growing the capacity when the pool ran low.
+    public mutating func connectionTaken() -> Adjustment {
+        self.idle = max(0, self.idle - 1)
+        self.takenThisPeriod += 1
+        if self.idle <= self.capacity / 4 {
+            self.capacity = min(self.maximum, self.capacity * 2)
+        }
+        return self.refill()
+    }
+
+    /// An idle connection died before being launched: replace it.
+    public mutating func connectionLost() -> Adjustment {
+        self.idle = max(0, self.idle - 1)
+        return self.refill()
+    }
+
+    /// One adaptation period passed: shrink an underused pool, retry what failed.
+    public mutating func periodElapsed() -> Adjustment {
+        defer { self.takenThisPeriod = 0 }
+        if self.takenThisPeriod * 5 < self.capacity && self.capacity > self.minimum {
+            self.capacity = max(self.minimum, self.capacity - max(1, self.capacity / 4))
+            let excess = self.idle + self.opening - self.capacity
+            if excess > 0 {
+                let closing = min(excess, self.idle)
+                self.idle -= closing
+                return Adjustment(close: closing)
+            }
+            return .none
+        }
+        return self.refill()
+    }
+
+    /// The control channel is gone: everything is forgotten and the capacity returns to the minimum.
+    public mutating func reset() {
+        self.capacity = self.minimum
+        self.idle = 0
+        self.opening = 0
+        self.takenThisPeriod = 0
+    }
+}

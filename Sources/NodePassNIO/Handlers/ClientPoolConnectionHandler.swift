@@ -1,0 +1,180 @@
+import NIOCore
+import NodePassCore
+
+/// What a client pool connection reports to its pool. Called on the connection's event loop.
+public protocol ClientPoolConnectionDelegate: AnyObject, Sendable {
+    /// The server sent this connection's ID; it is idle now.
+    func poolConnectionEstablished(_ channel: any Channel, id: PoolID)
+    /// Bytes or an end of input came before the launch: the server took the connection; it is no longer idle.
+    func poolConnectionClaimed(id: PoolID)
+    /// The connection closed before it was handed off (or failed to give an ID).
+    func poolConnectionClosed(_ channel: any Channel, id: PoolID?)
+}
+
+/// The client side of a pool connection before its launch: reads the 8-byte ID, then holds what the server
+/// relays early (user bytes may come before the `launch://` line) until the connection is handed off.
+///
+/// The channel must have `autoRead` off; the handler reads while it holds less than `maximumEarlyBytes`.
+public final class ClientPoolConnectionHandler: ChannelInboundHandler {
+    public typealias InboundIn = ByteBuffer
+
+    /// The most bytes held before the launch; reading pauses above it.
+    public static let maximumEarlyBytes = 256 * 1024
+
+    private enum State {
+        case awaitingID(ByteBuffer)
+        case idle(PoolID)
+        case claimed(PoolID)
+        case handedOff
+    }
+
+    private var state: State = .awaitingID(ByteBuffer())
+    private var early = ByteBuffer()
+    private var inputEnded = false
+    private var timeout: Scheduled<Void>?
+    private let idReadTimeout: TimeAmount
+    private let claimTimeout: TimeAmount
+    private let delegate: any ClientPoolConnectionDelegate
+
+    /// Makes the handler; `claimTimeout` bounds the wait for a launch once the server used the connection.
+    public init(delegate: any ClientPoolConnectionDelegate, idReadTimeout: TimeAmount, claimTimeout: TimeAmount) {
+        self.delegate = delegate
+        self.idReadTimeout = idReadTimeout
+        self.claimTimeout = claimTimeout
+    }
+
+    private var id: PoolID? {
+        switch self.state {
+        case .idle(let id), .claimed(let id): id
+        case .awaitingID, .handedOff: nil
+        }
+    }
+
+    public func channelActive(context: ChannelHandlerContext) {
+        let channel = context.channel
+        self.timeout = context.eventLoop.scheduleTask(in: self.idReadTimeout) {
+            channel.close(promise: nil)
+        }
+        context.read()
+        context.fireChannelActive()
+    }
+
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var buffer = self.unwrapInboundIn(data)
+        switch self.state {
+        case .awaitingID(var pending):
+            pending.writeBuffer(&buffer)
+            guard pending.readableBytes >= PoolID.wireLength else {
+                self.state = .awaitingID(pending)
+                return
+            }
+            let idBytes = pending.readSlice(length: PoolID.wireLength) ?? ByteBuffer()
+            guard let id = try? PoolID(parsing: idBytes.readableBytesView) else {
+                self.state = .awaitingID(ByteBuffer())
+                context.close(promise: nil)
+                return
+            }
+            self.timeout?.cancel()
+            self.timeout = nil
+            self.state = .idle(id)
+            self.delegate.poolConnectionEstablished(context.channel, id: id)
+            if pending.readableBytes > 0 {
+                self.early.writeBuffer(&pending)
+                self.claim(context: context, id: id)
+            }
+        case .idle(let id):
+            self.early.writeBuffer(&buffer)
+            self.claim(context: context, id: id)
+        case .claimed:
+            self.early.writeBuffer(&buffer)
+        case .handedOff:
+            context.fireChannelRead(data)
+        }
+    }
+
+    public func channelReadComplete(context: ChannelHandlerContext) {
+        switch self.state {
+        case .awaitingID, .idle, .claimed:
+            if !self.inputEnded && self.early.readableBytes < Self.maximumEarlyBytes {
+                context.read()
+            }
+        case .handedOff:
+            context.fireChannelReadComplete()
+        }
+    }
+
+    public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard case ChannelEvent.inputClosed = event else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        switch self.state {
+        case .awaitingID:
+            context.close(promise: nil)
+        case .idle(let id):
+            self.inputEnded = true
+            self.claim(context: context, id: id)
+        case .claimed:
+            self.inputEnded = true
+        case .handedOff:
+            context.fireUserInboundEventTriggered(event)
+        }
+    }
+
+    public func channelInactive(context: ChannelHandlerContext) {
+        self.timeout?.cancel()
+        self.timeout = nil
+        switch self.state {
+        case .handedOff:
+            break
+        case .awaitingID:
+            self.state = .handedOff
+            self.delegate.poolConnectionClosed(context.channel, id: nil)
+        case .idle(let id), .claimed(let id):
+            self.state = .handedOff
+            self.delegate.poolConnectionClosed(context.channel, id: id)
+        }
+        context.fireChannelInactive()
+    }
+
+    public func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+
+    private func claim(context: ChannelHandlerContext, id: PoolID) {
+        guard case .idle = self.state else { return }
+        self.state = .claimed(id)
+        self.delegate.poolConnectionClaimed(id: id)
+        let channel = context.channel
+        self.timeout = context.eventLoop.scheduleTask(in: self.claimTimeout) {
+            channel.close(promise: nil)
+        }
+    }
+
+    /// Ends the waiting phase: connects the `GlueHandler` behind this handler to `partner` and passes on the
+    /// bytes and the end of input received so far; from now on every event passes through.
+    /// Must run on the channel's event loop. Returns false when the connection is no longer usable.
+    public func handOff(context: ChannelHandlerContext, to partner: any Channel) -> Bool {
+        guard context.channel.isActive, self.id != nil,
+            let glue = try? context.pipeline.syncOperations.handler(type: GlueHandler.self),
+            let glueContext = try? context.pipeline.syncOperations.context(handler: glue)
+        else { return false }
+        self.timeout?.cancel()
+        self.timeout = nil
+        self.state = .handedOff
+        glue.connect(to: partner, context: glueContext)
+        if self.early.readableBytes > 0 {
+            let early = self.early
+            self.early = ByteBuffer()
+            context.fireChannelRead(NIOAny(early))
+            context.fireChannelReadComplete()
+        }
+        if self.inputEnded {
+            context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        }
+        return true
+    }
+}
+
+@available(*, unavailable)
+extension ClientPoolConnectionHandler: Sendable {}

@@ -1,0 +1,133 @@
+import NIOCore
+
+/// Relays the bytes its channel reads to a partner channel, one half of a relay pair.
+///
+/// Each side of a relay has its own `GlueHandler` whose partner is the other channel. The handler is put
+/// in the pipeline when the channel is set up and stays idle until `connect(to:context:)` names the partner.
+/// The channel must have `autoRead` off: this handler reads only while the partner is writable, and the
+/// partner's handler asks for the next read when it becomes writable again (backpressure).
+/// End of input is passed on as a half-close once every byte before it has been written; an error or an
+/// abrupt close closes both channels.
+public final class GlueHandler: ChannelInboundHandler {
+    public typealias InboundIn = ByteBuffer
+
+    private var partner: (any Channel)?
+    /// Bytes read before the partner was known (a read the partner asked for may overtake `connect`).
+    private var early: ByteBuffer?
+    private var pendingFlush = false
+    private var inputEnded = false
+    private var inactive = false
+
+    /// Makes an unconnected handler.
+    public init() {}
+
+    /// Starts relaying to `partner`. Must run on this handler's event loop.
+    public func connect(to partner: any Channel, context: ChannelHandlerContext) {
+        guard self.partner == nil else { return }
+        self.partner = partner
+        if let early = self.early {
+            self.early = nil
+            partner.write(early, promise: nil)
+            self.pendingFlush = true
+        }
+        if self.inactive {
+            self.flushPending()
+            partner.writeAndFlush(ByteBuffer()).whenComplete { _ in partner.close(promise: nil) }
+            return
+        }
+        if self.inputEnded {
+            self.passOnEndOfInput(to: partner)
+            return
+        }
+        self.flushPending()
+        context.read()
+    }
+
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard let partner = self.partner else {
+            var buffer = self.unwrapInboundIn(data)
+            if self.early == nil {
+                self.early = buffer
+            } else {
+                self.early?.writeBuffer(&buffer)
+            }
+            return
+        }
+        partner.write(self.unwrapInboundIn(data), promise: nil)
+        self.pendingFlush = true
+    }
+
+    public func channelReadComplete(context: ChannelHandlerContext) {
+        guard let partner = self.partner else { return }
+        self.flushPending()
+        if partner.isWritable && !self.inputEnded {
+            context.read()
+        }
+    }
+
+    public func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            self.partner?.read()
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard case ChannelEvent.inputClosed = event else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        self.inputEnded = true
+        guard let partner = self.partner else { return }
+        self.passOnEndOfInput(to: partner)
+    }
+
+    private func passOnEndOfInput(to partner: any Channel) {
+        self.flushPending()
+        // The empty write completes after every earlier write, so the half-close loses no byte.
+        partner.writeAndFlush(ByteBuffer()).whenComplete { _ in
+            partner.close(mode: .output, promise: nil)
+        }
+    }
+
+    public func channelInactive(context: ChannelHandlerContext) {
+        self.inactive = true
+        if let partner = self.partner {
+            self.flushPending()
+            partner.writeAndFlush(ByteBuffer()).whenComplete { _ in
+                partner.close(promise: nil)
+            }
+        }
+        context.fireChannelInactive()
+    }
+
+    public func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+
+    private func flushPending() {
+        if self.pendingFlush {
+            self.pendingFlush = false
+            self.partner?.flush()
+        }
+    }
+}
+
+@available(*, unavailable)
+extension GlueHandler: Sendable {}
+
+extension GlueHandler {
+    /// Connects the `GlueHandler` already in `channel`'s pipeline to `partner`, on `channel`'s event loop.
+    /// Closes both channels when `channel` has no such handler.
+    public static func connect(_ channel: any Channel, to partner: any Channel) {
+        channel.eventLoop.execute {
+            do {
+                let handler = try channel.pipeline.syncOperations.handler(type: GlueHandler.self)
+                handler.connect(to: partner, context: try channel.pipeline.syncOperations.context(handler: handler))
+            } catch {
+                channel.close(promise: nil)
+                partner.close(promise: nil)
+            }
+        }
+    }
+}

@@ -1,0 +1,30 @@
+import NIOCore
+import NIOPosix
+import NodePassCore
+
+/// Binding helpers shared by the services.
+enum Listener {
+    /// Binds `bootstrap` on `address`; an empty host binds every interface (IPv6 and IPv4, or IPv4 only
+    /// where IPv6 is off). A failure becomes an error that names the address.
+    static func bind(
+        _ bootstrap: ServerBootstrap,
+        host: String,
+        port: Int,
+        what: String
+    ) async throws(NodePassError) -> any Channel {
+        let hosts = host.isEmpty ? ["::", "0.0.0.0"] : [host]
+        var lastError: (any Error)?
+        for candidate in hosts {
+            do {
+                return try await bootstrap.bind(host: candidate, port: port).get()
+            } catch {
+                lastError = error
+            }
+        }
+        let shown = HostPort(host: host, port: port)
+        throw NodePassError(
+            .bindFailed,
+            "cannot listen on \(what) \(shown): \(lastError.map { "\($0)" } ?? "no address")"
+        )
+    }
+}

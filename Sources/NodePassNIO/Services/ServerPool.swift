@@ -1,0 +1,181 @@
+import Logging
+import NIOCore
+import NodePassCore
+import Synchronization
+
+/// The server's shared pool: the current control channel, idle pool connections and waiting users.
+///
+/// Called from every event loop; the bookkeeping is a `ServerPoolStateMachine` under a mutex, and each
+/// action runs on the event loop of the channel it touches.
+final class ServerPool: ServerPoolConnectionDelegate, Sendable {
+    struct WaitingUser: Sendable {
+        var ticket: UInt64
+        var channel: any Channel
+    }
+
+    private struct State {
+        var machine: ServerPoolStateMachine<any Channel, WaitingUser>
+        var control: (any Channel)?
+        var controlPeerIP: String?
+        var nextTicket: UInt64 = 0
+    }
+
+    private let state: Mutex<State>
+    private let configuration: Configuration
+    private let logger: Logger
+
+    init(configuration: Configuration, logger: Logger) {
+        self.configuration = configuration
+        self.logger = logger
+        self.state = Mutex(State(machine: ServerPoolStateMachine(maximumIdle: configuration.maxPoolCapacity)))
+    }
+
+    var idleCount: Int { self.state.withLock { $0.machine.idleCount } }
+
+    // MARK: control channel
+
+    /// A client finished its TLS handshake: it becomes the client; a previous one is closed.
+    func controlConnected(_ channel: any Channel) {
+        let (previous, stale) = self.state.withLock { state -> ((any Channel)?, [any Channel]) in
+            let previous = state.control
+            state.control = channel
+            state.controlPeerIP = channel.remoteAddress?.ipAddress
+            return (previous, previous == nil ? [] : state.machine.controlLost())
+        }
+        if let previous {
+            self.logger.warning(
+                "control connection replaced by a newer client",
+                metadata: ["np.peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")"]
+            )
+            previous.close(promise: nil)
+        }
+        for connection in stale { connection.close(promise: nil) }
+    }
+
+    /// A control channel closed; if it was the current one, its idle pool goes with it.
+    func controlClosed(_ channel: any Channel) {
+        let stale = self.state.withLock { state -> [any Channel]? in
+            guard let current = state.control, current === channel else { return nil }
+            state.control = nil
+            state.controlPeerIP = nil
+            return state.machine.controlLost()
+        }
+        guard let stale else { return }
+        self.logger.warning("client disconnected; waiting for a client", metadata: ["np.pool.closed": "\(stale.count)"])
+        for connection in stale { connection.close(promise: nil) }
+    }
+
+    // MARK: pool connections (ServerPoolConnectionDelegate)
+
+    func poolConnectionAccepted(_ channel: any Channel) -> PoolID? {
+        let peerIP = channel.remoteAddress?.ipAddress
+        return self.state.withLock { state -> PoolID? in
+            guard state.control != nil else {
+                self.logger.debug("pool connection refused: no client", metadata: ["np.peer": "\(peerIP ?? "?")"])
+                return nil
+            }
+            guard peerIP != nil, peerIP == state.controlPeerIP else {
+                self.logger.warning(
+                    "pool connection refused: not from the client's address",
+                    metadata: ["np.peer": "\(peerIP ?? "?")"]
+                )
+                return nil
+            }
+            for _ in 0..<8 {
+                let id = PoolID.random()
+                if !state.machine.isInUse(id) { return id }
+            }
+            return nil
+        }
+    }
+
+    func poolConnectionReady(_ channel: any Channel, id: PoolID) {
+        let action = self.state.withLock { $0.machine.poolConnectionReady(id: id, connection: channel) }
+        self.perform(action)
+    }
+
+    func poolConnectionClosed(id: PoolID, protocolViolation: Bool) {
+        self.state.withLock { _ = $0.machine.poolConnectionClosed(id: id) }
+        if protocolViolation {
+            self.logger.warning("idle pool connection sent bytes before its launch; closed", metadata: ["np.pool.id": "\(id)"])
+        }
+    }
+
+    // MARK: users
+
+    /// A user connected to the target port: relay it now, or let it wait for a pool connection.
+    func userArrived(_ channel: any Channel) {
+        let (ticket, action) = self.state.withLock { state -> (UInt64, ServerPoolStateMachine<any Channel, WaitingUser>.Action) in
+            state.nextTicket += 1
+            let user = WaitingUser(ticket: state.nextTicket, channel: channel)
+            return (state.nextTicket, state.machine.userArrived(ticket: user.ticket, user: user))
+        }
+        if case .wait = action {
+            self.logger.debug("user waits for a pool connection", metadata: ["np.peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")"])
+            channel.eventLoop.scheduleTask(in: self.configuration.poolWaitTimeout) {
+                guard let user = self.state.withLock({ $0.machine.userLeft(ticket: ticket) }) else { return }
+                self.logger.warning(
+                    "no pool connection in time; user connection closed",
+                    metadata: ["np.wait": "\(DurationParser.format(self.configuration.poolWaitTimeout))"]
+                )
+                user.channel.close(promise: nil)
+            }
+        }
+        self.perform(action)
+    }
+
+    private func perform(_ action: ServerPoolStateMachine<any Channel, WaitingUser>.Action) {
+        switch action {
+        case .keep, .wait:
+            break
+        case .close(let connection):
+            connection.close(promise: nil)
+        case .relay(let id, let connection, let user):
+            self.relay(id: id, pool: connection, user: user)
+        }
+    }
+
+    private func relay(id: PoolID, pool: any Channel, user: WaitingUser) {
+        pool.eventLoop.execute {
+            let handedOff: Bool
+            do {
+                let handler = try pool.pipeline.syncOperations.handler(type: ServerPoolConnectionHandler.self)
+                let context = try pool.pipeline.syncOperations.context(handler: handler)
+                handedOff = handler.handOff(context: context)
+            } catch {
+                handedOff = false
+            }
+            guard handedOff else {
+                // The pool connection died meanwhile: the user takes the next one, first in line.
+                let action = self.state.withLock {
+                    $0.machine.userArrived(ticket: user.ticket, user: user, retry: true)
+                }
+                self.perform(action)
+                return
+            }
+            guard let control = self.state.withLock({ $0.control }) else {
+                pool.close(promise: nil)
+                user.channel.close(promise: nil)
+                return
+            }
+            GlueHandler.connect(pool, to: user.channel)
+            var line = control.allocator.buffer(capacity: 20)
+            Signal.launch(id).write(to: &line)
+            control.writeAndFlush(line, promise: nil)
+            self.logger.debug("launch sent", metadata: ["np.pool.id": "\(id)"])
+            GlueHandler.connect(user.channel, to: pool)
+        }
+    }
+
+    /// Shutting down: closes the control channel, the idle pool and the waiting users.
+    func close() {
+        let (control, drained) = self.state.withLock { state in
+            let control = state.control
+            state.control = nil
+            return (control, state.machine.drain())
+        }
+        control?.close(promise: nil)
+        for connection in drained.connections { connection.close(promise: nil) }
+        for user in drained.users { user.channel.close(promise: nil) }
+    }
+}

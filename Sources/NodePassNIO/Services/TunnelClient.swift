@@ -1,0 +1,106 @@
+import Logging
+import NIOCore
+import NIOPosix
+import NIOSSL
+import NodePassCore
+import ServiceLifecycle
+
+/// The v1 client: keeps a TLS control channel to the server, a pool of data connections, and relays each
+/// launched connection to its TARGET. Reconnects after SERVICE_COOLDOWN when the control channel is lost.
+public final class TunnelClient: Service, Sendable {
+    private let url: TunnelURL
+    private let configuration: Configuration
+    private let group: any EventLoopGroup
+    private let logger: Logger
+    private let sessions: SessionTracker
+    private let pool: ClientPool
+
+    /// Makes a client for `url` (role client).
+    public init(url: TunnelURL, configuration: Configuration, group: any EventLoopGroup, logger: Logger) {
+        self.url = url
+        self.configuration = configuration
+        self.group = group
+        self.logger = logger
+        self.sessions = SessionTracker(limit: configuration.semaphoreLimit)
+        self.pool = ClientPool(url: url, configuration: configuration, group: group, sessions: self.sessions, logger: logger)
+    }
+
+    /// The number of live relayed sessions.
+    public var sessionCount: Int { self.sessions.count }
+    /// The number of idle pool connections.
+    public var idlePoolCount: Int { self.pool.idleCount }
+
+    /// Runs until graceful shutdown, reconnecting after every loss of the control channel.
+    public func run() async throws {
+        let tls = try TLSClientContext.makeUnverified()
+        self.logger.info(
+            "client started",
+            metadata: ["np.url": "\(self.url.redacted)", "np.version": "\(NodePassVersion.current)"]
+        )
+        while !Task.isShuttingDownGracefully && !Task.isCancelled {
+            do {
+                try await self.runControlChannel(tls: tls)
+                if Task.isShuttingDownGracefully { break }
+                self.logger.error("control channel lost; reconnecting after cooldown", metadata: self.cooldownMetadata)
+            } catch {
+                self.logger.error(
+                    "cannot connect to the server; retrying after cooldown",
+                    metadata: self.cooldownMetadata.merging(["np.error": "\(error)"]) { $1 }
+                )
+            }
+            self.pool.stop()
+            if Task.isShuttingDownGracefully { break }
+            try? await cancelWhenGracefulShutdown {
+                try await Task.sleep(nanoseconds: UInt64(self.configuration.serviceCooldown.nanoseconds))
+            }
+        }
+        self.pool.stop()
+        self.logger.info("shutting down", metadata: ["np.sessions": "\(self.sessions.count)"])
+        let cut = await self.sessions.drain(timeout: self.configuration.shutdownTimeout)
+        if cut > 0 {
+            self.logger.warning("sessions cut at shutdown timeout", metadata: ["np.sessions": "\(cut)"])
+        }
+        self.logger.info("client stopped")
+    }
+
+    private var cooldownMetadata: Logger.Metadata {
+        ["np.cooldown": "\(DurationParser.format(self.configuration.serviceCooldown))"]
+    }
+
+    private func runControlChannel(tls: NIOSSLContext) async throws {
+        let loop = self.group.next()
+        let connected = loop.makePromise(of: Void.self)
+        let channel: any Channel
+        do {
+            channel = try await ClientBootstrap(group: loop)
+                .connectTimeout(self.configuration.dialTimeout)
+                .channelInitializer { [pool, configuration, logger] channel in
+                    SocketTuning.apply(to: channel)
+                    return channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandlers([
+                            try NIOSSLClientHandler(context: tls, serverHostname: nil),
+                            ByteToMessageHandler(SignalLineDecoder()),
+                            ClientControlHandler(
+                                pool: pool,
+                                reportInterval: configuration.reportInterval,
+                                handshakeTimeout: configuration.handshakeTimeout,
+                                connected: connected,
+                                logger: logger
+                            ),
+                        ])
+                    }
+                }
+                .connect(host: self.url.tunnel.dialHost, port: self.url.tunnel.port)
+                .get()
+        } catch {
+            connected.fail(error)
+            throw error
+        }
+        try await withGracefulShutdownHandler {
+            try await connected.futureResult.get()
+            try await channel.closeFuture.get()
+        } onGracefulShutdown: {
+            channel.close(promise: nil)
+        }
+    }
+}

@@ -1,0 +1,127 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import ArgumentParser
+import Logging
+import NIOCore
+import NIOPosix
+import NodePassCore
+import NodePassNIO
+import ServiceLifecycle
+import UnixSignals
+
+@main
+struct NodePassCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "nodepass",
+        abstract: "A TCP tunnel through NATs and firewalls: a TLS control channel and a pool of data connections.",
+        discussion: """
+            URL:
+              server://[KEY@]TUNNEL_HOST:PORT/TARGET_HOST:PORT?log=LEVEL
+              client://[KEY@]SERVER_HOST:PORT/TARGET_HOST:PORT?log=LEVEL
+
+            The server listens on TUNNEL (TLS control channel), on a free pool
+            port that it announces to the client, and on TARGET, where users
+            connect. The client connects to the server's TUNNEL and dials its
+            own TARGET (the real service) for each user connection.
+            A host is a name, an IPv4 address, [an IPv6 address] or empty
+            (all interfaces). A KEY selects protocol v2, not available yet.
+
+            QUERY PARAMETERS:
+              log=LEVEL   debug, info (default), warn, error or fatal
+
+            ENVIRONMENT (integers; durations as 5s, 500ms, 1m):
+              SEMAPHORE_LIMIT    1024  concurrent user / relayed connections
+              MIN_POOL_CAPACITY  16    idle pool connections kept at least
+              MAX_POOL_CAPACITY  1024  idle pool connections at most
+              REPORT_INTERVAL    5s    heartbeat period (3 missed = gone)
+              SERVICE_COOLDOWN   5s    pause before reconnecting
+              SHUTDOWN_TIMEOUT   5s    grace for live connections on exit
+
+            SECURITY:
+              Protocol v1 (no KEY) has no authentication and sends data in
+              clear text: anyone who reaches the server's ports can act as
+              the client. Use it only on networks you trust.
+
+            EXAMPLES:
+              nodepass "server://:10101/127.0.0.1:8080"
+              nodepass "client://server.example.com:10101/127.0.0.1:80?log=debug"
+
+            EXIT CODES: 0 clean shutdown, 64 bad URL, 78 bad environment
+            variable, 1 the tunnel cannot start (e.g. a port in use).
+            """,
+        version: "nodepass \(NodePassVersion.current), protocols: \(NodePassVersion.protocols)"
+    )
+
+    @Argument(help: "server://TUNNEL/TARGET?... or client://TUNNEL/TARGET?... (see below)")
+    var url: String
+
+    func validate() throws {
+        do {
+            let parsed = try TunnelURL.parse(self.url)
+            if parsed.key != nil {
+                throw ValidationError("a KEY in the URL selects protocol v2, which this version does not speak yet")
+            }
+        } catch let error as NodePassError {
+            throw ValidationError(error.message)
+        }
+    }
+
+    func run() async throws {
+        let url: TunnelURL
+        do {
+            url = try TunnelURL.parse(self.url)
+        } catch {
+            throw ValidationError(error.message)
+        }
+        let configuration: Configuration
+        do {
+            configuration = try Configuration(environment: Self.environment())
+        } catch {
+            Self.printError(error.message)
+            throw ExitCode(78)
+        }
+        let colour = isatty(STDOUT_FILENO) == 1
+        LoggingSystem.bootstrap { _ in NodePassLogHandler(level: url.logLevel, colour: colour) }
+        let logger = Logger(label: "nodepass")
+
+        let group = MultiThreadedEventLoopGroup.singleton
+        let service: any Service =
+            switch url.role {
+            case .server: TunnelServer(url: url, configuration: configuration, group: group, logger: logger)
+            case .client: TunnelClient(url: url, configuration: configuration, group: group, logger: logger)
+            }
+        let serviceGroup = ServiceGroup(
+            configuration: ServiceGroupConfiguration(
+                services: [.init(service: service)],
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                cancellationSignals: [],
+                logger: Logger(label: "nodepass.lifecycle", factory: { _ in SwiftLogNoOpLogHandler() })
+            )
+        )
+        do {
+            try await serviceGroup.run()
+        } catch {
+            logger.critical("cannot run the tunnel", metadata: ["np.error": "\(error)"])
+            throw ExitCode(1)
+        }
+    }
+
+    private static func environment() -> [String: String] {
+        var result: [String: String] = [:]
+        for name in Configuration.variableNames {
+            if let value = getenv(name) {
+                result[name] = String(cString: value)
+            }
+        }
+        return result
+    }
+
+    private static func printError(_ message: String) {
+        writeAll("nodepass: error: \(message)\n", to: STDERR_FILENO)
+    }
+}

@@ -1,0 +1,84 @@
+import Testing
+
+@testable import NodePassCore
+
+@Suite struct ClientPoolStateMachineTests {
+    @Test func startsAtTheMinimum() {
+        var machine = ClientPoolStateMachine(minimum: 4, maximum: 64)
+        let result1 = machine.started()
+        #expect(result1 == .init(open: 4))
+        let result2 = machine.started()
+        #expect(result2 == .none)
+        #expect(machine.opening == 4)
+    }
+
+    @Test func refillsAsSoonAsAConnectionIsTaken() {
+        var machine = ClientPoolStateMachine(minimum: 8, maximum: 64)
+        _ = machine.started()
+        for _ in 0..<8 { machine.connectionEstablished() }
+        #expect(machine.idle == 8)
+        let result3 = machine.connectionTaken()
+        #expect(result3 == .init(open: 1))
+        #expect(machine.capacity == 8)
+    }
+
+    @Test func growsWhenRunningLowAndNeverExceedsTheMaximum() {
+        var machine = ClientPoolStateMachine(minimum: 4, maximum: 10)
+        _ = machine.started()
+        for _ in 0..<4 { machine.connectionEstablished() }
+        var opened = 0
+        for _ in 0..<4 { opened += machine.connectionTaken().open }
+        #expect(machine.capacity == 10)
+        #expect(machine.idle + machine.opening <= 10)
+        #expect(opened == 10)
+    }
+
+    @Test func shrinksWhenUnusedDownToTheMinimum() {
+        var machine = ClientPoolStateMachine(minimum: 4, maximum: 64)
+        _ = machine.started()
+        for _ in 0..<4 { machine.connectionEstablished() }
+        for _ in 0..<3 { _ = machine.connectionTaken() }
+        for _ in 0..<machine.opening { machine.connectionEstablished() }
+        let grown = machine.capacity
+        #expect(grown == 8)
+        #expect(machine.idle == 8)
+        var closed = 0
+        for _ in 0..<20 { closed += machine.periodElapsed().close }
+        #expect(machine.capacity == 4)
+        #expect(machine.idle == 4)
+        #expect(closed == grown - 4)
+    }
+
+    @Test func failedDialsAreRetriedOnTheNextPeriod() {
+        var machine = ClientPoolStateMachine(minimum: 3, maximum: 3)
+        _ = machine.started()
+        machine.connectionFailed()
+        machine.connectionFailed()
+        machine.connectionEstablished()
+        let result4 = machine.periodElapsed()
+        #expect(result4 == .init(open: 2))
+    }
+
+    @Test func lostIdleConnectionIsReplaced() {
+        var machine = ClientPoolStateMachine(minimum: 2, maximum: 2)
+        _ = machine.started()
+        machine.connectionEstablished()
+        machine.connectionEstablished()
+        let result5 = machine.connectionLost()
+        #expect(result5 == .init(open: 1))
+    }
+
+    @Test func resetReturnsToTheMinimum() {
+        var machine = ClientPoolStateMachine(minimum: 2, maximum: 8)
+        _ = machine.started()
+        machine.reset()
+        #expect(machine.idle == 0 && machine.opening == 0 && machine.capacity == 2)
+        let result6 = machine.started()
+        #expect(result6 == .init(open: 2))
+    }
+
+    @Test func swappedBoundsAreRepaired() {
+        let machine = ClientPoolStateMachine(minimum: 10, maximum: 2)
+        #expect(machine.minimum <= machine.maximum)
+    }
+}

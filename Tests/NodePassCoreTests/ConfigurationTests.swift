@@ -1,0 +1,65 @@
+import NIOCore
+import Testing
+
+@testable import NodePassCore
+
+@Suite struct ConfigurationTests {
+    @Test func defaultsWhenNothingIsSet() throws {
+        let configuration = try Configuration(environment: [:])
+        #expect(configuration.semaphoreLimit == 1024)
+        #expect(configuration.minPoolCapacity == 16)
+        #expect(configuration.maxPoolCapacity == 1024)
+        #expect(configuration.reportInterval == .seconds(5))
+        #expect(configuration.serviceCooldown == .seconds(5))
+        #expect(configuration.shutdownTimeout == .seconds(5))
+    }
+
+    @Test func readsEveryVariable() throws {
+        let configuration = try Configuration(environment: [
+            "SEMAPHORE_LIMIT": "10", "MIN_POOL_CAPACITY": "2", "MAX_POOL_CAPACITY": "8",
+            "REPORT_INTERVAL": "1s", "SERVICE_COOLDOWN": "500ms", "SHUTDOWN_TIMEOUT": "1m30s",
+        ])
+        #expect(configuration.semaphoreLimit == 10)
+        #expect(configuration.minPoolCapacity == 2)
+        #expect(configuration.maxPoolCapacity == 8)
+        #expect(configuration.reportInterval == .seconds(1))
+        #expect(configuration.serviceCooldown == .milliseconds(500))
+        #expect(configuration.shutdownTimeout == .seconds(90))
+    }
+
+    @Test(arguments: [
+        ("MIN_POOL_CAPACITY", "abc"), ("MIN_POOL_CAPACITY", "-1"), ("MIN_POOL_CAPACITY", "0"),
+        ("SEMAPHORE_LIMIT", "1e3"), ("SEMAPHORE_LIMIT", "99999999999999999999"), ("MAX_POOL_CAPACITY", " 5"),
+        ("REPORT_INTERVAL", "-1s"), ("REPORT_INTERVAL", "5"), ("REPORT_INTERVAL", "0s"),
+        ("SERVICE_COOLDOWN", "5x"), ("SHUTDOWN_TIMEOUT", "25h"), ("SHUTDOWN_TIMEOUT", "1s2"),
+    ])
+    func refusesBadValuesNamingTheVariable(_ name: String, _ value: String) {
+        do {
+            _ = try Configuration(environment: [name: value])
+            Issue.record("\(name)=\(value) was accepted")
+        } catch {
+            #expect(error.code == .invalidEnvironment)
+            #expect(error.message.contains(name))
+            #expect(error.message.contains(value.trimmingPrefix(" ")))
+        }
+    }
+
+    @Test func refusesMinimumAboveMaximum() {
+        #expect(throws: NodePassError(.invalidEnvironment, "")) {
+            try Configuration(environment: ["MIN_POOL_CAPACITY": "100", "MAX_POOL_CAPACITY": "10"])
+        }
+    }
+
+    @Test(arguments: [
+        ("5s", TimeAmount.seconds(5)), ("500ms", .milliseconds(500)), ("1m", .minutes(1)),
+        ("1.5s", .milliseconds(1500)), ("1h", .hours(1)), ("250us", .microseconds(250)), ("1m30s", .seconds(90)),
+    ])
+    func parsesDurations(_ text: String, _ expected: TimeAmount) {
+        #expect(DurationParser.parse(text) == expected)
+    }
+
+    @Test(arguments: ["", "s", "5", "ms", "5 s", "-5s", "5S", "..5s", String(repeating: "9", count: 80) + "s"])
+    func refusesBadDurations(_ text: String) {
+        #expect(DurationParser.parse(text) == nil)
+    }
+}

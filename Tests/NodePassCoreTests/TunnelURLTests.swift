@@ -1,0 +1,88 @@
+import Testing
+
+@testable import NodePassCore
+
+@Suite struct TunnelURLTests {
+    @Test func parsesServerWithIPv4() throws {
+        let url = try TunnelURL.parse("server://127.0.0.1:10101/127.0.0.1:8080?log=debug")
+        #expect(url.role == .server)
+        #expect(url.key == nil)
+        #expect(url.tunnel == HostPort(host: "127.0.0.1", port: 10101))
+        #expect(url.target == HostPort(host: "127.0.0.1", port: 8080))
+        #expect(url.logLevel == .debug)
+    }
+
+    @Test func parsesClientWithIPv6AndEmptyHost() throws {
+        let url = try TunnelURL.parse("client://[::1]:10101/:8080")
+        #expect(url.role == .client)
+        #expect(url.tunnel == HostPort(host: "::1", port: 10101))
+        #expect(url.tunnel.description == "[::1]:10101")
+        #expect(url.target == HostPort(host: "", port: 8080))
+        #expect(url.target.dialHost == "localhost")
+        #expect(url.logLevel == .info)
+    }
+
+    @Test func keepsTheKeyButNeverPrintsIt() throws {
+        let url = try TunnelURL.parse("server://s3cret@:10101/:8080")
+        #expect(url.key == "s3cret")
+        #expect(!url.redacted.contains("s3cret"))
+        #expect(url.redacted.contains("***@"))
+    }
+
+    @Test func schemeIsCaseInsensitive() throws {
+        #expect(try TunnelURL.parse("SERVER://:1/:2").role == .server)
+    }
+
+    @Test(arguments: [
+        "",
+        "garbage",
+        "ftp://x:1/y:2",
+        "server://127.0.0.1/127.0.0.1:80",
+        "server://127.0.0.1:70000/127.0.0.1:80",
+        "server://127.0.0.1:0/127.0.0.1:80",
+        "server://127.0.0.1:80",
+        "server://127.0.0.1:80/",
+        "server://127.0.0.1:80/127.0.0.1",
+        "server://127.0.0.1:-1/127.0.0.1:80",
+        "server://127.0.0.1:+80/127.0.0.1:80",
+        "server://127.0.0.1:00080000/127.0.0.1:80",
+        "server://[::1:80/127.0.0.1:80",
+        "server://[::1]/127.0.0.1:80",
+        "server://[zz]:80/127.0.0.1:80",
+        "server://::1:80/127.0.0.1:80",
+        "server://@h:80/h:81",
+        "server://h:80/h:81?log=verbose",
+        "server://h:80/h:81?colour=1",
+        "server://h o:80/h:81",
+        "server://h\u{0}:80/h:81",
+        "server://hé:80/h:81",
+        "client://h:80/h:81\n",
+        "server://" + String(repeating: "a", count: 5000) + ":1/h:2",
+    ])
+    func refusesBadURLs(_ text: String) {
+        #expect(throws: NodePassError(.invalidURL, "")) {
+            try TunnelURL.parse(text)
+        }
+    }
+
+    @Test func messagesNameTheProblem() {
+        do {
+            _ = try TunnelURL.parse("server://127.0.0.1:70000/127.0.0.1:80")
+            Issue.record("expected an error")
+        } catch {
+            #expect(error.message.contains("70000"))
+            #expect(error.message.contains("1 to 65535"))
+        }
+        do {
+            _ = try TunnelURL.parse("ftp://x:1/y:2")
+            Issue.record("expected an error")
+        } catch {
+            #expect(error.message.contains("ftp"))
+        }
+    }
+
+    @Test(arguments: LogLevel.allCases)
+    func acceptsEveryLogLevel(_ level: LogLevel) throws {
+        #expect(try TunnelURL.parse("client://h:1/h:2?log=\(level.rawValue)").logLevel == level)
+    }
+}

@@ -1,0 +1,109 @@
+import NIOCore
+import NIOEmbedded
+import NodePassCore
+import Synchronization
+import Testing
+
+@testable import NodePassNIO
+
+private final class RecordingServerDelegate: ServerPoolConnectionDelegate {
+    let events = Mutex<[String]>([])
+    let id: PoolID?
+
+    init(id: PoolID?) {
+        self.id = id
+    }
+
+    func poolConnectionAccepted(_ channel: any Channel) -> PoolID? { self.id }
+    func poolConnectionReady(_ channel: any Channel, id: PoolID) { self.events.withLock { $0.append("ready \(id)") } }
+    func poolConnectionClosed(id: PoolID, protocolViolation: Bool) {
+        self.events.withLock { $0.append("closed \(id) \(protocolViolation)") }
+    }
+}
+
+private final class RecordingClientDelegate: ClientPoolConnectionDelegate {
+    let events = Mutex<[String]>([])
+    func poolConnectionEstablished(_ channel: any Channel, id: PoolID) { self.events.withLock { $0.append("id \(id)") } }
+    func poolConnectionClaimed(id: PoolID) { self.events.withLock { $0.append("claimed \(id)") } }
+    func poolConnectionClosed(_ channel: any Channel, id: PoolID?) {
+        self.events.withLock { $0.append("closed \(id.map { "\($0)" } ?? "-")") }
+    }
+}
+
+@Suite struct ServerPoolConnectionHandlerTests {
+    @Test func writesTheIDInOneWriteAndReportsReady() throws {
+        let delegate = RecordingServerDelegate(id: PoolID(0x0102_0a0b))
+        let channel = EmbeddedChannel(handler: ServerPoolConnectionHandler(delegate: delegate))
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        let written = try channel.readOutbound(as: ByteBuffer.self)
+        #expect(written == ByteBuffer(string: "01020a0b"))
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
+        #expect(delegate.events.withLock { $0 } == ["ready 01020a0b"])
+        _ = try channel.finish()
+    }
+
+    @Test func bytesOnAnIdleConnectionCloseIt() throws {
+        let delegate = RecordingServerDelegate(id: PoolID(5))
+        let channel = EmbeddedChannel(handler: ServerPoolConnectionHandler(delegate: delegate))
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        try channel.writeInbound(ByteBuffer(string: "x"))
+        #expect(!channel.isActive)
+        #expect(delegate.events.withLock { $0 } == ["ready 00000005", "closed 00000005 true"])
+    }
+
+    @Test func refusedConnectionIsClosedWithoutAnID() throws {
+        let delegate = RecordingServerDelegate(id: nil)
+        let channel = EmbeddedChannel(handler: ServerPoolConnectionHandler(delegate: delegate))
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        #expect(!channel.isActive)
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
+    }
+}
+
+@Suite struct ClientPoolConnectionHandlerTests {
+    private func makeChannel(_ delegate: RecordingClientDelegate) throws -> EmbeddedChannel {
+        let channel = EmbeddedChannel()
+        try channel.pipeline.syncOperations.addHandlers([
+            ClientPoolConnectionHandler(delegate: delegate, idReadTimeout: .seconds(5), claimTimeout: .seconds(5)),
+            GlueHandler(),
+        ])
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        return channel
+    }
+
+    @Test func readsAnIDSplitAcrossReads() throws {
+        let delegate = RecordingClientDelegate()
+        let channel = try self.makeChannel(delegate)
+        try channel.writeInbound(ByteBuffer(string: "dead"))
+        #expect(delegate.events.withLock { $0 }.isEmpty)
+        try channel.writeInbound(ByteBuffer(string: "beef"))
+        #expect(delegate.events.withLock { $0 } == ["id deadbeef"])
+        _ = try channel.finish()
+    }
+
+    @Test func malformedIDClosesTheConnection() throws {
+        let delegate = RecordingClientDelegate()
+        let channel = try self.makeChannel(delegate)
+        try channel.writeInbound(ByteBuffer(string: "NOT-HEX!"))
+        #expect(!channel.isActive)
+        #expect(delegate.events.withLock { $0 } == ["closed -"])
+    }
+
+    @Test func bytesBeforeTheLaunchAreKeptAndClaimTheConnection() throws {
+        let delegate = RecordingClientDelegate()
+        let channel = try self.makeChannel(delegate)
+        try channel.writeInbound(ByteBuffer(string: "0000000fGET / HTTP/1.1\r\n"))
+        #expect(delegate.events.withLock { $0 } == ["id 0000000f", "claimed 0000000f"])
+        #expect(try channel.readInbound(as: ByteBuffer.self) == nil)
+        #expect(channel.isActive)
+        _ = try channel.finish()
+    }
+
+    @Test func idReadTimesOut() throws {
+        let delegate = RecordingClientDelegate()
+        let channel = try self.makeChannel(delegate)
+        channel.embeddedEventLoop.advanceTime(by: .seconds(6))
+        #expect(!channel.isActive)
+        #expect(delegate.events.withLock { $0 } == ["closed -"])
+    }
+}

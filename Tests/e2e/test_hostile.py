@@ -1,0 +1,159 @@
+"""Hostile or broken peers: idle sockets on the tunnel port, a server sending malformed signals."""
+
+from __future__ import annotations
+
+import queue
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+
+import pytest
+
+from e2e_support import DEFAULT_ENV, Tunnel, connect, echo_probe, recv_exact
+
+pytestmark = pytest.mark.ours_only
+
+
+def test_idle_sockets_on_tunnel_port_do_not_block_the_client(procs, nodepass_bin, echo_service):
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port)
+    tunnel.start_server()
+    idle = []
+    try:
+        for _ in range(20):
+            idle.append(connect(tunnel.host, tunnel.tunnel_port, timeout=5))
+        tunnel.start_client()
+        tunnel.wait_client_connected(20)
+        tunnel.wait_ready(20)
+        assert echo_probe(tunnel.host, tunnel.target_port, timeout=10)
+        assert tunnel.server.alive()
+    finally:
+        for s in idle:
+            s.close()
+
+
+# --------------------------------------------------------------------------- fake server
+
+
+@pytest.fixture(scope="session")
+def self_signed_cert(tmp_path_factory):
+    """(cert, key) PEM files for the fake server, like the original: RSA-2048, O=..., no CN/SAN."""
+    directory = tmp_path_factory.mktemp("cert")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl CLI not installed (Debian package: openssl)")
+    result = subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                             str(cert), "-days", "2", "-subj", "/O=nodepass-e2e-fake-server"],
+                            capture_output=True, timeout=60)
+    assert result.returncode == 0, f"openssl failed: {result.stderr[-1000:]!r}"
+    return str(cert), str(key)
+
+
+class FakeServer:
+    """Speaks the server side of v1 on TLS control + plain pool port, under the test's control."""
+
+    def __init__(self, cert, key):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.tunnel = socket.create_server(("127.0.0.1", 0), backlog=16)
+        self.tunnel.settimeout(20)
+        self.tunnel_port = self.tunnel.getsockname()[1]
+        self.pool = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.pool.settimeout(0.5)
+        self.pool_port = self.pool.getsockname()[1]
+        self.pool_conns: "queue.Queue[tuple[str, socket.socket]]" = queue.Queue()
+        self.all_sockets = [self.tunnel, self.pool]
+        self.control = None
+        self.control_lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads = []
+
+    def accept_control(self):
+        raw, _ = self.tunnel.accept()
+        raw.settimeout(10)
+        self.all_sockets.append(raw)
+        self.control = self.ctx.wrap_socket(raw, server_side=True)
+        self.all_sockets.append(self.control)
+
+    def signal(self, line: bytes):
+        with self.control_lock:
+            self.control.sendall(line)  # one write (one TLS record) per signal
+
+    def _accept_pool(self):
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.pool.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn.settimeout(10)
+            self.all_sockets.append(conn)
+            pool_id = secrets.token_hex(4)  # 8 lowercase hex characters
+            try:
+                conn.sendall(pool_id.encode())
+            except OSError:
+                continue
+            self.pool_conns.put((pool_id, conn))
+
+    def _heartbeat(self):
+        while not self.stopping.wait(1.0):  # the remote:// heartbeat at REPORT_INTERVAL=1s
+            try:
+                self.signal(f"remote://{self.pool_port}\n".encode())
+            except OSError:
+                return
+
+    def start_threads(self):
+        for target in (self._accept_pool, self._heartbeat):
+            t = threading.Thread(target=target, daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def close(self):
+        self.stopping.set()
+        for s in self.all_sockets:
+            try:
+                s.close()
+            except OSError:
+                pass
+        for t in self.threads:
+            t.join(5)
+
+
+def test_client_survives_malformed_signals(procs, nodepass_bin, echo_service, self_signed_cert):
+    fake = FakeServer(*self_signed_cert)
+    try:
+        client = procs.start("client", [nodepass_bin,
+                                        f"client://127.0.0.1:{fake.tunnel_port}/127.0.0.1:{echo_service.port}"
+                                        "?log=debug"], env=DEFAULT_ENV)
+        fake.accept_control()
+        for line in [b"garbage\n", b"launch://123456789\n", b"remote://99999\n", b"\x00\xff\xfe\n",
+                     f"remote://{fake.pool_port}\n".encode()]:
+            fake.signal(line)
+        fake.start_threads()
+
+        try:
+            pool_id, pool_conn = fake.pool_conns.get(timeout=15)
+        except queue.Empty:
+            pytest.fail("the client opened no pool connection after the malformed signals and a valid remote://")
+        assert client.alive(), f"client exited with {client.returncode()}"
+
+        fake.signal(f"launch://{pool_id}\n".encode())
+        pool_conn.sendall(b"ping")
+        try:
+            reply = recv_exact(pool_conn, 4)
+        except socket.timeout:
+            pytest.fail("no echo of 'ping' came back through the client within 10s")
+        assert reply == b"ping", f"expected the echo service's b'ping' through the client, got {reply!r}"
+
+        # And a second session on another pool connection, after all of that.
+        pool_id2, pool_conn2 = fake.pool_conns.get(timeout=15)
+        fake.signal(f"launch://{pool_id2}\n".encode())
+        pool_conn2.sendall(b"pong")
+        assert recv_exact(pool_conn2, 4) == b"pong"
+        assert client.alive(), f"client exited with {client.returncode()}"
+    finally:
+        fake.close()

@@ -1,0 +1,90 @@
+"""Real traffic through a server + client pair of the binary under test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+import scenarios
+from e2e_support import MiB, Tunnel, echo_probe, free_port, http_probe, ipv6_loopback_available, redis_probe, \
+    wait_for
+
+
+def test_http_download_through_tunnel_with_curl(procs, nodepass_bin, tmp_path):
+    port, digest = scenarios.start_http_service(procs, tmp_path / "www")
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, port, probe=http_probe("/probe.txt", b"nodepass-probe\n"))
+    tunnel.start()
+    scenarios.curl_download(tunnel, digest, tmp_path)
+
+
+@pytest.fixture
+def redis_service(procs, tmp_path):
+    server = shutil.which("redis-server")
+    if server is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server / redis-cli not installed (Debian packages: redis-server redis-tools)")
+    data_dir = tmp_path / "redis"
+    data_dir.mkdir()
+    port = free_port()
+    proc = procs.start("redis-server", [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                        "--appendonly", "no", "--dir", str(data_dir), "--daemonize", "no"])
+    wait_for(lambda: proc.alive() and redis_probe("127.0.0.1", port), 15, f"redis-server on port {port}")
+    return port
+
+
+def redis_cli(port: int, *args: str, stdin: bytes = b"", timeout: float = 30) -> bytes:
+    result = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args], input=stdin,
+                            capture_output=True, timeout=timeout)
+    assert result.returncode == 0, f"redis-cli {args[:2]} exited {result.returncode}: {result.stderr[-500:]!r}"
+    return result.stdout
+
+
+def test_redis_through_tunnel(procs, nodepass_bin, redis_service):
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, redis_service, probe=redis_probe)
+    tunnel.start()
+    port = tunnel.target_port
+
+    assert redis_cli(port, "ping").strip() == b"PONG"
+
+    value = os.urandom(MiB // 2).hex().encode()  # 1 MiB of text
+    assert redis_cli(port, "-x", "SET", "e2e:big", stdin=value).strip() == b"OK"
+    got = redis_cli(port, "--raw", "GET", "e2e:big")
+    assert got.rstrip(b"\n") == value, f"GET returned {len(got)} bytes, differing from the 1 MiB value SET"
+    assert redis_cli(port, "STRLEN", "e2e:big").strip() == str(len(value)).encode()
+
+    if shutil.which("redis-benchmark"):
+        bench = subprocess.run(["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-q", "-n", "2000", "-c",
+                                "20", "-t", "set,get"], capture_output=True, timeout=120)
+        assert bench.returncode == 0, f"redis-benchmark exited {bench.returncode}: {bench.stderr[-500:]!r}"
+        print(bench.stdout.decode(errors="replace"))
+
+
+def test_half_close_reply_still_arrives(procs, nodepass_bin, digest_service):
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, digest_service.port, probe=scenarios.digest_probe)
+    tunnel.start()
+    scenarios.half_close_digest(tunnel, MiB)
+
+
+def test_integrity_256mib_over_16_streams(procs, nodepass_bin, echo_service):
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port)
+    tunnel.start()
+    scenarios.integrity(tunnel, streams=16, mib_per_stream=16, deadline_s=200)
+
+
+def test_burst_of_200_connections(procs, nodepass_bin, echo_service):
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port)
+    tunnel.start()
+    scenarios.burst(tunnel, 200)
+
+
+def test_ipv6_loopback_round_trip(procs, nodepass_bin):
+    if not ipv6_loopback_available():
+        pytest.skip("::1 is not available on this machine")
+    echo6 = procs.start_helper("echo", host="::1")
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo6.port, host="::1")
+    assert tunnel.server_url.startswith("server://[::1]:")
+    tunnel.start()
+    for _ in range(3):
+        assert echo_probe("::1", tunnel.target_port, timeout=10), "IPv6 echo round trip returned other bytes"

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every test: Swift unit and loopback tests, then the end-to-end suite against the built binary.
+# Installs the Debian packages and Python modules the end-to-end tests need when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '==> %s\n' "$*"; }
+
+need_packages=()
+command -v curl >/dev/null || need_packages+=(curl)
+command -v redis-server >/dev/null || need_packages+=(redis-server)
+command -v redis-cli >/dev/null || need_packages+=(redis-tools)
+command -v openssl >/dev/null || need_packages+=(openssl)
+command -v python3 >/dev/null || need_packages+=(python3 python3-pip)
+if [ ${#need_packages[@]} -gt 0 ]; then
+    say "installing Debian packages: ${need_packages[*]}"
+    sudo_cmd=""
+    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need_packages[@]}" >/dev/null
+fi
+if ! python3 -c 'import pytest, pytest_timeout' 2>/dev/null; then
+    say "installing pytest and pytest-timeout from PyPI"
+    python3 -m pip install --quiet --disable-pip-version-check pytest pytest-timeout 2>/dev/null \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages pytest pytest-timeout
+fi
+
+say "building"
+swift build -Xswiftc -warnings-as-errors
+say "unit and loopback tests"
+swift test -Xswiftc -warnings-as-errors
+say "end-to-end tests"
+NODEPASS_BIN="$PWD/.build/debug/nodepass" python3 -m pytest -q --timeout 300 Tests/e2e
+say "all tests passed"
