@@ -12,7 +12,16 @@ import threading
 
 import pytest
 
-from e2e_support import DEFAULT_ENV, Tunnel, connect, echo_probe, recv_exact
+from e2e_support import (
+    DEFAULT_ENV,
+    TCP_LISTEN,
+    Tunnel,
+    connect,
+    echo_probe,
+    recv_exact,
+    tcp_sockets,
+    wait_for,
+)
 
 pytestmark = pytest.mark.ours_only
 
@@ -157,3 +166,63 @@ def test_client_survives_malformed_signals(procs, nodepass_bin, echo_service, se
         assert client.alive(), f"client exited with {client.returncode()}"
     finally:
         fake.close()
+
+
+def test_semaphore_limit_closes_extra_users_and_logs_it(procs, nodepass_bin, echo_service):
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port, server_env={"SEMAPHORE_LIMIT": "2"})
+    tunnel.start()
+    def hold(i: int) -> socket.socket:
+        # The readiness probes' sessions may still be ending: retry until this one is relayed.
+        def attempt():
+            s = connect(tunnel.host, tunnel.target_port, timeout=10)
+            try:
+                s.sendall(b"held %d\n" % i)
+                if recv_exact(s, 7) == b"held %d\n" % i:
+                    return s
+            except OSError:
+                pass
+            s.close()
+            return None
+        return wait_for(attempt, 20, f"held session {i}")
+
+    held = [hold(i) for i in range(2)]
+    try:
+        extra = connect(tunnel.host, tunnel.target_port, timeout=10)
+        extra.settimeout(10)
+        try:
+            extra.sendall(b"x")
+            # The server closes a connection over the limit without relaying anything.
+            assert extra.recv(1) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        finally:
+            extra.close()
+        assert "SEMAPHORE_LIMIT reached" in tunnel.server.output()
+    finally:
+        for s in held:
+            s.close()
+    # Once the held sessions end, new users are served again.
+    tunnel.wait_ready(20)
+
+
+def test_stranger_on_pool_port_gets_no_user_session(procs, nodepass_bin, echo_service):
+    """A pool connection from another address than the client's control connection is refused: the
+    stranger (here from 127.0.0.2) never receives an ID, so it can never receive a user's bytes."""
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port)
+    tunnel.start()
+    pool_ports = {s.local_port for s in tcp_sockets(tunnel.server.pid)
+                  if s.state == TCP_LISTEN and s.local_port not in (tunnel.tunnel_port, tunnel.target_port)}
+    assert len(pool_ports) == 1, pool_ports
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stranger.settimeout(10)
+    try:
+        stranger.bind(("127.0.0.2", 0))
+        stranger.connect(("127.0.0.1", pool_ports.pop()))
+        try:
+            assert stranger.recv(8) == b""
+        except ConnectionResetError:
+            pass
+    finally:
+        stranger.close()
+    assert "not from the client's address" in tunnel.server.output()
+    assert echo_probe(tunnel.host, tunnel.target_port, timeout=10)
