@@ -7,10 +7,12 @@ import Darwin
 #endif
 import ArgumentParser
 import Logging
+import Metrics
 import NIOCore
 import NIOPosix
 import NodePassCore
 import NodePassNIO
+import Prometheus
 import ServiceLifecycle
 import UnixSignals
 
@@ -32,7 +34,10 @@ struct NodePassCommand: AsyncParsableCommand {
             (all interfaces). A KEY selects protocol v2, not available yet.
 
             QUERY PARAMETERS:
-              log=LEVEL   debug, info (default), warn, error or fatal
+              log=LEVEL          debug, info (default), warn, error or fatal
+              metrics=HOST:PORT  serve Prometheus metrics at http://HOST:PORT/metrics
+                                 (off by default; unauthenticated: bind it to
+                                 127.0.0.1 or a private address)
 
             ENVIRONMENT (integers; durations as 5s, 500ms, 1m):
               SEMAPHORE_LIMIT    1024  concurrent user / relayed connections
@@ -90,14 +95,31 @@ struct NodePassCommand: AsyncParsableCommand {
         let logger = Logger(label: "nodepass")
 
         let group = MultiThreadedEventLoopGroup.singleton
-        let service: any Service =
-            switch url.role {
-            case .server: TunnelServer(url: url, configuration: configuration, group: group, logger: logger)
-            case .client: TunnelClient(url: url, configuration: configuration, group: group, logger: logger)
-            }
+        var services: [any Service] = []
+        if let address = url.metrics {
+            // Before the tunnel's metrics are made, so that they are Prometheus metrics.
+            let registry = PrometheusCollectorRegistry()
+            var factory = PrometheusMetricsFactory(registry: registry)
+            factory.defaultDurationHistogramBuckets = [
+                .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1),
+                .milliseconds(2.5), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
+                .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5),
+                .seconds(5), .seconds(10),
+            ]
+            MetricsSystem.bootstrap(factory)
+            services.append(
+                MetricsServer(address: address, group: group, logger: logger, render: { registry.emitToBuffer() })
+            )
+        }
+        switch url.role {
+        case .server:
+            services.append(TunnelServer(url: url, configuration: configuration, group: group, logger: logger))
+        case .client:
+            services.append(TunnelClient(url: url, configuration: configuration, group: group, logger: logger))
+        }
         let serviceGroup = ServiceGroup(
             configuration: ServiceGroupConfiguration(
-                services: [.init(service: service)],
+                services: services.map { .init(service: $0) },
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 cancellationSignals: [],
                 logger: Logger(label: "nodepass.lifecycle", factory: { _ in SwiftLogNoOpLogHandler() })

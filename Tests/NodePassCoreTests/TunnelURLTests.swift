@@ -29,6 +29,16 @@ import Testing
         #expect(url.redacted.contains("***@"))
     }
 
+    @Test func parsesTheMetricsAddress() throws {
+        let url = try TunnelURL.parse("server://:1/:2?log=warn&metrics=127.0.0.1:9090")
+        #expect(url.metrics == HostPort(host: "127.0.0.1", port: 9090))
+        #expect(url.logLevel == .warn)
+        #expect(try TunnelURL.parse("server://:1/:2").metrics == nil)
+        #expect(throws: NodePassError(.invalidURL, "")) {
+            try TunnelURL.parse("server://:1/:2?metrics=127.0.0.1")
+        }
+    }
+
     @Test func schemeIsCaseInsensitive() throws {
         #expect(try TunnelURL.parse("SERVER://:1/:2").role == .server)
     }

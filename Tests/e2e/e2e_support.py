@@ -382,6 +382,9 @@ class Tunnel:
         self.tunnel_port = free_port(host)
         self.target_port = free_port(host)
         self.log = log
+        # Extra query parameters ("&name=value...") appended to each side's URL.
+        self.server_query = ""
+        self.client_query = ""
         base = dict(DEFAULT_ENV)
         base.update(env or {})
         self.server_env = dict(base, **(server_env or {}))
@@ -397,12 +400,12 @@ class Tunnel:
     @property
     def server_url(self) -> str:
         h = url_host(self.host)
-        return f"server://{h}:{self.tunnel_port}/{h}:{self.target_port}?log={self.log}"
+        return f"server://{h}:{self.tunnel_port}/{h}:{self.target_port}?log={self.log}{self.server_query}"
 
     @property
     def client_url(self) -> str:
         return (f"client://{url_host(self.host)}:{self.tunnel_port}/"
-                f"{url_host(self.service_host)}:{self.service_port}?log={self.log}")
+                f"{url_host(self.service_host)}:{self.service_port}?log={self.log}{self.client_query}")
 
     # ---- processes
 

@@ -21,14 +21,24 @@ public struct TunnelURL: Hashable, Sendable {
     public var target: HostPort
     /// The `log=` query parameter.
     public var logLevel: LogLevel
+    /// The `metrics=HOST:PORT` query parameter: where to serve Prometheus metrics (off when nil).
+    public var metrics: HostPort?
 
     /// Makes a URL value from its parts.
-    public init(role: Role, key: String? = nil, tunnel: HostPort, target: HostPort, logLevel: LogLevel = .info) {
+    public init(
+        role: Role,
+        key: String? = nil,
+        tunnel: HostPort,
+        target: HostPort,
+        logLevel: LogLevel = .info,
+        metrics: HostPort? = nil
+    ) {
         self.role = role
         self.key = key
         self.tunnel = tunnel
         self.target = target
         self.logLevel = logLevel
+        self.metrics = metrics
     }
 
     /// Parses a tunnel URL, throwing an `.invalidURL` error with a message that says what is wrong.
@@ -81,6 +91,7 @@ public struct TunnelURL: Hashable, Sendable {
         let target = try HostPort.parse(targetText, what: "target address")
 
         var logLevel = LogLevel.info
+        var metrics: HostPort?
         for item in query.split(separator: "&", omittingEmptySubsequences: true) {
             let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
             let name = parts[0]
@@ -95,16 +106,19 @@ public struct TunnelURL: Hashable, Sendable {
                     )
                 }
                 logLevel = level
+            case "metrics":
+                metrics = try HostPort.parse(value, what: "metrics address")
             default:
-                throw NodePassError(.invalidURL, "unknown query parameter '\(name)' (known: log)")
+                throw NodePassError(.invalidURL, "unknown query parameter '\(name)' (known: log, metrics)")
             }
         }
-        return TunnelURL(role: role, key: key, tunnel: tunnel, target: target, logLevel: logLevel)
+        return TunnelURL(role: role, key: key, tunnel: tunnel, target: target, logLevel: logLevel, metrics: metrics)
     }
 
     /// The URL as it may be logged: the key, if any, is masked.
     public var redacted: String {
         let keyPart = self.key == nil ? "" : "***@"
-        return "\(self.role.rawValue)://\(keyPart)\(self.tunnel)/\(self.target)?log=\(self.logLevel.rawValue)"
+        let metricsPart = self.metrics.map { "&metrics=\($0)" } ?? ""
+        return "\(self.role.rawValue)://\(keyPart)\(self.tunnel)/\(self.target)?log=\(self.logLevel.rawValue)\(metricsPart)"
     }
 }

@@ -1,4 +1,5 @@
 import Logging
+import CoreMetrics
 import NIOCore
 import NIOTLS
 import NodePassCore
@@ -17,14 +18,18 @@ final class ClientControlHandler: ChannelInboundHandler {
     private let connected: EventLoopPromise<Void>
     private var timer: Scheduled<Void>?
     private var heartbeatCheck: RepeatedTask?
+    private let started = NIODeadline.now()
+    private let handshakeDuration: Timer
 
     init(
         pool: ClientPool,
         reportInterval: TimeAmount,
         handshakeTimeout: TimeAmount,
         connected: EventLoopPromise<Void>,
+        handshakeDuration: Timer,
         logger: Logger
     ) {
+        self.handshakeDuration = handshakeDuration
         self.machine = ControlStateMachine(reportInterval: reportInterval)
         self.pool = pool
         self.reportInterval = reportInterval
@@ -45,6 +50,7 @@ final class ClientControlHandler: ChannelInboundHandler {
             self.timer?.cancel()
             self.timer = nil
             self.machine.connected(now: .now())
+            TunnelMetrics.record(self.handshakeDuration, since: self.started)
             self.connected.succeed()
             let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
             let channel = context.channel

@@ -1,3 +1,4 @@
+import CoreMetrics
 import NIOCore
 
 /// Relays the bytes its channel reads to a partner channel, one half of a relay pair.
@@ -17,9 +18,12 @@ public final class GlueHandler: ChannelInboundHandler {
     private var pendingFlush = false
     private var inputEnded = false
     private var inactive = false
+    private let bytes: Counter?
 
-    /// Makes an unconnected handler.
-    public init() {}
+    /// Makes an unconnected handler; `bytes` counts every byte it reads.
+    public init(bytes: Counter? = nil) {
+        self.bytes = bytes
+    }
 
     /// Starts relaying to `partner`. Must run on this handler's event loop.
     public func connect(to partner: any Channel, context: ChannelHandlerContext) {
@@ -44,8 +48,9 @@ public final class GlueHandler: ChannelInboundHandler {
     }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var buffer = self.unwrapInboundIn(data)
+        self.bytes?.increment(by: Int64(buffer.readableBytes))
         guard let partner = self.partner else {
-            var buffer = self.unwrapInboundIn(data)
             if self.early == nil {
                 self.early = buffer
             } else {
@@ -53,7 +58,7 @@ public final class GlueHandler: ChannelInboundHandler {
             }
             return
         }
-        partner.write(self.unwrapInboundIn(data), promise: nil)
+        partner.write(buffer, promise: nil)
         self.pendingFlush = true
     }
 

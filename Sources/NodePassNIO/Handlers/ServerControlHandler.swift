@@ -1,4 +1,5 @@
 import Logging
+import CoreMetrics
 import NIOCore
 import NIOSSL
 import NIOTLS
@@ -19,11 +20,14 @@ final class ServerControlHandler: ChannelInboundHandler {
     private var handshakeTimer: Scheduled<Void>?
     private var heartbeat: RepeatedTask?
     private var handshakeDone = false
+    private let started = NIODeadline.now()
+    private let handshakeDuration: Timer
 
     init(
         poolPort: Int,
         reportInterval: TimeAmount,
         handshakeTimeout: TimeAmount,
+        handshakeDuration: Timer,
         logger: Logger,
         onHandshakeEnded: @escaping @Sendable (_ succeeded: Bool, _ channel: any Channel) -> Void,
         onClosed: @escaping @Sendable (_ channel: any Channel) -> Void
@@ -31,6 +35,7 @@ final class ServerControlHandler: ChannelInboundHandler {
         self.poolPort = poolPort
         self.reportInterval = reportInterval
         self.handshakeTimeout = handshakeTimeout
+        self.handshakeDuration = handshakeDuration
         self.logger = logger
         self.onHandshakeEnded = onHandshakeEnded
         self.onClosed = onClosed
@@ -50,6 +55,7 @@ final class ServerControlHandler: ChannelInboundHandler {
             self.handshakeDone = true
             self.handshakeTimer?.cancel()
             self.handshakeTimer = nil
+            TunnelMetrics.record(self.handshakeDuration, since: self.started)
             self.onHandshakeEnded(true, context.channel)
             self.sendRemote(context: context)
             let channel = context.channel

@@ -1,3 +1,4 @@
+import CoreMetrics
 import Logging
 import NIOCore
 import NIOPosix
@@ -29,8 +30,17 @@ final class ClientPool: Sendable {
     private let group: any EventLoopGroup
     private let sessions: SessionTracker
     private let logger: Logger
+    private let metrics: TunnelMetrics
 
-    init(url: TunnelURL, configuration: Configuration, group: any EventLoopGroup, sessions: SessionTracker, logger: Logger) {
+    init(
+        url: TunnelURL,
+        configuration: Configuration,
+        group: any EventLoopGroup,
+        sessions: SessionTracker,
+        metrics: TunnelMetrics,
+        logger: Logger
+    ) {
+        self.metrics = metrics
         self.url = url
         self.configuration = configuration
         self.group = group
@@ -44,6 +54,11 @@ final class ClientPool: Sendable {
                 )
             )
         )
+    }
+
+    private func publish(_ machine: ClientPoolStateMachine) {
+        self.metrics.poolIdle.set(machine.idle)
+        self.metrics.poolCapacity.set(machine.capacity)
     }
 
     /// Idle pool connections (with an ID, not yet used by the server).
@@ -64,6 +79,7 @@ final class ClientPool: Sendable {
             ) { [weak self] _ in
                 self?.periodElapsed(generation: generation)
             }
+            defer { self.publish(state.machine) }
             return (generation, state.machine.started())
         }
         self.logger.debug("pool started", metadata: ["np.pool.port": "\(port)", "np.pool.open": "\(adjustment.open)"])
@@ -78,6 +94,7 @@ final class ClientPool: Sendable {
             state.ticker?.cancel()
             state.ticker = nil
             state.machine.reset()
+            self.publish(state.machine)
             state.claimed.removeAll()
             state.awaitedLaunches.removeAll()
             defer { state.connections.removeAll() }
@@ -90,6 +107,7 @@ final class ClientPool: Sendable {
         let (adjustment, closing) = self.state.withLock { state -> (ClientPoolStateMachine.Adjustment, [any Channel]) in
             guard state.generation == generation else { return (.none, []) }
             let adjustment = state.machine.periodElapsed()
+            self.publish(state.machine)
             var closing: [any Channel] = []
             for (id, channel) in state.connections where closing.count < adjustment.close && !state.claimed.contains(id) {
                 closing.append(channel)
@@ -109,7 +127,7 @@ final class ClientPool: Sendable {
                 .connectTimeout(self.configuration.dialTimeout)
                 .channelOption(.autoRead, value: false)
                 .channelOption(.allowRemoteHalfClosure, value: true)
-                .channelInitializer { [configuration] channel in
+                .channelInitializer { [configuration, metrics] channel in
                     SocketTuning.apply(to: channel)
                     return channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandlers([
@@ -118,7 +136,7 @@ final class ClientPool: Sendable {
                                 idReadTimeout: configuration.idReadTimeout,
                                 claimTimeout: configuration.poolWaitTimeout
                             ),
-                            GlueHandler(),
+                            GlueHandler(bytes: metrics.bytesUpstream),
                         ])
                     }
                 }
@@ -133,6 +151,7 @@ final class ClientPool: Sendable {
         let shouldLog = self.state.withLock { state -> Bool in
             guard state.generation == generation else { return false }
             state.machine.connectionFailed()
+            self.publish(state.machine)
             guard now - state.lastDialFailureLog > .seconds(1) else { return false }
             state.lastDialFailureLog = now
             return true
@@ -146,6 +165,7 @@ final class ClientPool: Sendable {
         let launchNow = self.state.withLock { state -> Bool? in
             guard state.generation == generation, state.connections[id] == nil else { return nil }
             state.machine.connectionEstablished()
+            self.publish(state.machine)
             state.connections[id] = channel
             return state.awaitedLaunches.remove(id) != nil
         }
@@ -160,6 +180,7 @@ final class ClientPool: Sendable {
         let adjustment = self.state.withLock { state -> ClientPoolStateMachine.Adjustment in
             guard state.generation == generation, state.connections[id] != nil else { return .none }
             state.claimed.insert(id)
+            defer { self.publish(state.machine) }
             return state.machine.connectionTaken()
         }
         self.apply(adjustment, generation: generation)
@@ -175,6 +196,7 @@ final class ClientPool: Sendable {
             guard let known = state.connections[id], known === channel else { return .none }
             state.connections[id] = nil
             if state.claimed.remove(id) != nil { return .none }
+            defer { self.publish(state.machine) }
             return state.machine.connectionLost()
         }
         self.apply(adjustment, generation: generation)
@@ -190,6 +212,7 @@ final class ClientPool: Sendable {
         let outcome = self.state.withLock { state -> Outcome in
             if let channel = state.connections.removeValue(forKey: id) {
                 let adjustment = state.claimed.remove(id) != nil ? .none : state.machine.connectionTaken()
+                self.publish(state.machine)
                 return .relay(channel, adjustment, state.generation)
             }
             guard state.poolPort != nil, state.awaitedLaunches.count < self.configuration.maxPoolCapacity else {
@@ -224,10 +247,16 @@ final class ClientPool: Sendable {
             return logger
         }()
         guard self.sessions.add(pool) else {
+            self.metrics.failed(.limit)
             logger.warning("SEMAPHORE_LIMIT reached; launch refused", metadata: ["np.limit": "\(self.sessions.limit)"])
             pool.close(promise: nil)
             return
         }
+        let metrics = self.metrics
+        let launched = NIODeadline.now()
+        metrics.accepted.increment()
+        metrics.active.increment()
+        pool.closeFuture.whenComplete { _ in metrics.active.decrement() }
         let target = self.url.target
         ClientBootstrap(group: pool.eventLoop)
             .connectTimeout(self.configuration.dialTimeout)
@@ -236,13 +265,14 @@ final class ClientPool: Sendable {
             .channelInitializer { channel in
                 SocketTuning.apply(to: channel)
                 return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(GlueHandler())
+                    try channel.pipeline.syncOperations.addHandler(GlueHandler(bytes: metrics.bytesDownstream))
                 }
             }
             .connect(host: target.dialHost, port: target.port)
             .whenComplete { result in
                 switch result {
                 case .failure(let error):
+                    metrics.failed(.target)
                     logger.warning("cannot reach the target", metadata: ["np.target": "\(target)", "np.error": "\(error)"])
                     pool.close(promise: nil)
                 case .success(let targetChannel):
@@ -256,6 +286,7 @@ final class ClientPool: Sendable {
                         }
                         let glue = try targetChannel.pipeline.syncOperations.handler(type: GlueHandler.self)
                         glue.connect(to: pool, context: try targetChannel.pipeline.syncOperations.context(handler: glue))
+                        TunnelMetrics.record(metrics.newConnectionDuration, since: launched)
                         logger.debug("relaying", metadata: ["np.target": "\(target)", "np.pool.local": "\(pool.localAddress.map { "\($0)" } ?? "?")"])
                     } catch {
                         targetChannel.close(promise: nil)

@@ -1,3 +1,4 @@
+import CoreMetrics
 import Logging
 import NIOCore
 import NodePassCore
@@ -11,6 +12,7 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
     struct WaitingUser: Sendable {
         var ticket: UInt64
         var channel: any Channel
+        var arrived: NIODeadline
     }
 
     private struct State {
@@ -18,14 +20,17 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
         var control: (any Channel)?
         var controlPeerIP: String?
         var nextTicket: UInt64 = 0
+        var controlsSeen = 0
     }
 
     private let state: Mutex<State>
     private let configuration: Configuration
     private let logger: Logger
+    private let metrics: TunnelMetrics
 
-    init(configuration: Configuration, logger: Logger) {
+    init(configuration: Configuration, metrics: TunnelMetrics, logger: Logger) {
         self.configuration = configuration
+        self.metrics = metrics
         self.logger = logger
         self.state = Mutex(State(machine: ServerPoolStateMachine(maximumIdle: configuration.maxPoolCapacity)))
     }
@@ -36,12 +41,16 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
 
     /// A client finished its TLS handshake: it becomes the client; a previous one is closed.
     func controlConnected(_ channel: any Channel) {
-        let (previous, stale) = self.state.withLock { state -> ((any Channel)?, [any Channel]) in
+        let (previous, stale, isReconnect) = self.state.withLock { state in
             let previous = state.control
             state.control = channel
             state.controlPeerIP = channel.remoteAddress?.ipAddress
-            return (previous, previous == nil ? [] : state.machine.controlLost())
+            state.controlsSeen += 1
+            let stale = previous == nil ? [] : state.machine.controlLost()
+            self.metrics.poolIdle.set(state.machine.idleCount)
+            return (previous, stale, state.controlsSeen > 1)
         }
+        if isReconnect { self.metrics.reconnects.increment() }
         if let previous {
             self.logger.warning(
                 "control connection replaced by a newer client",
@@ -58,6 +67,7 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
             guard let current = state.control, current === channel else { return nil }
             state.control = nil
             state.controlPeerIP = nil
+            defer { self.metrics.poolIdle.set(state.machine.idleCount) }
             return state.machine.controlLost()
         }
         guard let stale else { return }
@@ -90,12 +100,17 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
     }
 
     func poolConnectionReady(_ channel: any Channel, id: PoolID) {
-        let action = self.state.withLock { $0.machine.poolConnectionReady(id: id, connection: channel) }
+        let action = self.state.withLock { state in
+            defer { self.metrics.poolIdle.set(state.machine.idleCount) }
+            return state.machine.poolConnectionReady(id: id, connection: channel)
+        }
         self.perform(action)
     }
 
     func poolConnectionClosed(id: PoolID, protocolViolation: Bool) {
-        self.state.withLock { _ = $0.machine.poolConnectionClosed(id: id) }
+        self.state.withLock { state in
+            if state.machine.poolConnectionClosed(id: id) { self.metrics.poolIdle.set(state.machine.idleCount) }
+        }
         if protocolViolation {
             self.logger.warning("idle pool connection sent bytes before its launch; closed", metadata: ["np.pool.id": "\(id)"])
         }
@@ -107,13 +122,15 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
     func userArrived(_ channel: any Channel) {
         let (ticket, action) = self.state.withLock { state -> (UInt64, ServerPoolStateMachine<any Channel, WaitingUser>.Action) in
             state.nextTicket += 1
-            let user = WaitingUser(ticket: state.nextTicket, channel: channel)
+            let user = WaitingUser(ticket: state.nextTicket, channel: channel, arrived: .now())
+            defer { self.metrics.poolIdle.set(state.machine.idleCount) }
             return (state.nextTicket, state.machine.userArrived(ticket: user.ticket, user: user))
         }
         if case .wait = action {
             self.logger.debug("user waits for a pool connection", metadata: ["np.peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")"])
             channel.eventLoop.scheduleTask(in: self.configuration.poolWaitTimeout) {
                 guard let user = self.state.withLock({ $0.machine.userLeft(ticket: ticket) }) else { return }
+                self.metrics.failed(.poolWait)
                 self.logger.warning(
                     "no pool connection in time; user connection closed",
                     metadata: ["np.wait": "\(DurationParser.format(self.configuration.poolWaitTimeout))"]
@@ -163,6 +180,7 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
             Signal.launch(id).write(to: &line)
             control.writeAndFlush(line, promise: nil)
             self.logger.debug("launch sent", metadata: ["np.pool.id": "\(id)"])
+            TunnelMetrics.record(self.metrics.newConnectionDuration, since: user.arrived)
             GlueHandler.connect(user.channel, to: pool)
         }
     }

@@ -1,9 +1,11 @@
+import CoreMetrics
 import Logging
 import NIOCore
 import NIOPosix
 import NIOSSL
 import NodePassCore
 import ServiceLifecycle
+import Synchronization
 
 /// The v1 client: keeps a TLS control channel to the server, a pool of data connections, and relays each
 /// launched connection to its TARGET. Reconnects after SERVICE_COOLDOWN when the control channel is lost.
@@ -14,15 +16,31 @@ public final class TunnelClient: Service, Sendable {
     private let logger: Logger
     private let sessions: SessionTracker
     private let pool: ClientPool
+    private let metrics: TunnelMetrics
+    private let connections = Atomic<Int>(0)
 
     /// Makes a client for `url` (role client).
-    public init(url: TunnelURL, configuration: Configuration, group: any EventLoopGroup, logger: Logger) {
+    public init(
+        url: TunnelURL,
+        configuration: Configuration,
+        group: any EventLoopGroup,
+        logger: Logger,
+        metrics: TunnelMetrics = TunnelMetrics(role: "client")
+    ) {
+        self.metrics = metrics
         self.url = url
         self.configuration = configuration
         self.group = group
         self.logger = logger
         self.sessions = SessionTracker(limit: configuration.semaphoreLimit)
-        self.pool = ClientPool(url: url, configuration: configuration, group: group, sessions: self.sessions, logger: logger)
+        self.pool = ClientPool(
+            url: url,
+            configuration: configuration,
+            group: group,
+            sessions: self.sessions,
+            metrics: metrics,
+            logger: logger
+        )
     }
 
     /// The number of live relayed sessions.
@@ -74,7 +92,7 @@ public final class TunnelClient: Service, Sendable {
         do {
             channel = try await ClientBootstrap(group: loop)
                 .connectTimeout(self.configuration.dialTimeout)
-                .channelInitializer { [pool, configuration, logger] channel in
+                .channelInitializer { [pool, configuration, logger, metrics] channel in
                     SocketTuning.apply(to: channel)
                     return channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandlers([
@@ -85,6 +103,7 @@ public final class TunnelClient: Service, Sendable {
                                 reportInterval: configuration.reportInterval,
                                 handshakeTimeout: configuration.handshakeTimeout,
                                 connected: connected,
+                                handshakeDuration: metrics.handshakeDuration,
                                 logger: logger
                             ),
                         ])
@@ -98,6 +117,9 @@ public final class TunnelClient: Service, Sendable {
         }
         try await withGracefulShutdownHandler {
             try await connected.futureResult.get()
+            if self.connections.wrappingAdd(1, ordering: .relaxed).newValue > 1 {
+                self.metrics.reconnects.increment()
+            }
             try await channel.closeFuture.get()
         } onGracefulShutdown: {
             channel.close(promise: nil)

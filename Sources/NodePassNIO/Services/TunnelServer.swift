@@ -1,3 +1,4 @@
+import CoreMetrics
 import Logging
 import NIOCore
 import NIOPosix
@@ -27,6 +28,7 @@ public final class TunnelServer: Service, Sendable {
     private let sessions: SessionTracker
     private let pendingHandshakes: ConcurrencyGate
     private let lastLimitLog = Mutex<NIODeadline>(.distantPast)
+    private let metrics: TunnelMetrics
 
     /// Makes a server for `url` (role server); `onListening` is told the bound ports.
     public init(
@@ -34,14 +36,16 @@ public final class TunnelServer: Service, Sendable {
         configuration: Configuration,
         group: any EventLoopGroup,
         logger: Logger,
+        metrics: TunnelMetrics = TunnelMetrics(role: "server"),
         onListening: (@Sendable (ServerPorts) -> Void)? = nil
     ) {
+        self.metrics = metrics
         self.url = url
         self.configuration = configuration
         self.group = group
         self.logger = logger
         self.onListening = onListening
-        self.pool = ServerPool(configuration: configuration, logger: logger)
+        self.pool = ServerPool(configuration: configuration, metrics: metrics, logger: logger)
         self.sessions = SessionTracker(limit: configuration.semaphoreLimit)
         self.pendingHandshakes = ConcurrencyGate(limit: configuration.maxPendingHandshakes)
     }
@@ -121,7 +125,7 @@ public final class TunnelServer: Service, Sendable {
     private func controlBootstrap(tls: NIOSSLContext, poolPort: Int) -> ServerBootstrap {
         let configuration = self.configuration
         return self.baseBootstrap()
-            .childChannelInitializer { [pool, logger, pendingHandshakes] channel in
+            .childChannelInitializer { [pool, logger, pendingHandshakes, metrics] channel in
                 guard pendingHandshakes.enter() else {
                     logger.warning(
                         "too many TLS handshakes in progress; connection refused",
@@ -136,6 +140,7 @@ public final class TunnelServer: Service, Sendable {
                         poolPort: poolPort,
                         reportInterval: configuration.reportInterval,
                         handshakeTimeout: configuration.handshakeTimeout,
+                        handshakeDuration: metrics.handshakeDuration,
                         logger: logger,
                         onHandshakeEnded: { succeeded, channel in
                             pendingHandshakes.leave()
@@ -161,11 +166,11 @@ public final class TunnelServer: Service, Sendable {
     private func poolBootstrap() -> ServerBootstrap {
         self.baseBootstrap()
             .childChannelOption(.autoRead, value: false)
-            .childChannelInitializer { [pool] channel in
+            .childChannelInitializer { [pool, metrics] channel in
                 SocketTuning.apply(to: channel)
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandlers([
-                        ServerPoolConnectionHandler(delegate: pool), GlueHandler(),
+                        ServerPoolConnectionHandler(delegate: pool), GlueHandler(bytes: metrics.bytesDownstream),
                     ])
                 }
             }
@@ -174,15 +179,19 @@ public final class TunnelServer: Service, Sendable {
     private func userBootstrap() -> ServerBootstrap {
         self.baseBootstrap()
             .childChannelOption(.autoRead, value: false)
-            .childChannelInitializer { [pool, sessions] channel in
+            .childChannelInitializer { [pool, sessions, metrics] channel in
                 SocketTuning.apply(to: channel)
                 guard sessions.add(channel) else {
+                    metrics.failed(.limit)
                     self.logLimitReached()
                     return channel.close()
                 }
+                metrics.accepted.increment()
+                metrics.active.increment()
+                channel.closeFuture.whenComplete { _ in metrics.active.decrement() }
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandlers([
-                        ChannelActiveHandler { pool.userArrived($0) }, GlueHandler(),
+                        ChannelActiveHandler { pool.userArrived($0) }, GlueHandler(bytes: metrics.bytesUpstream),
                     ])
                 }
             }
