@@ -33,20 +33,22 @@ import Testing
         #expect(opened == 10)
     }
 
-    @Test func shrinksWhenUnusedDownToTheMinimum() {
+    @Test func shrinksWhenUnusedDownToTheMinimumWithoutClosingIdleConnections() {
         var machine = ClientPoolStateMachine(minimum: 4, maximum: 64)
         _ = machine.started()
         for _ in 0..<4 { machine.connectionEstablished() }
         for _ in 0..<3 { _ = machine.connectionTaken() }
         for _ in 0..<machine.opening { machine.connectionEstablished() }
-        let grown = machine.capacity
-        #expect(grown == 8)
+        #expect(machine.capacity == 8)
         #expect(machine.idle == 8)
-        var closed = 0
-        for _ in 0..<20 { closed += machine.periodElapsed().close }
+        for _ in 0..<20 { #expect(machine.periodElapsed() == .none) }
         #expect(machine.capacity == 4)
+        #expect(machine.idle == 8)
+        // The surplus is used up without being replaced, then the pool refills to the new capacity.
+        for _ in 0..<4 { #expect(machine.connectionTaken() == .none) }
         #expect(machine.idle == 4)
-        #expect(closed == grown - 4)
+        let refill = machine.connectionTaken()
+        #expect(refill == .init(open: 1))
     }
 
     @Test func failedDialsAreRetriedOnTheNextPeriod() {

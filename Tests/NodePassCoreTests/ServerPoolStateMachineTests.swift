@@ -69,6 +69,16 @@ import Testing
         #expect(machine.idleCount == 2)
     }
 
+    @Test func fullOnlyWhenNobodyWaits() {
+        var machine = Machine(maximumIdle: 1)
+        #expect(!machine.isFull)
+        _ = machine.poolConnectionReady(id: PoolID(1), connection: "a")
+        #expect(machine.isFull)
+        _ = machine.userArrived(ticket: 1, user: "u1")
+        _ = machine.userArrived(ticket: 2, user: "u2")
+        #expect(!machine.isFull)
+    }
+
     @Test func deadConnectionIsSkipped() {
         var machine = Machine(maximumIdle: 4)
         _ = machine.poolConnectionReady(id: PoolID(1), connection: "a")

@@ -99,6 +99,15 @@ private final class RecordingClientDelegate: ClientPoolConnectionDelegate {
         _ = try channel.finish()
     }
 
+    @Test func endOfInputOnAnIdleConnectionLosesIt() throws {
+        let delegate = RecordingClientDelegate()
+        let channel = try self.makeChannel(delegate)
+        try channel.writeInbound(ByteBuffer(string: "0000000e"))
+        channel.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        #expect(!channel.isActive)
+        #expect(delegate.events.withLock { $0 } == ["id 0000000e", "closed 0000000e"])
+    }
+
     @Test func idReadTimesOut() throws {
         let delegate = RecordingClientDelegate()
         let channel = try self.makeChannel(delegate)

@@ -3,18 +3,16 @@
 /// The pool starts at the minimum capacity and refills as soon as a connection is taken. When a take leaves
 /// a quarter of the capacity or less idle, the capacity doubles (up to the maximum). Once per adaptation
 /// period, a pool that served fewer than a fifth of its capacity shrinks by a quarter (down to the minimum).
+/// Shrinking never closes an idle connection (the server may be launching it at that very moment): the
+/// surplus is simply not replaced as it is used.
 public struct ClientPoolStateMachine: Sendable {
     /// What the caller must do after an event.
     public struct Adjustment: Hashable, Sendable {
         /// New pool connections to open.
         public var open: Int
-        /// Idle pool connections to close.
-        public var close: Int
-
         /// Makes an adjustment.
-        public init(open: Int = 0, close: Int = 0) {
+        public init(open: Int = 0) {
             self.open = open
-            self.close = close
         }
 
         /// Nothing to do.
@@ -84,12 +82,6 @@ public struct ClientPoolStateMachine: Sendable {
         defer { self.takenThisPeriod = 0 }
         if self.takenThisPeriod * 5 < self.capacity && self.capacity > self.minimum {
             self.capacity = max(self.minimum, self.capacity - max(1, self.capacity / 4))
-            let excess = self.idle + self.opening - self.capacity
-            if excess > 0 {
-                let closing = min(excess, self.idle)
-                self.idle -= closing
-                return Adjustment(close: closing)
-            }
             return .none
         }
         return self.refill()

@@ -32,6 +32,11 @@ public struct ServerPoolStateMachine<Connection, User> {
     /// The number of users waiting for a pool connection.
     public var waitingCount: Int { self.waiting.count }
 
+    /// True when a new pool connection would be closed at once: the idle pool is full and nobody waits.
+    public var isFull: Bool {
+        self.idle.count >= self.maximumIdle && self.waiting.isEmpty
+    }
+
     /// True when an idle connection already has this ID (draw another one).
     public func isInUse(_ id: PoolID) -> Bool {
         self.idle.contains { $0.id == id }

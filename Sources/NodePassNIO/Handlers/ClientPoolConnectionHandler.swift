@@ -111,9 +111,9 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
         switch self.state {
         case .awaitingID:
             context.close(promise: nil)
-        case .idle(let id):
-            self.inputEnded = true
-            self.claim(context: context, id: id)
+        case .idle:
+            // The server closed an idle connection (full pool, restart): it is lost, not used.
+            context.close(promise: nil)
         case .claimed:
             self.inputEnded = true
         case .handedOff:

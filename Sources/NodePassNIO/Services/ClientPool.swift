@@ -19,8 +19,6 @@ final class ClientPool: Sendable {
         var lastDialFailureLog = NIODeadline.distantPast
     }
 
-    /// How long a launch for an ID not yet read from its pool connection waits for it.
-    static let launchGrace = TimeAmount.seconds(2)
     /// Period of the capacity adaptation.
     static let adaptationPeriod = TimeAmount.seconds(1)
 
@@ -104,19 +102,12 @@ final class ClientPool: Sendable {
     }
 
     private func periodElapsed(generation: UInt64) {
-        let (adjustment, closing) = self.state.withLock { state -> (ClientPoolStateMachine.Adjustment, [any Channel]) in
-            guard state.generation == generation else { return (.none, []) }
-            let adjustment = state.machine.periodElapsed()
-            self.publish(state.machine)
-            var closing: [any Channel] = []
-            for (id, channel) in state.connections where closing.count < adjustment.close && !state.claimed.contains(id) {
-                closing.append(channel)
-                state.connections[id] = nil
-            }
-            return (adjustment, closing)
+        let adjustment = self.state.withLock { state -> ClientPoolStateMachine.Adjustment in
+            guard state.generation == generation else { return .none }
+            defer { self.publish(state.machine) }
+            return state.machine.periodElapsed()
         }
-        for channel in closing { channel.close(promise: nil) }
-        self.apply(ClientPoolStateMachine.Adjustment(open: adjustment.open), generation: generation)
+        self.apply(adjustment, generation: generation)
     }
 
     private func apply(_ adjustment: ClientPoolStateMachine.Adjustment, generation: UInt64) {
@@ -134,7 +125,7 @@ final class ClientPool: Sendable {
                             ClientPoolConnectionHandler(
                                 delegate: delegate,
                                 idReadTimeout: configuration.idReadTimeout,
-                                claimTimeout: configuration.poolWaitTimeout
+                                claimTimeout: configuration.poolWaitTimeout + configuration.dialTimeout
                             ),
                             GlueHandler(bytes: metrics.bytesUpstream),
                         ])
@@ -163,7 +154,11 @@ final class ClientPool: Sendable {
 
     fileprivate func established(_ channel: any Channel, id: PoolID, generation: UInt64) {
         let launchNow = self.state.withLock { state -> Bool? in
-            guard state.generation == generation, state.connections[id] == nil else { return nil }
+            guard state.generation == generation else { return nil }
+            guard state.connections[id] == nil else {
+                state.machine.connectionFailed()
+                return nil
+            }
             state.machine.connectionEstablished()
             self.publish(state.machine)
             state.connections[id] = channel
@@ -226,7 +221,9 @@ final class ClientPool: Sendable {
             self.logger.warning("launch for an unknown pool connection ignored", metadata: ["np.pool.id": "\(id)"])
         case .awaitID(let generation):
             // The ID may still be in flight on its pool connection: give it a moment.
-            self.group.next().scheduleTask(in: Self.launchGrace) {
+            // Every pool connection reads its ID within idReadTimeout of connecting (or is closed), and the
+            // server can only launch it after it connected: that bound is long enough.
+            self.group.next().scheduleTask(in: self.configuration.idReadTimeout) {
                 let expired = self.state.withLock { state in
                     state.generation == generation && state.awaitedLaunches.remove(id) != nil
                 }

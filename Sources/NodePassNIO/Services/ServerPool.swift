@@ -84,6 +84,10 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
                 self.logger.debug("pool connection refused: no client", metadata: ["np.peer": "\(peerIP ?? "?")"])
                 return nil
             }
+            guard !state.machine.isFull else {
+                self.logger.debug("pool connection refused: pool full", metadata: ["np.peer": "\(peerIP ?? "?")"])
+                return nil
+            }
             guard peerIP != nil, peerIP == state.controlPeerIP else {
                 self.logger.warning(
                     "pool connection refused: not from the client's address",
@@ -128,17 +132,22 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
         }
         if case .wait = action {
             self.logger.debug("user waits for a pool connection", metadata: ["np.peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")"])
-            channel.eventLoop.scheduleTask(in: self.configuration.poolWaitTimeout) {
-                guard let user = self.state.withLock({ $0.machine.userLeft(ticket: ticket) }) else { return }
-                self.metrics.failed(.poolWait)
-                self.logger.warning(
-                    "no pool connection in time; user connection closed",
-                    metadata: ["np.wait": "\(DurationParser.format(self.configuration.poolWaitTimeout))"]
-                )
-                user.channel.close(promise: nil)
-            }
+            self.scheduleWaitTimeout(ticket: ticket, on: channel.eventLoop)
         }
         self.perform(action)
+    }
+
+    /// Closes the user with this ticket if it is still waiting when the pool-wait timeout ends.
+    private func scheduleWaitTimeout(ticket: UInt64, on loop: any EventLoop) {
+        loop.scheduleTask(in: self.configuration.poolWaitTimeout) {
+            guard let user = self.state.withLock({ $0.machine.userLeft(ticket: ticket) }) else { return }
+            self.metrics.failed(.poolWait)
+            self.logger.warning(
+                "no pool connection in time; user connection closed",
+                metadata: ["np.wait": "\(DurationParser.format(self.configuration.poolWaitTimeout))"]
+            )
+            user.channel.close(promise: nil)
+        }
     }
 
     private func perform(_ action: ServerPoolStateMachine<any Channel, WaitingUser>.Action) {
@@ -166,6 +175,9 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
                 // The pool connection died meanwhile: the user takes the next one, first in line.
                 let action = self.state.withLock {
                     $0.machine.userArrived(ticket: user.ticket, user: user, retry: true)
+                }
+                if case .wait = action {
+                    self.scheduleWaitTimeout(ticket: user.ticket, on: user.channel.eventLoop)
                 }
                 self.perform(action)
                 return

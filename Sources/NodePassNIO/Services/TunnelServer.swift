@@ -65,23 +65,26 @@ public final class TunnelServer: Service, Sendable {
             what: "pool port at"
         )
         let poolPort = poolListener.localAddress?.port ?? 0
-        let listeners: [any Channel]
+        var listeners: [any Channel] = [poolListener]
         do {
-            let control = try await Listener.bind(
-                self.controlBootstrap(tls: tls, poolPort: poolPort),
-                host: self.url.tunnel.host,
-                port: self.url.tunnel.port,
-                what: "tunnel address"
+            listeners.append(
+                try await Listener.bind(
+                    self.controlBootstrap(tls: tls, poolPort: poolPort),
+                    host: self.url.tunnel.host,
+                    port: self.url.tunnel.port,
+                    what: "tunnel address"
+                )
             )
-            let target = try await Listener.bind(
-                self.userBootstrap(),
-                host: self.url.target.host,
-                port: self.url.target.port,
-                what: "target address"
+            listeners.append(
+                try await Listener.bind(
+                    self.userBootstrap(),
+                    host: self.url.target.host,
+                    port: self.url.target.port,
+                    what: "target address"
+                )
             )
-            listeners = [poolListener, control, target]
         } catch {
-            try? await poolListener.close()
+            for listener in listeners { try? await listener.close() }
             throw error
         }
         let ports = ServerPorts(
