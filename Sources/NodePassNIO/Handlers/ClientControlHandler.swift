@@ -18,6 +18,7 @@ final class ClientControlHandler: ChannelInboundHandler {
     private let connected: EventLoopPromise<Void>
     private var timer: Scheduled<Void>?
     private var heartbeatCheck: RepeatedTask?
+    private var serverIP: String?
     private let started = NIODeadline.now()
     private let handshakeDuration: Timer
 
@@ -50,6 +51,7 @@ final class ClientControlHandler: ChannelInboundHandler {
             self.timer?.cancel()
             self.timer = nil
             self.machine.connected(now: .now())
+            self.serverIP = context.channel.remoteAddress?.ipAddress
             TunnelMetrics.record(self.handshakeDuration, since: self.started)
             self.connected.succeed()
             let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
@@ -96,10 +98,10 @@ final class ClientControlHandler: ChannelInboundHandler {
             break
         case .startPool(let port):
             self.logger.info("connected to the server; pool port announced", metadata: ["np.pool.port": "\(port)"])
-            self.pool.start(port: port)
+            self.pool.start(port: port, host: self.serverIP)
         case .restartPool(let port):
             self.logger.info("server announced a new pool port", metadata: ["np.pool.port": "\(port)"])
-            self.pool.start(port: port)
+            self.pool.start(port: port, host: self.serverIP)
         case .launch(let id):
             self.logger.debug("launch received", metadata: ["np.pool.id": "\(id)"])
             self.pool.launch(id)

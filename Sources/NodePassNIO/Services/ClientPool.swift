@@ -12,6 +12,7 @@ final class ClientPool: Sendable {
         var machine: ClientPoolStateMachine
         var generation: UInt64 = 0
         var poolPort: Int?
+        var poolHost: String?
         var connections: [PoolID: any Channel] = [:]
         var claimed: Set<PoolID> = []
         var awaitedLaunches: Set<PoolID> = []
@@ -62,13 +63,16 @@ final class ClientPool: Sendable {
     /// Idle pool connections (with an ID, not yet used by the server).
     var idleCount: Int { self.state.withLock { $0.machine.idle } }
 
-    /// The server named its pool port: (re)start the pool towards it.
-    func start(port: Int) {
+    /// The server named its pool port: (re)start the pool towards it, at `host` (the address the control
+    /// channel reached, so that pool connections come from the same client address the server expects),
+    /// or at the tunnel's host name when that is unknown.
+    func start(port: Int, host: String?) {
         self.stop()
         let loop = self.group.next()
         let (generation, adjustment) = self.state.withLock { state in
             state.generation &+= 1
             state.poolPort = port
+            state.poolHost = host
             state.machine.reset()
             let generation = state.generation
             state.ticker = loop.scheduleRepeatedTask(
@@ -111,7 +115,9 @@ final class ClientPool: Sendable {
     }
 
     private func apply(_ adjustment: ClientPoolStateMachine.Adjustment, generation: UInt64) {
-        guard adjustment.open > 0, let port = self.state.withLock({ $0.poolPort }) else { return }
+        let (poolPort, poolHost) = self.state.withLock { ($0.poolPort, $0.poolHost) }
+        guard adjustment.open > 0, let port = poolPort else { return }
+        let host = poolHost ?? self.url.tunnel.dialHost
         let delegate = GenerationDelegate(pool: self, generation: generation)
         for _ in 0..<adjustment.open {
             let bootstrap = ClientBootstrap(group: self.group)
@@ -131,7 +137,7 @@ final class ClientPool: Sendable {
                         ])
                     }
                 }
-            bootstrap.connect(host: self.url.tunnel.dialHost, port: port).whenFailure { error in
+            bootstrap.connect(host: host, port: port).whenFailure { error in
                 self.dialFailed(generation: generation, error: error)
             }
         }

@@ -44,7 +44,7 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
         let (previous, stale, isReconnect) = self.state.withLock { state in
             let previous = state.control
             state.control = channel
-            state.controlPeerIP = channel.remoteAddress?.ipAddress
+            state.controlPeerIP = Self.normalizedIP(channel.remoteAddress)
             state.controlsSeen += 1
             let stale = previous == nil ? [] : state.machine.controlLost()
             self.metrics.poolIdle.set(state.machine.idleCount)
@@ -75,10 +75,20 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
         for connection in stale { connection.close(promise: nil) }
     }
 
+    /// The peer's IP address as text, with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) written as IPv4.
+    static func normalizedIP(_ address: SocketAddress?) -> String? {
+        guard let ip = address?.ipAddress else { return nil }
+        let mappedPrefix = "::ffff:"
+        if ip.lowercased().hasPrefix(mappedPrefix), ip.contains(".") {
+            return String(ip.dropFirst(mappedPrefix.count))
+        }
+        return ip
+    }
+
     // MARK: pool connections (ServerPoolConnectionDelegate)
 
     func poolConnectionAccepted(_ channel: any Channel) -> PoolID? {
-        let peerIP = channel.remoteAddress?.ipAddress
+        let peerIP = Self.normalizedIP(channel.remoteAddress)
         return self.state.withLock { state -> PoolID? in
             guard state.control != nil else {
                 self.logger.debug("pool connection refused: no client", metadata: ["np.peer": "\(peerIP ?? "?")"])
