@@ -88,3 +88,19 @@ def test_ipv6_loopback_round_trip(procs, nodepass_bin):
     tunnel.start()
     for _ in range(3):
         assert echo_probe("::1", tunnel.target_port, timeout=10), "IPv6 echo round trip returned other bytes"
+
+
+@pytest.mark.ours_only
+def test_empty_hosts_listen_everywhere_and_dial_this_machine(procs, nodepass_bin, echo_service):
+    """`server://:T/:U` listens on every interface; `client://:T/:S` dials this machine."""
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port)
+    tunnel.server = procs.start("server", [nodepass_bin, f"server://:{tunnel.tunnel_port}/:{tunnel.target_port}"],
+                                env=tunnel.server_env)
+    tunnel.wait_server_listening(20)
+    tunnel.client = procs.start("client", [nodepass_bin, f"client://:{tunnel.tunnel_port}/:{echo_service.port}"],
+                                env=tunnel.client_env)
+    tunnel.wait_client_connected(20)
+    tunnel.wait_ready(20)
+    for host in ("127.0.0.1", "::1") if ipv6_loopback_available() else ("127.0.0.1",):
+        assert echo_probe(host, tunnel.target_port, timeout=10), host
+    assert "np.protocols=v1" in tunnel.server.output()

@@ -53,7 +53,7 @@ public final class TunnelClient: Service, Sendable {
         let tls = try TLSClientContext.makeUnverified()
         self.logger.info(
             "client started",
-            metadata: ["np.url": "\(self.url.redacted)", "np.version": "\(NodePassVersion.current)"]
+            metadata: ["np.url": "\(self.url.redacted)", "np.version": "\(NodePassVersion.current)", "np.protocols": "\(NodePassVersion.protocols)"]
         )
         while !Task.isShuttingDownGracefully && !Task.isCancelled {
             do {

@@ -101,7 +101,7 @@ public final class TunnelServer: Service, Sendable {
             "server started",
             metadata: [
                 "np.url": "\(self.url.redacted)", "np.tunnel": "\(ports.tunnel)", "np.pool": "\(ports.pool)",
-                "np.target": "\(ports.target)", "np.version": "\(NodePassVersion.current)",
+                "np.target": "\(ports.target)", "np.version": "\(NodePassVersion.current)", "np.protocols": "\(NodePassVersion.protocols)",
             ]
         )
         self.onListening?(ports)
