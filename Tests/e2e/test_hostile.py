@@ -43,6 +43,26 @@ def test_idle_sockets_on_tunnel_port_do_not_block_the_client(procs, nodepass_bin
             s.close()
 
 
+def test_more_idle_sockets_than_the_handshake_bound_do_not_block_the_client(procs, nodepass_bin, echo_service):
+    """100 idle sockets exceed the bound of 64 handshakes in progress: the oldest pending ones are closed
+    to admit new connections, so the real client still gets in and carries traffic."""
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port)
+    tunnel.start_server()
+    idle = []
+    try:
+        for _ in range(100):
+            idle.append(connect(tunnel.host, tunnel.tunnel_port, timeout=5))
+        tunnel.start_client()
+        # Well within the 10 s TLS handshake timeout: the client must not wait for idle sockets to expire.
+        tunnel.wait_client_connected(6)
+        tunnel.wait_ready(20)
+        assert echo_probe(tunnel.host, tunnel.target_port, timeout=10)
+        assert tunnel.server.alive()
+    finally:
+        for s in idle:
+            s.close()
+
+
 # --------------------------------------------------------------------------- fake server
 
 

@@ -26,7 +26,7 @@ public final class TunnelServer: Service, Sendable {
     private let onListening: (@Sendable (ServerPorts) -> Void)?
     private let pool: ServerPool
     private let sessions: SessionTracker
-    private let pendingHandshakes: ConcurrencyGate
+    private let pendingHandshakes: PendingHandshakes
     private let lastLimitLog = Mutex<NIODeadline>(.distantPast)
     private let metrics: TunnelMetrics
 
@@ -47,7 +47,7 @@ public final class TunnelServer: Service, Sendable {
         self.onListening = onListening
         self.pool = ServerPool(configuration: configuration, metrics: metrics, logger: logger)
         self.sessions = SessionTracker(limit: configuration.semaphoreLimit)
-        self.pendingHandshakes = ConcurrencyGate(limit: configuration.maxPendingHandshakes)
+        self.pendingHandshakes = PendingHandshakes(limit: configuration.maxPendingHandshakes)
     }
 
     /// The number of live user sessions (relaying or waiting).
@@ -129,12 +129,12 @@ public final class TunnelServer: Service, Sendable {
         let configuration = self.configuration
         return self.baseBootstrap()
             .childChannelInitializer { [pool, logger, pendingHandshakes, metrics] channel in
-                guard pendingHandshakes.enter() else {
-                    logger.warning(
-                        "too many TLS handshakes in progress; connection refused",
-                        metadata: ["np.peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")"]
+                if let evicted = pendingHandshakes.admit(channel) {
+                    logger.debug(
+                        "too many TLS handshakes in progress; the oldest was closed",
+                        metadata: ["np.peer": "\(evicted.remoteAddress.map { "\($0)" } ?? "?")"]
                     )
-                    return channel.close()
+                    evicted.close(promise: nil)
                 }
                 SocketTuning.apply(to: channel)
                 SocketTuning.setUserTimeout(configuration.reportInterval * 3, on: channel)
@@ -146,7 +146,7 @@ public final class TunnelServer: Service, Sendable {
                         handshakeDuration: metrics.handshakeDuration,
                         logger: logger,
                         onHandshakeEnded: { succeeded, channel in
-                            pendingHandshakes.leave()
+                            pendingHandshakes.finish(channel)
                             if succeeded {
                                 logger.info(
                                     "client connected",
@@ -160,7 +160,7 @@ public final class TunnelServer: Service, Sendable {
                     try channel.pipeline.syncOperations.addHandlers([NIOSSLServerHandler(context: tls), control])
                     return channel.eventLoop.makeSucceededVoidFuture()
                 } catch {
-                    pendingHandshakes.leave()
+                    pendingHandshakes.finish(channel)
                     return channel.eventLoop.makeFailedFuture(error)
                 }
             }
