@@ -11,6 +11,8 @@ command -v curl >/dev/null || need_packages+=(curl)
 command -v redis-server >/dev/null || need_packages+=(redis-server)
 command -v redis-cli >/dev/null || need_packages+=(redis-tools)
 command -v openssl >/dev/null || need_packages+=(openssl)
+command -v socat >/dev/null || need_packages+=(socat)
+command -v gcc >/dev/null || need_packages+=(gcc)
 command -v python3 >/dev/null || need_packages+=(python3 python3-pip)
 if [ ${#need_packages[@]} -gt 0 ]; then
     say "installing Debian packages: ${need_packages[*]}"
@@ -31,4 +33,7 @@ say "unit and loopback tests"
 swift test -Xswiftc -warnings-as-errors
 say "end-to-end tests"
 NODEPASS_BIN="$PWD/.build/debug/nodepass" python3 -m pytest -q --timeout 300 Tests/e2e
+say "benchmark smoke run (no thresholds)"
+python3 bench/bench.py --quick --rows direct,socat-chain,nodepass-swift --nodepass "$PWD/.build/debug/nodepass" \
+    --out-md "${TMPDIR:-/tmp}/nodepass-bench-smoke.md"
 say "all tests passed"
