@@ -29,6 +29,9 @@ public final class TunnelServer: Service, Sendable {
     private let pendingHandshakes: PendingHandshakes
     private let lastLimitLog = Mutex<NIODeadline>(.distantPast)
     private let metrics: TunnelMetrics
+    /// The event loop of every pool and user connection: both halves of a relay on one thread, so that
+    /// relaying a buffer is a direct call instead of a task handed to another thread.
+    private let dataLoop: any EventLoop
 
     /// Makes a server for `url` (role server); `onListening` is told the bound ports.
     public init(
@@ -40,6 +43,7 @@ public final class TunnelServer: Service, Sendable {
         onListening: (@Sendable (ServerPorts) -> Void)? = nil
     ) {
         self.metrics = metrics
+        self.dataLoop = group.next()
         self.url = url
         self.configuration = configuration
         self.group = group
@@ -118,8 +122,8 @@ public final class TunnelServer: Service, Sendable {
         self.logger.info("server stopped")
     }
 
-    private func baseBootstrap() -> ServerBootstrap {
-        ServerBootstrap(group: self.group)
+    private func baseBootstrap(on group: (any EventLoopGroup)? = nil) -> ServerBootstrap {
+        ServerBootstrap(group: group ?? self.group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(.backlog, value: 1024)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
@@ -167,7 +171,7 @@ public final class TunnelServer: Service, Sendable {
     }
 
     private func poolBootstrap() -> ServerBootstrap {
-        self.baseBootstrap()
+        self.baseBootstrap(on: self.dataLoop)
             .childChannelOption(.autoRead, value: false)
             .childChannelInitializer { [pool, metrics] channel in
                 SocketTuning.apply(to: channel)
@@ -180,7 +184,7 @@ public final class TunnelServer: Service, Sendable {
     }
 
     private func userBootstrap() -> ServerBootstrap {
-        self.baseBootstrap()
+        self.baseBootstrap(on: self.dataLoop)
             .childChannelOption(.autoRead, value: false)
             .childChannelInitializer { [pool, sessions, metrics] channel in
                 SocketTuning.apply(to: channel)
