@@ -21,6 +21,11 @@ python3 -m http.server 18080 --bind 127.0.0.1 --directory "$work" >"$work/web.lo
 pids+=($!)
 "$bin" "server://127.0.0.1:10101/127.0.0.1:18081" &
 pids+=($!)
+# Start the client once the server listens (at most 10 s), so that its first attempt succeeds.
+for _ in $(seq 1 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/10101) 2>/dev/null && break
+    sleep 0.1
+done
 "$bin" "client://127.0.0.1:10101/127.0.0.1:18080" &
 pids+=($!)
 
