@@ -44,7 +44,8 @@ struct NodePassCommand: AsyncParsableCommand {
               MIN_POOL_CAPACITY  16    idle pool connections kept at least
               MAX_POOL_CAPACITY  1024  idle pool connections at most
               REPORT_INTERVAL    5s    heartbeat period (3 missed = gone)
-              SERVICE_COOLDOWN   5s    pause before reconnecting
+              SERVICE_COOLDOWN   5s    first pause before reconnecting (then
+                                       doubling with jitter, up to 1m)
               SHUTDOWN_TIMEOUT   5s    grace for live connections on exit
 
             SECURITY:

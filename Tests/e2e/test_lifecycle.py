@@ -86,3 +86,15 @@ def test_user_before_client_is_closed_and_server_survives(procs, nodepass_bin, e
     tunnel.wait_client_connected(20)
     tunnel.wait_ready(20)
     assert echo_probe(tunnel.host, tunnel.target_port, timeout=10)
+
+
+@pytest.mark.ours_only
+def test_client_started_before_the_server_connects_once_it_exists(procs, nodepass_bin, echo_service):
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port)
+    tunnel.start_client()
+    wait_for(lambda: "cannot connect to the server" in tunnel.client.output(), 10, "client's first failed attempt")
+    tunnel.start_server()
+    # The next attempt comes after SERVICE_COOLDOWN (500 ms here); allow a few more for slow machines.
+    tunnel.wait_client_connected(10)
+    tunnel.wait_ready(10)
+    assert "np.retry=500ms" in tunnel.client.output()

@@ -55,21 +55,27 @@ public final class TunnelClient: Service, Sendable {
             "client started",
             metadata: ["np.url": "\(self.url.redacted)", "np.version": "\(NodePassVersion.current)", "np.protocols": "\(NodePassVersion.protocols)"]
         )
+        var backoff = Backoff(
+            base: self.configuration.serviceCooldown,
+            healthyAfter: self.configuration.reportInterval * 3
+        )
         while !Task.isShuttingDownGracefully && !Task.isCancelled {
+            let started = NIODeadline.now()
+            var failure: (message: Logger.Message, error: (any Error)?) = ("control channel lost; reconnecting", nil)
             do {
                 try await self.runControlChannel(tls: tls)
-                if Task.isShuttingDownGracefully { break }
-                self.logger.error("control channel lost; reconnecting after cooldown", metadata: self.cooldownMetadata)
             } catch {
-                self.logger.error(
-                    "cannot connect to the server; retrying after cooldown",
-                    metadata: self.cooldownMetadata.merging(["np.error": "\(error)"]) { $1 }
-                )
+                failure = ("cannot connect to the server; retrying", error)
             }
             self.pool.stop()
             if Task.isShuttingDownGracefully { break }
+            backoff.sessionEnded(uptime: .now() - started)
+            let delay = backoff.nextDelay(jitter: Double.random(in: 0..<1))
+            var metadata: Logger.Metadata = ["np.retry": "\(DurationParser.format(.milliseconds(delay.nanoseconds / 1_000_000)))"]
+            if let error = failure.error { metadata["np.error"] = "\(error)" }
+            self.logger.error(failure.message, metadata: metadata)
             try? await cancelWhenGracefulShutdown {
-                try await Task.sleep(nanoseconds: UInt64(self.configuration.serviceCooldown.nanoseconds))
+                try await Task.sleep(nanoseconds: UInt64(delay.nanoseconds))
             }
         }
         self.pool.stop()
@@ -81,9 +87,6 @@ public final class TunnelClient: Service, Sendable {
         self.logger.info("client stopped")
     }
 
-    private var cooldownMetadata: Logger.Metadata {
-        ["np.cooldown": "\(DurationParser.format(self.configuration.serviceCooldown))"]
-    }
 
     private func runControlChannel(tls: NIOSSLContext) async throws {
         let loop = self.group.next()
