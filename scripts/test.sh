@@ -31,6 +31,8 @@ say "building"
 swift build -Xswiftc -warnings-as-errors
 say "unit and loopback tests"
 swift test -Xswiftc -warnings-as-errors
+say "unit and loopback tests under ThreadSanitizer"
+swift test --sanitize=thread --scratch-path .build-tsan
 say "end-to-end tests"
 NODEPASS_BIN="$PWD/.build/debug/nodepass" python3 -m pytest -q --timeout 300 Tests/e2e
 say "benchmark smoke run (no thresholds)"
