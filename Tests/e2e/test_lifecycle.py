@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -98,3 +99,83 @@ def test_client_started_before_the_server_connects_once_it_exists(procs, nodepas
     tunnel.wait_client_connected(10)
     tunnel.wait_ready(10)
     assert "np.retry=500ms" in tunnel.client.output()
+
+
+class _SwitchableRelay:
+    """A TCP relay for the control channel that can start swallowing every byte while keeping both
+    sockets open (a half-open path): connections accepted afterwards are relayed normally again."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.dropping: set = set()
+        self.sockets: list = []
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            upstream.settimeout(None)
+            pair = (downstream, upstream)
+            with self.lock:
+                self.sockets.extend(pair)
+            for a, b in (pair, pair[::-1]):
+                threading.Thread(target=self._pump, args=(a, b, pair), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, pair) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            with self.lock:
+                drop = id(pair[0]) in self.dropping
+            if not drop:
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    return
+
+    def go_silent(self) -> None:
+        """Every connection open now keeps its sockets but forwards nothing more, in both directions."""
+        with self.lock:
+            self.dropping.update(id(s) for s in self.sockets[0::2])
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+        with self.lock:
+            for s in self.sockets:
+                s.close()
+
+
+@pytest.mark.ours_only
+def test_client_detects_a_silent_control_channel_and_recovers(procs, nodepass_bin, echo_service):
+    """A half-open control path (both sockets open, no byte gets through) is noticed by the client within
+    3 x REPORT_INTERVAL (1 s here) plus one check period, and the client reconnects and carries traffic."""
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port)
+    tunnel.start_server()
+    relay = _SwitchableRelay(tunnel.tunnel_port)
+    try:
+        client_url = (f"client://127.0.0.1:{relay.port}/127.0.0.1:{echo_service.port}?log=debug")
+        tunnel.client = procs.start("client", [nodepass_bin, client_url], env=tunnel.client_env)
+        wait_for(lambda: "pool port announced" in tunnel.client.output(), 10, "client connected through the relay")
+        tunnel.wait_ready(10)
+        relay.go_silent()
+        silenced = time.monotonic()
+        wait_for(lambda: "no heartbeat from the server" in tunnel.client.output(), 10, "client noticing the silence")
+        noticed = time.monotonic() - silenced
+        assert noticed <= 3 * 1.0 + 1.0 + 1.0, f"noticed after {noticed:.1f}s"
+        wait_for(lambda: tunnel.client.output().count("pool port announced") >= 2, 10, "client reconnected")
+        tunnel.wait_ready(10)
+    finally:
+        relay.close()
