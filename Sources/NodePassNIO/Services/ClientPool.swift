@@ -55,9 +55,15 @@ final class ClientPool: Sendable {
         )
     }
 
-    private func publish(_ machine: ClientPoolStateMachine) {
-        self.metrics.poolIdle.set(machine.idle)
-        self.metrics.poolCapacity.set(machine.capacity)
+    /// Changes the state under the lock, then publishes the pool's size, so that no change is missed.
+    private func updating<Result>(_ body: (inout State) -> sending Result) -> sending Result {
+        self.state.withLock { state in
+            defer {
+                self.metrics.poolIdle.set(state.machine.idle)
+                self.metrics.poolCapacity.set(state.machine.capacity)
+            }
+            return body(&state)
+        }
     }
 
     /// Idle pool connections (with an ID, not yet used by the server).
@@ -69,7 +75,7 @@ final class ClientPool: Sendable {
     func start(port: Int, host: String?) {
         self.stop()
         let loop = self.group.next()
-        let (generation, adjustment) = self.state.withLock { state in
+        let (generation, adjustment) = self.updating { state in
             state.generation &+= 1
             state.poolPort = port
             state.poolHost = host
@@ -81,7 +87,6 @@ final class ClientPool: Sendable {
             ) { [weak self] _ in
                 self?.periodElapsed(generation: generation)
             }
-            defer { self.publish(state.machine) }
             return (generation, state.machine.started())
         }
         self.logger.debug("pool started", metadata: ["np.pool.port": "\(port)", "np.pool.open": "\(adjustment.open)"])
@@ -90,13 +95,12 @@ final class ClientPool: Sendable {
 
     /// The control channel is gone: close the idle pool (relayed sessions go on).
     func stop() {
-        let idle = self.state.withLock { state -> [any Channel] in
+        let idle = self.updating { state -> [any Channel] in
             state.generation &+= 1
             state.poolPort = nil
             state.ticker?.cancel()
             state.ticker = nil
             state.machine.reset()
-            self.publish(state.machine)
             state.claimed.removeAll()
             state.awaitedLaunches.removeAll()
             defer { state.connections.removeAll() }
@@ -106,9 +110,8 @@ final class ClientPool: Sendable {
     }
 
     private func periodElapsed(generation: UInt64) {
-        let adjustment = self.state.withLock { state -> ClientPoolStateMachine.Adjustment in
+        let adjustment = self.updating { state -> ClientPoolStateMachine.Adjustment in
             guard state.generation == generation else { return .none }
-            defer { self.publish(state.machine) }
             return state.machine.periodElapsed()
         }
         self.apply(adjustment, generation: generation)
@@ -145,10 +148,9 @@ final class ClientPool: Sendable {
 
     private func dialFailed(generation: UInt64, error: any Error) {
         let now = NIODeadline.now()
-        let shouldLog = self.state.withLock { state -> Bool in
+        let shouldLog = self.updating { state -> Bool in
             guard state.generation == generation else { return false }
             state.machine.connectionFailed()
-            self.publish(state.machine)
             guard now - state.lastDialFailureLog > .seconds(1) else { return false }
             state.lastDialFailureLog = now
             return true
@@ -159,14 +161,13 @@ final class ClientPool: Sendable {
     }
 
     fileprivate func established(_ channel: any Channel, id: PoolID, generation: UInt64) {
-        let launchNow = self.state.withLock { state -> Bool? in
+        let launchNow = self.updating { state -> Bool? in
             guard state.generation == generation else { return nil }
             guard state.connections[id] == nil else {
                 state.machine.connectionFailed()
                 return nil
             }
             state.machine.connectionEstablished()
-            self.publish(state.machine)
             state.connections[id] = channel
             return state.awaitedLaunches.remove(id) != nil
         }
@@ -178,17 +179,16 @@ final class ClientPool: Sendable {
     }
 
     fileprivate func claimed(id: PoolID, generation: UInt64) {
-        let adjustment = self.state.withLock { state -> ClientPoolStateMachine.Adjustment in
+        let adjustment = self.updating { state -> ClientPoolStateMachine.Adjustment in
             guard state.generation == generation, state.connections[id] != nil else { return .none }
             state.claimed.insert(id)
-            defer { self.publish(state.machine) }
             return state.machine.connectionTaken()
         }
         self.apply(adjustment, generation: generation)
     }
 
     fileprivate func closed(_ channel: any Channel, id: PoolID?, generation: UInt64) {
-        let adjustment = self.state.withLock { state -> ClientPoolStateMachine.Adjustment in
+        let adjustment = self.updating { state -> ClientPoolStateMachine.Adjustment in
             guard state.generation == generation else { return .none }
             guard let id else {
                 state.machine.connectionFailed()
@@ -197,7 +197,6 @@ final class ClientPool: Sendable {
             guard let known = state.connections[id], known === channel else { return .none }
             state.connections[id] = nil
             if state.claimed.remove(id) != nil { return .none }
-            defer { self.publish(state.machine) }
             return state.machine.connectionLost()
         }
         self.apply(adjustment, generation: generation)
@@ -210,10 +209,9 @@ final class ClientPool: Sendable {
             case awaitID(UInt64)
             case unknown
         }
-        let outcome = self.state.withLock { state -> Outcome in
+        let outcome = self.updating { state -> Outcome in
             if let channel = state.connections.removeValue(forKey: id) {
                 let adjustment = state.claimed.remove(id) != nil ? .none : state.machine.connectionTaken()
-                self.publish(state.machine)
                 return .relay(channel, adjustment, state.generation)
             }
             guard state.poolPort != nil, state.awaitedLaunches.count < self.configuration.maxPoolCapacity else {

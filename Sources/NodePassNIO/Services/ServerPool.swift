@@ -37,17 +37,24 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
 
     var idleCount: Int { self.state.withLock { $0.machine.idleCount } }
 
+    /// Changes the state under the lock, then publishes the idle pool size, so that no change is missed.
+    private func updating<Result>(_ body: (inout State) -> sending Result) -> sending Result {
+        self.state.withLock { state in
+            defer { self.metrics.poolIdle.set(state.machine.idleCount) }
+            return body(&state)
+        }
+    }
+
     // MARK: control channel
 
     /// A client finished its TLS handshake: it becomes the client; a previous one is closed.
     func controlConnected(_ channel: any Channel) {
-        let (previous, stale, isReconnect) = self.state.withLock { state in
+        let (previous, stale, isReconnect) = self.updating { state in
             let previous = state.control
             state.control = channel
             state.controlPeerIP = Self.normalizedIP(channel.remoteAddress)
             state.controlsSeen += 1
             let stale = previous == nil ? [] : state.machine.controlLost()
-            self.metrics.poolIdle.set(state.machine.idleCount)
             return (previous, stale, state.controlsSeen > 1)
         }
         if isReconnect { self.metrics.reconnects.increment() }
@@ -63,11 +70,10 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
 
     /// A control channel closed; if it was the current one, its idle pool goes with it.
     func controlClosed(_ channel: any Channel) {
-        let stale = self.state.withLock { state -> [any Channel]? in
+        let stale = self.updating { state -> [any Channel]? in
             guard let current = state.control, current === channel else { return nil }
             state.control = nil
             state.controlPeerIP = nil
-            defer { self.metrics.poolIdle.set(state.machine.idleCount) }
             return state.machine.controlLost()
         }
         guard let stale else { return }
@@ -114,17 +120,12 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
     }
 
     func poolConnectionReady(_ channel: any Channel, id: PoolID) {
-        let action = self.state.withLock { state in
-            defer { self.metrics.poolIdle.set(state.machine.idleCount) }
-            return state.machine.poolConnectionReady(id: id, connection: channel)
-        }
+        let action = self.updating { $0.machine.poolConnectionReady(id: id, connection: channel) }
         self.perform(action)
     }
 
     func poolConnectionClosed(id: PoolID, protocolViolation: Bool) {
-        self.state.withLock { state in
-            if state.machine.poolConnectionClosed(id: id) { self.metrics.poolIdle.set(state.machine.idleCount) }
-        }
+        self.updating { _ = $0.machine.poolConnectionClosed(id: id) }
         if protocolViolation {
             self.logger.warning("idle pool connection sent bytes before its launch; closed", metadata: ["np.pool.id": "\(id)"])
         }
@@ -134,10 +135,9 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
 
     /// A user connected to the target port: relay it now, or let it wait for a pool connection.
     func userArrived(_ channel: any Channel) {
-        let (ticket, action) = self.state.withLock { state -> (UInt64, ServerPoolStateMachine<any Channel, WaitingUser>.Action) in
+        let (ticket, action) = self.updating { state -> (UInt64, ServerPoolStateMachine<any Channel, WaitingUser>.Action) in
             state.nextTicket += 1
             let user = WaitingUser(ticket: state.nextTicket, channel: channel, arrived: .now())
-            defer { self.metrics.poolIdle.set(state.machine.idleCount) }
             return (state.nextTicket, state.machine.userArrived(ticket: user.ticket, user: user))
         }
         if case .wait = action {
@@ -150,7 +150,7 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
     /// Closes the user with this ticket if it is still waiting when the pool-wait timeout ends.
     private func scheduleWaitTimeout(ticket: UInt64, on loop: any EventLoop) {
         loop.scheduleTask(in: self.configuration.poolWaitTimeout) {
-            guard let user = self.state.withLock({ $0.machine.userLeft(ticket: ticket) }) else { return }
+            guard let user = self.updating({ $0.machine.userLeft(ticket: ticket) }) else { return }
             self.metrics.failed(.poolWait)
             self.logger.warning(
                 "no pool connection in time; user connection closed",
@@ -183,7 +183,7 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
             }
             guard handedOff else {
                 // The pool connection died meanwhile: the user takes the next one, first in line.
-                let action = self.state.withLock {
+                let action = self.updating {
                     $0.machine.userArrived(ticket: user.ticket, user: user, retry: true)
                 }
                 if case .wait = action {
@@ -209,7 +209,7 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
 
     /// Shutting down: closes the control channel, the idle pool and the waiting users.
     func close() {
-        let (control, drained) = self.state.withLock { state in
+        let (control, drained) = self.updating { state in
             let control = state.control
             state.control = nil
             return (control, state.machine.drain())
