@@ -13,6 +13,7 @@ command -v redis-cli >/dev/null || need_packages+=(redis-tools)
 command -v openssl >/dev/null || need_packages+=(openssl)
 command -v socat >/dev/null || need_packages+=(socat)
 command -v gcc >/dev/null || need_packages+=(gcc)
+command -v tcpdump >/dev/null || need_packages+=(tcpdump)
 command -v python3 >/dev/null || need_packages+=(python3 python3-pip)
 if [ ${#need_packages[@]} -gt 0 ]; then
     say "installing Debian packages: ${need_packages[*]}"

@@ -14,6 +14,10 @@ public struct NodePassError: Error, Hashable, Sendable, CustomStringConvertible 
             case controlChannelLost
             case tls
             case bindFailed
+            case protocolViolation
+            case authenticationFailed
+            case versionMismatch
+            case fileUnreadable
         }
 
         private let base: Base
@@ -40,6 +44,14 @@ public struct NodePassError: Error, Hashable, Sendable, CustomStringConvertible 
         public static let tls = Code(.tls)
         /// A listening socket could not be opened.
         public static let bindFailed = Code(.bindFailed)
+        /// A v2 peer sent bytes that break the protocol (a bad frame, an unexpected message).
+        public static let protocolViolation = Code(.protocolViolation)
+        /// A v2 peer did not prove that it holds the key.
+        public static let authenticationFailed = Code(.authenticationFailed)
+        /// The peer speaks another protocol version (v1 against v2).
+        public static let versionMismatch = Code(.versionMismatch)
+        /// A file named in the URL (`crt=`, `key=`) cannot be read or used.
+        public static let fileUnreadable = Code(.fileUnreadable)
 
         /// A short name of the code.
         public var description: String {

@@ -31,13 +31,25 @@ struct NodePassCommand: AsyncParsableCommand {
             connect. The client connects to the server's TUNNEL and dials its
             own TARGET (the real service) for each user connection.
             A host is a name, an IPv4 address, [an IPv6 address] or empty
-            (all interfaces). A KEY selects protocol v2, not available yet.
+            (all interfaces).
+
+            KEY (the same on both sides) selects protocol v2: mutual
+            authentication bound to TLS, authenticated and encrypted data
+            connections, several clients per server. Without a key: protocol
+            v1, compatible with NodePass 1.0, not authenticated.
 
             QUERY PARAMETERS:
               log=LEVEL          debug, info (default), warn, error or fatal
               metrics=HOST:PORT  serve Prometheus metrics at http://HOST:PORT/metrics
                                  (off by default; unauthenticated: bind it to
                                  127.0.0.1 or a private address)
+            Server with a KEY only (the client follows the server):
+              tls=1              data connections in TLS with the in-memory
+                                 certificate, pinned by the client (default)
+              tls=2              TLS with crt=CERT.pem and key=KEY.pem
+              tls=0              plain data connections (authenticated only)
+              mode=0|1           0 (default) picks 1, reverse: users connect to
+                                 the server; 2 (forward) is not available yet
 
             ENVIRONMENT (integers; durations as 5s, 500ms, 1m):
               SEMAPHORE_LIMIT    1024  concurrent user / relayed connections
@@ -48,17 +60,14 @@ struct NodePassCommand: AsyncParsableCommand {
                                        doubling with jitter, up to 1m)
               SHUTDOWN_TIMEOUT   5s    grace for live connections on exit
 
-            SECURITY:
-              Protocol v1 (no KEY) has no authentication and sends data in
-              clear text: anyone who reaches the server's ports can act as
-              the client. Use it only on networks you trust.
-
-            EXAMPLES:
-              nodepass "server://:10101/127.0.0.1:8080"
-              nodepass "client://server.example.com:10101/127.0.0.1:80?log=debug"
+            EXAMPLES (make a key with: openssl rand -hex 16):
+              nodepass "server://KEY@:10101/127.0.0.1:8080"
+              nodepass "client://KEY@server.example.com:10101/127.0.0.1:80"
+              nodepass "server://:10101/127.0.0.1:8080"   (v1: trusted networks only)
 
             EXIT CODES: 0 clean shutdown, 64 bad URL, 78 bad environment
-            variable, 1 the tunnel cannot start (e.g. a port in use).
+            variable, 1 the tunnel cannot start (e.g. a port in use, an
+            unreadable crt= or key= file).
             """,
         version: "nodepass \(NodePassVersion.current), protocols: \(NodePassVersion.protocols)"
     )
@@ -68,11 +77,8 @@ struct NodePassCommand: AsyncParsableCommand {
 
     func validate() throws {
         do {
-            let parsed = try TunnelURL.parse(self.url)
-            if parsed.key != nil {
-                throw ValidationError("a KEY in the URL selects protocol v2, which this version does not speak yet")
-            }
-        } catch let error as NodePassError {
+            _ = try TunnelURL.parse(self.url)
+        } catch {
             throw ValidationError(error.message)
         }
     }

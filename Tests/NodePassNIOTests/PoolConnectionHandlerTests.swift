@@ -14,8 +14,15 @@ private final class RecordingServerDelegate: ServerPoolConnectionDelegate {
         self.id = id
     }
 
-    func poolConnectionAccepted(_ channel: any Channel) -> PoolID? { self.id }
-    func poolConnectionReady(_ channel: any Channel, id: PoolID) { self.events.withLock { $0.append("ready \(id)") } }
+    func poolConnectionAccepted(_ channel: any Channel, authentication: V2PoolAuthenticated?) -> PoolAdmission? {
+        guard let id = self.id else { return nil }
+        var opening = ByteBuffer()
+        id.write(to: &opening)
+        return PoolAdmission(id: id, opening: opening, owner: 1)
+    }
+    func poolConnectionReady(_ channel: any Channel, admission: PoolAdmission) {
+        self.events.withLock { $0.append("ready \(admission.id)") }
+    }
     func poolConnectionClosed(id: PoolID, protocolViolation: Bool) {
         self.events.withLock { $0.append("closed \(id) \(protocolViolation)") }
     }

@@ -385,6 +385,9 @@ class Tunnel:
         # Extra query parameters ("&name=value...") appended to each side's URL.
         self.server_query = ""
         self.client_query = ""
+        # The v2 key of each side (None: v1).
+        self.server_key: Optional[str] = None
+        self.client_key: Optional[str] = None
         base = dict(DEFAULT_ENV)
         base.update(env or {})
         self.server_env = dict(base, **(server_env or {}))
@@ -397,14 +400,22 @@ class Tunnel:
 
     # ---- URLs
 
+    def use_key(self, key: str) -> "Tunnel":
+        """Both sides speak v2 with this key."""
+        self.server_key = key
+        self.client_key = key
+        return self
+
     @property
     def server_url(self) -> str:
         h = url_host(self.host)
-        return f"server://{h}:{self.tunnel_port}/{h}:{self.target_port}?log={self.log}{self.server_query}"
+        key = f"{self.server_key}@" if self.server_key else ""
+        return f"server://{key}{h}:{self.tunnel_port}/{h}:{self.target_port}?log={self.log}{self.server_query}"
 
     @property
     def client_url(self) -> str:
-        return (f"client://{url_host(self.host)}:{self.tunnel_port}/"
+        key = f"{self.client_key}@" if self.client_key else ""
+        return (f"client://{key}{url_host(self.host)}:{self.tunnel_port}/"
                 f"{url_host(self.service_host)}:{self.service_port}?log={self.log}{self.client_query}")
 
     # ---- processes

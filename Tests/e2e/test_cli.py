@@ -79,3 +79,25 @@ def test_bad_environment_exits_78_naming_variable_and_value(nodepass_bin, env, n
     # of the two with its value.
     assert any(n in stderr and v in stderr for n, v in zip(names, values)), (
         f"stderr does not name the bad variable and value ({env}):\n{stderr[-1000:]}")
+
+
+@pytest.mark.parametrize("url", [
+    "server://@127.0.0.1:1/127.0.0.1:2",
+    "server://127.0.0.1:1/127.0.0.1:2?tls=1",
+    "client://k3y-s3cret-value@127.0.0.1:1/127.0.0.1:2?tls=1",
+    "server://k3y-s3cret-value@127.0.0.1:1/127.0.0.1:2?tls=7",
+    "server://k3y-s3cret-value@127.0.0.1:1/127.0.0.1:2?tls=2",
+    "k3y-s3cret-value@127.0.0.1:1/127.0.0.1:2",
+], ids=["empty-key", "tls-without-key", "tls-on-client", "tls-7", "tls-2-without-files", "no-scheme"])
+def test_bad_v2_urls_exit_64_without_echoing_the_key(nodepass_bin, url):
+    result = run(nodepass_bin, [url])
+    assert result.returncode == EX_USAGE, f"exit code {result.returncode} for {url!r}: {result.stderr[-1000:]}"
+    assert result.stderr.strip()
+    assert "k3y-s3cret-value" not in result.stdout + result.stderr
+    assert_no_crash(result.stdout + result.stderr)
+
+
+def test_help_documents_v2(nodepass_bin):
+    text = run(nodepass_bin, ["--help"]).stdout
+    missing = [word for word in ["KEY@", "tls=", "crt=", "mode=", "protocol v2"] if word not in text]
+    assert not missing, f"--help does not mention {missing}"

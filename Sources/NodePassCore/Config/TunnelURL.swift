@@ -23,6 +23,23 @@ public struct TunnelURL: Hashable, Sendable {
     public var logLevel: LogLevel
     /// The `metrics=HOST:PORT` query parameter: where to serve Prometheus metrics (off when nil).
     public var metrics: HostPort?
+    /// The `tls=` query parameter (server, v2): nil means the default, TLS with the in-memory certificate.
+    public var dataTLS: DataTLSMode?
+    /// The `crt=` query parameter (server, v2, `tls=2`): a PEM certificate chain file.
+    public var certificateFile: String?
+    /// The `key=` query parameter (server, v2, `tls=2`): a PEM private key file.
+    public var privateKeyFile: String?
+    /// The `mode=` query parameter (server, v2): which side has the users.
+    public var mode: TunnelMode = .auto
+
+    /// The protocol this URL selects: 2 with a key, 1 without.
+    public var protocolVersion: Int { self.key == nil ? 1 : 2 }
+
+    /// How v2 data connections are protected: `tls=` when given, else TLS with the in-memory certificate.
+    public var effectiveDataTLS: DataTLSMode {
+        guard self.key != nil else { return .plain }
+        return self.dataTLS ?? .inMemory
+    }
 
     /// Makes a URL value from its parts.
     public init(
@@ -53,7 +70,7 @@ public struct TunnelURL: Hashable, Sendable {
             throw NodePassError(.invalidURL, "URL contains spaces, control characters or non-ASCII characters")
         }
         guard let (schemePart, afterScheme) = splitScheme(text) else {
-            throw NodePassError(.invalidURL, "'\(text)' has no scheme: expected server://... or client://...")
+            throw NodePassError(.invalidURL, "the URL has no scheme: expected server://... or client://...")
         }
         let schemeText = schemePart.lowercased()
         guard let role = Role(rawValue: schemeText) else {
@@ -90,8 +107,13 @@ public struct TunnelURL: Hashable, Sendable {
         }
         let target = try HostPort.parse(targetText, what: "target address")
 
-        var logLevel = LogLevel.info
-        var metrics: HostPort?
+        var url = TunnelURL(role: role, key: key, tunnel: tunnel, target: target)
+        try url.applyQuery(query)
+        return url
+    }
+
+    private mutating func applyQuery(_ query: Substring) throws(NodePassError) {
+        var v2Only: [String] = []
         for item in query.split(separator: "&", omittingEmptySubsequences: true) {
             let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
             let name = parts[0]
@@ -105,20 +127,61 @@ public struct TunnelURL: Hashable, Sendable {
                             + LogLevel.allCases.map(\.rawValue).joined(separator: ", ")
                     )
                 }
-                logLevel = level
+                self.logLevel = level
             case "metrics":
-                metrics = try HostPort.parse(value, what: "metrics address")
+                self.metrics = try HostPort.parse(value, what: "metrics address")
+            case "tls":
+                guard value.count == 1, let number = UInt8(value), let tls = DataTLSMode(rawValue: number) else {
+                    throw NodePassError(.invalidURL, "tls='\(value.prefix(16))' is not 0 (plain), 1 (TLS, in-memory certificate) or 2 (TLS, crt= and key= files)")
+                }
+                self.dataTLS = tls
+                v2Only.append("tls")
+            case "mode":
+                guard value.count == 1, let number = UInt8(value), let mode = TunnelMode(rawValue: number) else {
+                    throw NodePassError(.invalidURL, "mode='\(value.prefix(16))' is not 0 (automatic), 1 (reverse) or 2 (forward)")
+                }
+                self.mode = mode
+                v2Only.append("mode")
+            case "crt", "key":
+                guard !value.isEmpty else {
+                    throw NodePassError(.invalidURL, "\(name)= needs a file path")
+                }
+                if name == "crt" { self.certificateFile = String(value) } else { self.privateKeyFile = String(value) }
+                v2Only.append(String(name))
             default:
-                throw NodePassError(.invalidURL, "unknown query parameter '\(name)' (known: log, metrics)")
+                throw NodePassError(.invalidURL, "unknown query parameter '\(name.prefix(32))' (known: log, metrics, tls, crt, key, mode)")
             }
         }
-        return TunnelURL(role: role, key: key, tunnel: tunnel, target: target, logLevel: logLevel, metrics: metrics)
+        try self.checkV2Options(v2Only)
+    }
+
+    private func checkV2Options(_ given: [String]) throws(NodePassError) {
+        guard let first = given.first else { return }
+        guard self.key != nil else {
+            throw NodePassError(.invalidURL, "\(first)= needs protocol v2: put a KEY in the URL (\(self.role.rawValue)://KEY@HOST:PORT/...)")
+        }
+        guard self.role == .server else {
+            throw NodePassError(.invalidURL, "\(first)= is set on the server; the client follows what the server announces")
+        }
+        let hasFiles = self.certificateFile != nil || self.privateKeyFile != nil
+        if self.dataTLS == .files {
+            guard self.certificateFile != nil, self.privateKeyFile != nil else {
+                throw NodePassError(.invalidURL, "tls=2 needs both crt=CERTIFICATE.pem and key=PRIVATE_KEY.pem")
+            }
+        } else if hasFiles {
+            throw NodePassError(.invalidURL, "crt= and key= go with tls=2")
+        }
     }
 
     /// The URL as it may be logged: the key, if any, is masked.
     public var redacted: String {
         let keyPart = self.key == nil ? "" : "***@"
-        let metricsPart = self.metrics.map { "&metrics=\($0)" } ?? ""
-        return "\(self.role.rawValue)://\(keyPart)\(self.tunnel)/\(self.target)?log=\(self.logLevel.rawValue)\(metricsPart)"
+        var query = "log=\(self.logLevel.rawValue)"
+        if let metrics = self.metrics { query += "&metrics=\(metrics)" }
+        if let tls = self.dataTLS { query += "&tls=\(tls.rawValue)" }
+        if let file = self.certificateFile { query += "&crt=\(file)" }
+        if let file = self.privateKeyFile { query += "&key=\(file)" }
+        if self.mode != .auto { query += "&mode=\(self.mode.rawValue)" }
+        return "\(self.role.rawValue)://\(keyPart)\(self.tunnel)/\(self.target)?\(query)"
     }
 }

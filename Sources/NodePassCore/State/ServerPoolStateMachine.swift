@@ -88,6 +88,18 @@ public struct ServerPoolStateMachine<Connection, User> {
         return connections
     }
 
+    /// One client's control channel is gone: its idle connections are returned to be closed. Waiting
+    /// users stay: they go to the next idle connection of any client.
+    public mutating func controlLost(where belongs: (Connection) -> Bool) -> [Connection] {
+        var lost: [Connection] = []
+        self.idle.removeAll { entry in
+            guard belongs(entry.connection) else { return false }
+            lost.append(entry.connection)
+            return true
+        }
+        return lost
+    }
+
     /// Shutting down: everything is returned to be closed.
     public mutating func drain() -> (connections: [Connection], users: [User]) {
         let result = (self.idle.map(\.connection), self.waiting.map(\.user))

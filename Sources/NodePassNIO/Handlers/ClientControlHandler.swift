@@ -111,6 +111,11 @@ final class ClientControlHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        if case .awaitingRemote = self.machine.state {
+            self.logger.error(
+                "the server closed the control channel before announcing its pool port (a server with a key, protocol v2, refuses clients without one)"
+            )
+        }
         self.timer?.cancel()
         self.timer = nil
         self.heartbeatCheck?.cancel()

@@ -11,7 +11,26 @@ public protocol ClientPoolConnectionDelegate: AnyObject, Sendable {
     func poolConnectionClosed(_ channel: any Channel, id: PoolID?)
 }
 
-/// The client side of a pool connection before its launch: reads the 8-byte ID, then holds what the server
+/// How a client pool connection reads its ID from the server's opening.
+public struct PoolIDReader {
+    /// How many bytes the opening has.
+    public var length: Int
+    /// The ID in the opening, or nil when it is not valid.
+    public var parse: (ByteBuffer) -> PoolID?
+
+    /// Makes a reader.
+    public init(length: Int, parse: @escaping (ByteBuffer) -> PoolID?) {
+        self.length = length
+        self.parse = parse
+    }
+
+    /// v1: 8 lowercase hex characters.
+    public static var v1: PoolIDReader {
+        PoolIDReader(length: PoolID.wireLength) { try? PoolID(parsing: $0.readableBytesView) }
+    }
+}
+
+/// The client side of a pool connection before its launch: reads the ID (8 hex characters in v1), then holds what the server
 /// relays early (user bytes may come before the `launch://` line) until the connection is handed off.
 ///
 /// The channel must have `autoRead` off; the handler reads while it holds less than `maximumEarlyBytes`.
@@ -35,10 +54,17 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
     private let idReadTimeout: TimeAmount
     private let claimTimeout: TimeAmount
     private let delegate: any ClientPoolConnectionDelegate
+    private let idReader: PoolIDReader
 
     /// Makes the handler; `claimTimeout` bounds the wait for a launch once the server used the connection.
-    public init(delegate: any ClientPoolConnectionDelegate, idReadTimeout: TimeAmount, claimTimeout: TimeAmount) {
+    public init(
+        delegate: any ClientPoolConnectionDelegate,
+        idReader: PoolIDReader = .v1,
+        idReadTimeout: TimeAmount,
+        claimTimeout: TimeAmount
+    ) {
         self.delegate = delegate
+        self.idReader = idReader
         self.idReadTimeout = idReadTimeout
         self.claimTimeout = claimTimeout
     }
@@ -64,12 +90,12 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
         switch self.state {
         case .awaitingID(var pending):
             pending.writeBuffer(&buffer)
-            guard pending.readableBytes >= PoolID.wireLength else {
+            guard pending.readableBytes >= self.idReader.length else {
                 self.state = .awaitingID(pending)
                 return
             }
-            let idBytes = pending.readSlice(length: PoolID.wireLength) ?? ByteBuffer()
-            guard let id = try? PoolID(parsing: idBytes.readableBytesView) else {
+            let idBytes = pending.readSlice(length: self.idReader.length) ?? ByteBuffer()
+            guard let id = self.idReader.parse(idBytes) else {
                 self.state = .awaitingID(ByteBuffer())
                 context.close(promise: nil)
                 return

@@ -20,6 +20,7 @@ final class ServerControlHandler: ChannelInboundHandler {
     private var handshakeTimer: Scheduled<Void>?
     private var heartbeat: RepeatedTask?
     private var handshakeDone = false
+    private var refused = false
     private let started = NIODeadline.now()
     private let handshakeDuration: Timer
 
@@ -45,14 +46,18 @@ final class ServerControlHandler: ChannelInboundHandler {
         let channel = context.channel
         let logger = self.logger
         self.handshakeTimer = context.eventLoop.scheduleTask(in: self.handshakeTimeout) {
-            logger.debug("TLS handshake timed out", metadata: ["np.peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")"])
+            logger.debug("TLS handshake timed out", metadata: ["np.peer": "\(channel.peerDescription)"])
             channel.close(promise: nil)
         }
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case TLSUserEvent.handshakeCompleted = event, !self.handshakeDone {
+        if case TLSUserEvent.handshakeCompleted(let negotiated) = event, !self.handshakeDone {
             self.handshakeDone = true
+            if negotiated == ServerControlV2Handler.alpn {
+                self.refuseV2Client(context: context)
+                return
+            }
             self.handshakeTimer?.cancel()
             self.handshakeTimer = nil
             TunnelMetrics.record(self.handshakeDuration, since: self.started)
@@ -72,6 +77,19 @@ final class ServerControlHandler: ChannelInboundHandler {
         context.fireUserInboundEventTriggered(event)
     }
 
+    /// A client with a key offered v2: tell it in v2's own terms that this server has none, and close.
+    private func refuseV2Client(context: ChannelHandlerContext) {
+        self.handshakeTimer?.cancel()
+        self.handshakeTimer = nil
+        self.logger.warning(
+            "client refused: it has a key (protocol v2) and this server has none",
+            metadata: ["np.peer": "\(context.channel.peerDescription)"]
+        )
+        self.onHandshakeEnded(false, context.channel)
+        self.refused = true
+        context.writeV2(.failure(.noKey, text: "this server has no key (protocol v1): give it the same key"), thenClose: true)
+    }
+
     private func sendRemote(context: ChannelHandlerContext) {
         var line = context.channel.allocator.buffer(capacity: 16)
         Signal.remote(port: self.poolPort).write(to: &line)
@@ -87,7 +105,9 @@ final class ServerControlHandler: ChannelInboundHandler {
         self.handshakeTimer = nil
         self.heartbeat?.cancel()
         self.heartbeat = nil
-        if self.handshakeDone {
+        if self.refused {
+            // Already reported as a failed handshake.
+        } else if self.handshakeDone {
             self.onClosed(context.channel)
         } else {
             self.handshakeDone = true
@@ -99,7 +119,7 @@ final class ServerControlHandler: ChannelInboundHandler {
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         self.logger.debug(
             "control connection error",
-            metadata: ["np.peer": "\(context.channel.remoteAddress.map { "\($0)" } ?? "?")", "np.error": "\(error)"]
+            metadata: ["np.peer": "\(context.channel.peerDescription)", "np.error": "\(error)"]
         )
         context.close(promise: nil)
     }

@@ -1,21 +1,49 @@
 import NIOCore
 import NodePassCore
 
+/// What the server gives an accepted pool connection: its ID, the bytes that tell the client the ID, and
+/// the client session that owns it.
+public struct PoolAdmission: Sendable {
+    /// The connection's ID.
+    public var id: PoolID
+    /// The opening to write in one write: the 8 hex characters (v1), or the ID and its proof (v2).
+    public var opening: ByteBuffer
+    /// The client session the connection belongs to.
+    public var owner: UInt64
+
+    /// Makes an admission.
+    public init(id: PoolID, opening: ByteBuffer, owner: UInt64) {
+        self.id = id
+        self.opening = opening
+        self.owner = owner
+    }
+}
+
+/// Fired down a v2 pool connection's pipeline once the client proved its session: the session and the
+/// nonce that the server's answer must be bound to.
+public struct V2PoolAuthenticated: Sendable {
+    /// The session the client named.
+    public var sessionID: [UInt8]
+    /// The server's nonce of this connection.
+    public var nonce: [UInt8]
+}
+
 /// What a server pool connection reports to its pool. Called on the connection's event loop.
 public protocol ServerPoolConnectionDelegate: AnyObject, Sendable {
-    /// A pool connection was accepted: returns the ID to give it, or nil to refuse it.
-    func poolConnectionAccepted(_ channel: any Channel) -> PoolID?
-    /// The ID was written: the connection is idle.
-    func poolConnectionReady(_ channel: any Channel, id: PoolID)
+    /// A pool connection was accepted (v1) or authenticated (v2): returns its admission, or nil to refuse it.
+    func poolConnectionAccepted(_ channel: any Channel, authentication: V2PoolAuthenticated?) -> PoolAdmission?
+    /// The opening was written: the connection is idle.
+    func poolConnectionReady(_ channel: any Channel, admission: PoolAdmission)
     /// An idle connection closed or broke the protocol (sent bytes before its launch).
     func poolConnectionClosed(id: PoolID, protocolViolation: Bool)
 }
 
-/// The server side of a pool connection before its launch: writes the 8-character ID in a single write,
-/// then watches the idle connection (any byte or end of input means it is dead) until it is handed off;
-/// after that it passes every event on to the `GlueHandler` behind it.
+/// The server side of a pool connection before its launch: writes the opening in a single write, then
+/// watches the idle connection (any byte or end of input means it is dead) until it is handed off; after
+/// that it passes every event on to the `GlueHandler` behind it.
 ///
-/// The channel must have `autoRead` off.
+/// v1 starts when the connection is active; v2 starts on `V2PoolAuthenticated`. The channel must have
+/// `autoRead` off.
 public final class ServerPoolConnectionHandler: ChannelInboundHandler {
     public typealias InboundIn = ByteBuffer
 
@@ -27,25 +55,32 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
 
     private var state: State = .opening
     private let delegate: any ServerPoolConnectionDelegate
+    private let waitsForAuthentication: Bool
 
-    /// Makes the handler.
-    public init(delegate: any ServerPoolConnectionDelegate) {
+    /// Makes the handler; with `waitsForAuthentication` it starts on `V2PoolAuthenticated` instead of
+    /// `channelActive`.
+    public init(delegate: any ServerPoolConnectionDelegate, waitsForAuthentication: Bool = false) {
         self.delegate = delegate
+        self.waitsForAuthentication = waitsForAuthentication
     }
 
     public func channelActive(context: ChannelHandlerContext) {
         context.fireChannelActive()
-        let delegate = self.delegate
-        guard let id = delegate.poolConnectionAccepted(context.channel) else {
+        if !self.waitsForAuthentication {
+            self.start(context: context, authentication: nil)
+        }
+    }
+
+    private func start(context: ChannelHandlerContext, authentication: V2PoolAuthenticated?) {
+        guard case .opening = self.state else { return }
+        guard let admission = self.delegate.poolConnectionAccepted(context.channel, authentication: authentication) else {
             self.state = .done
             context.close(promise: nil)
             return
         }
-        var buffer = context.channel.allocator.buffer(capacity: PoolID.wireLength)
-        id.write(to: &buffer)
-        context.writeAndFlush(NIOAny(buffer), promise: nil)
-        self.state = .idle(id)
-        delegate.poolConnectionReady(context.channel, id: id)
+        context.writeAndFlush(NIOAny(admission.opening), promise: nil)
+        self.state = .idle(admission.id)
+        self.delegate.poolConnectionReady(context.channel, admission: admission)
         context.read()
     }
 
@@ -61,6 +96,10 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
     }
 
     public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let authenticated = event as? V2PoolAuthenticated {
+            self.start(context: context, authentication: authenticated)
+            return
+        }
         if case ChannelEvent.inputClosed = event, case .idle = self.state {
             context.close(promise: nil)
             return

@@ -13,6 +13,7 @@ final class ClientPool: Sendable {
         var generation: UInt64 = 0
         var poolPort: Int?
         var poolHost: String?
+        var v2: V2PoolSettings?
         var connections: [PoolID: any Channel] = [:]
         var claimed: Set<PoolID> = []
         var awaitedLaunches: Set<PoolID> = []
@@ -71,14 +72,15 @@ final class ClientPool: Sendable {
 
     /// The server named its pool port: (re)start the pool towards it, at `host` (the address the control
     /// channel reached, so that pool connections come from the same client address the server expects),
-    /// or at the tunnel's host name when that is unknown.
-    func start(port: Int, host: String?) {
+    /// or at the tunnel's host name when that is unknown. `v2` authenticates the connections of a v2 session.
+    func start(port: Int, host: String?, v2: V2PoolSettings? = nil) {
         self.stop()
         let loop = self.group.next()
         let (generation, adjustment) = self.updating { state in
             state.generation &+= 1
             state.poolPort = port
             state.poolHost = host
+            state.v2 = v2
             state.machine.reset()
             let generation = state.generation
             state.ticker = loop.scheduleRepeatedTask(
@@ -118,7 +120,7 @@ final class ClientPool: Sendable {
     }
 
     private func apply(_ adjustment: ClientPoolStateMachine.Adjustment, generation: UInt64) {
-        let (poolPort, poolHost) = self.state.withLock { ($0.poolPort, $0.poolHost) }
+        let (poolPort, poolHost, v2) = self.state.withLock { ($0.poolPort, $0.poolHost, $0.v2) }
         guard adjustment.open > 0, let port = poolPort else { return }
         let host = poolHost ?? self.url.tunnel.dialHost
         let delegate = GenerationDelegate(pool: self, generation: generation)
@@ -130,9 +132,24 @@ final class ClientPool: Sendable {
                 .channelInitializer { [configuration, metrics] channel in
                     SocketTuning.apply(to: channel)
                     return channel.eventLoop.makeCompletedFuture {
+                        var idReader = PoolIDReader.v1
+                        if let v2 {
+                            let nonce = V2PoolNonce()
+                            try channel.pipeline.syncOperations.addHandler(
+                                ClientPoolAuthenticationHandler(settings: v2, nonce: nonce)
+                            )
+                            idReader = PoolIDReader(length: V2PoolOpening.serverMessageLength) { opening in
+                                V2PoolOpening.verifyServerMessage(
+                                    Array(opening.readableBytesView),
+                                    secret: v2.secret,
+                                    nonce: nonce.bytes
+                                )
+                            }
+                        }
                         try channel.pipeline.syncOperations.addHandlers([
                             ClientPoolConnectionHandler(
                                 delegate: delegate,
+                                idReader: idReader,
                                 idReadTimeout: configuration.idReadTimeout,
                                 claimTimeout: configuration.poolWaitTimeout + configuration.dialTimeout
                             ),

@@ -4,31 +4,57 @@ import NIOCore
 import NodePassCore
 import Synchronization
 
-/// The server's shared pool: the current control channel, idle pool connections and waiting users.
+/// The server's shared pool: the clients' control channels, idle pool connections and waiting users.
 ///
 /// Called from every event loop; the bookkeeping is a `ServerPoolStateMachine` under a mutex, and each
-/// action runs on the event loop of the channel it touches.
-final class ServerPool: ServerPoolConnectionDelegate, Sendable {
+/// action runs on the event loop of the channel it touches. v1 has one client at a time (a newer one
+/// replaces it); v2 has up to `maximumClients`, each owning its idle pool connections, and a user takes the
+/// oldest idle connection of any client.
+final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, Sendable {
     struct WaitingUser: Sendable {
         var ticket: UInt64
         var channel: any Channel
         var arrived: NIODeadline
     }
 
+    /// An idle pool connection and the client session that owns it.
+    struct PoolEntry: Sendable {
+        var channel: any Channel
+        var owner: UInt64
+    }
+
+    private struct Session {
+        var control: any Channel
+        var peerIP: String?
+        var v2: (id: [UInt8], secret: V2SessionSecret)?
+    }
+
     private struct State {
-        var machine: ServerPoolStateMachine<any Channel, WaitingUser>
-        var control: (any Channel)?
-        var controlPeerIP: String?
+        var machine: ServerPoolStateMachine<PoolEntry, WaitingUser>
+        var sessions: [UInt64: Session] = [:]
+        var v2SessionNumbers: [[UInt8]: UInt64] = [:]
+        var nextSession: UInt64 = 0
         var nextTicket: UInt64 = 0
         var controlsSeen = 0
+
+        func session(of channel: any Channel) -> UInt64? {
+            self.sessions.first { $0.value.control === channel }?.key
+        }
     }
+
+    /// The most v2 clients served at once.
+    static let maximumClients = 64
 
     private let state: Mutex<State>
     private let configuration: Configuration
     private let logger: Logger
     private let metrics: TunnelMetrics
 
-    init(configuration: Configuration, metrics: TunnelMetrics, logger: Logger) {
+    /// Whether launches go out as v2 frames (else as v1 lines).
+    private let isV2: Bool
+
+    init(configuration: Configuration, isV2: Bool, metrics: TunnelMetrics, logger: Logger) {
+        self.isV2 = isV2
         self.configuration = configuration
         self.metrics = metrics
         self.logger = logger
@@ -36,6 +62,8 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
     }
 
     var idleCount: Int { self.state.withLock { $0.machine.idleCount } }
+    /// The number of clients connected.
+    var clientCount: Int { self.state.withLock { $0.sessions.count } }
 
     /// Changes the state under the lock, then publishes the idle pool size, so that no change is missed.
     private func updating<Result>(_ body: (inout State) -> sending Result) -> sending Result {
@@ -45,40 +73,78 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
         }
     }
 
-    // MARK: control channel
+    // MARK: control channels
 
-    /// A client finished its TLS handshake: it becomes the client; a previous one is closed.
+    /// A v1 client finished its TLS handshake: it becomes the client; a previous one is closed.
     func controlConnected(_ channel: any Channel) {
         let (previous, stale, isReconnect) = self.updating { state in
-            let previous = state.control
-            state.control = channel
-            state.controlPeerIP = Self.normalizedIP(channel.remoteAddress)
+            let previous = state.sessions.values.map(\.control)
+            state.sessions.removeAll()
+            let stale = previous.isEmpty ? [] : state.machine.controlLost()
+            state.nextSession += 1
+            state.sessions[state.nextSession] = Session(control: channel, peerIP: Self.normalizedIP(channel.remoteAddress))
             state.controlsSeen += 1
-            let stale = previous == nil ? [] : state.machine.controlLost()
             return (previous, stale, state.controlsSeen > 1)
         }
         if isReconnect { self.metrics.reconnects.increment() }
-        if let previous {
+        for control in previous {
             self.logger.warning(
                 "control connection replaced by a newer client",
-                metadata: ["np.peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")"]
+                metadata: ["np.peer": "\(channel.peerDescription)"]
             )
-            previous.close(promise: nil)
+            control.close(promise: nil)
         }
-        for connection in stale { connection.close(promise: nil) }
+        for entry in stale { entry.channel.close(promise: nil) }
     }
 
-    /// A control channel closed; if it was the current one, its idle pool goes with it.
-    func controlClosed(_ channel: any Channel) {
-        let stale = self.updating { state -> [any Channel]? in
-            guard let current = state.control, current === channel else { return nil }
-            state.control = nil
-            state.controlPeerIP = nil
-            return state.machine.controlLost()
+    func v2SessionStarted(_ channel: any Channel, sessionID: [UInt8], secret: V2SessionSecret) -> Bool {
+        let admitted = self.updating { state -> Bool in
+            guard state.sessions.count < Self.maximumClients, state.v2SessionNumbers[sessionID] == nil else {
+                return false
+            }
+            state.nextSession += 1
+            state.sessions[state.nextSession] = Session(
+                control: channel,
+                peerIP: Self.normalizedIP(channel.remoteAddress),
+                v2: (sessionID, secret)
+            )
+            state.v2SessionNumbers[sessionID] = state.nextSession
+            state.controlsSeen += 1
+            return true
         }
-        guard let stale else { return }
-        self.logger.warning("client disconnected; waiting for a client", metadata: ["np.pool.closed": "\(stale.count)"])
-        for connection in stale { connection.close(promise: nil) }
+        if admitted, self.state.withLock({ $0.controlsSeen }) > 1 { self.metrics.reconnects.increment() }
+        return admitted
+    }
+
+    /// The secret of the v2 session `sessionID`, if it is connected.
+    func secret(forSession sessionID: [UInt8]) -> V2SessionSecret? {
+        self.state.withLock { state in
+            state.v2SessionNumbers[sessionID].flatMap { state.sessions[$0]?.v2?.secret }
+        }
+    }
+
+    /// A control channel closed; if it was a client's, that client's idle pool goes with it.
+    func controlClosed(_ channel: any Channel) {
+        let result = self.updating { state -> (stale: [PoolEntry], remaining: Int)? in
+            guard let number = state.session(of: channel), let session = state.sessions.removeValue(forKey: number) else {
+                return nil
+            }
+            if let v2 = session.v2 { state.v2SessionNumbers[v2.id] = nil }
+            return (state.machine.controlLost { $0.owner == number }, state.sessions.count)
+        }
+        guard let result else { return }
+        self.logger.warning(
+            "client disconnected",
+            metadata: ["np.pool.closed": "\(result.stale.count)", "np.clients": "\(result.remaining)"]
+        )
+        for entry in result.stale { entry.channel.close(promise: nil) }
+    }
+
+    func launchReceived(_ id: PoolID, from channel: any Channel) {
+        self.logger.warning(
+            "launch from a client ignored: this server has the users (reverse mode)",
+            metadata: ["np.pool.id": "\(id)"]
+        )
     }
 
     /// The peer's IP address as text, with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) written as IPv4.
@@ -93,34 +159,67 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
 
     // MARK: pool connections (ServerPoolConnectionDelegate)
 
-    func poolConnectionAccepted(_ channel: any Channel) -> PoolID? {
+    func poolConnectionAccepted(_ channel: any Channel, authentication: V2PoolAuthenticated?) -> PoolAdmission? {
         let peerIP = Self.normalizedIP(channel.remoteAddress)
-        return self.state.withLock { state -> PoolID? in
-            guard state.control != nil else {
-                self.logger.debug("pool connection refused: no client", metadata: ["np.peer": "\(peerIP ?? "?")"])
+        var refusal: (reason: Logger.Message, warn: Bool)?
+        let admitted = self.state.withLock { state -> (PoolID, UInt64, V2SessionSecret?)? in
+            guard !state.sessions.isEmpty else {
+                refusal = ("pool connection refused: no client", false)
                 return nil
             }
             guard !state.machine.isFull else {
-                self.logger.debug("pool connection refused: pool full", metadata: ["np.peer": "\(peerIP ?? "?")"])
+                refusal = ("pool connection refused: pool full", false)
                 return nil
             }
-            guard peerIP != nil, peerIP == state.controlPeerIP else {
-                self.logger.warning(
-                    "pool connection refused: not from the client's address",
-                    metadata: ["np.peer": "\(peerIP ?? "?")"]
-                )
-                return nil
+            let owner: UInt64
+            var secret: V2SessionSecret?
+            if let authentication {
+                guard let number = state.v2SessionNumbers[authentication.sessionID],
+                    let session = state.sessions[number]
+                else {
+                    refusal = ("pool connection refused: its session has ended", false)
+                    return nil
+                }
+                owner = number
+                secret = session.v2?.secret
+            } else {
+                guard let (number, session) = state.sessions.first, session.v2 == nil, peerIP != nil,
+                    peerIP == session.peerIP
+                else {
+                    refusal = ("pool connection refused: not from the client's address", true)
+                    return nil
+                }
+                owner = number
             }
+            refusal = nil
             for _ in 0..<8 {
                 let id = PoolID.random()
-                if !state.machine.isInUse(id) { return id }
+                if !state.machine.isInUse(id) { return (id, owner, secret) }
             }
             return nil
         }
+        if let refusal {
+            let metadata: Logger.Metadata = ["np.peer": "\(peerIP ?? "?")"]
+            if refusal.warn {
+                self.logger.warning(refusal.reason, metadata: metadata)
+            } else {
+                self.logger.debug(refusal.reason, metadata: metadata)
+            }
+        }
+        guard let (id, owner, secret) = admitted else { return nil }
+        var opening = channel.allocator.buffer(capacity: V2PoolOpening.serverMessageLength)
+        if let authentication, let secret {
+            opening.writeBytes(V2PoolOpening.serverMessage(id: id, secret: secret, nonce: authentication.nonce))
+        } else {
+            id.write(to: &opening)
+        }
+        return PoolAdmission(id: id, opening: opening, owner: owner)
     }
 
-    func poolConnectionReady(_ channel: any Channel, id: PoolID) {
-        let action = self.updating { $0.machine.poolConnectionReady(id: id, connection: channel) }
+    func poolConnectionReady(_ channel: any Channel, admission: PoolAdmission) {
+        let action = self.updating {
+            $0.machine.poolConnectionReady(id: admission.id, connection: PoolEntry(channel: channel, owner: admission.owner))
+        }
         self.perform(action)
     }
 
@@ -135,13 +234,13 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
 
     /// A user connected to the target port: relay it now, or let it wait for a pool connection.
     func userArrived(_ channel: any Channel) {
-        let (ticket, action) = self.updating { state -> (UInt64, ServerPoolStateMachine<any Channel, WaitingUser>.Action) in
+        let (ticket, action) = self.updating { state -> (UInt64, ServerPoolStateMachine<PoolEntry, WaitingUser>.Action) in
             state.nextTicket += 1
             let user = WaitingUser(ticket: state.nextTicket, channel: channel, arrived: .now())
             return (state.nextTicket, state.machine.userArrived(ticket: user.ticket, user: user))
         }
         if case .wait = action {
-            self.logger.debug("user waits for a pool connection", metadata: ["np.peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")"])
+            self.logger.debug("user waits for a pool connection", metadata: ["np.peer": "\(channel.peerDescription)"])
             self.scheduleWaitTimeout(ticket: ticket, on: channel.eventLoop)
         }
         self.perform(action)
@@ -160,18 +259,19 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
         }
     }
 
-    private func perform(_ action: ServerPoolStateMachine<any Channel, WaitingUser>.Action) {
+    private func perform(_ action: ServerPoolStateMachine<PoolEntry, WaitingUser>.Action) {
         switch action {
         case .keep, .wait:
             break
-        case .close(let connection):
-            connection.close(promise: nil)
+        case .close(let entry):
+            entry.channel.close(promise: nil)
         case .relay(let id, let connection, let user):
-            self.relay(id: id, pool: connection, user: user)
+            self.relay(id: id, entry: connection, user: user)
         }
     }
 
-    private func relay(id: PoolID, pool: any Channel, user: WaitingUser) {
+    private func relay(id: PoolID, entry: PoolEntry, user: WaitingUser) {
+        let pool = entry.channel
         pool.eventLoop.execute {
             let handedOff: Bool
             do {
@@ -192,15 +292,19 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
                 self.perform(action)
                 return
             }
-            guard let control = self.state.withLock({ $0.control }) else {
+            guard let control = self.state.withLock({ $0.sessions[entry.owner]?.control }) else {
                 pool.close(promise: nil)
                 user.channel.close(promise: nil)
                 return
             }
             GlueHandler.connect(pool, to: user.channel)
-            var line = control.allocator.buffer(capacity: 20)
-            Signal.launch(id).write(to: &line)
-            control.writeAndFlush(line, promise: nil)
+            var signal = control.allocator.buffer(capacity: 20)
+            if self.isV2 {
+                V2Message.launch(id).write(to: &signal)
+            } else {
+                Signal.launch(id).write(to: &signal)
+            }
+            control.writeAndFlush(signal, promise: nil)
             self.logger.debug("launch sent", metadata: ["np.pool.id": "\(id)"])
             TunnelMetrics.record(self.metrics.newConnectionDuration, since: user.arrived)
             GlueHandler.connect(user.channel, to: pool)
@@ -209,13 +313,14 @@ final class ServerPool: ServerPoolConnectionDelegate, Sendable {
 
     /// Shutting down: closes the control channel, the idle pool and the waiting users.
     func close() {
-        let (control, drained) = self.updating { state in
-            let control = state.control
-            state.control = nil
-            return (control, state.machine.drain())
+        let (controls, drained) = self.updating { state in
+            let controls = state.sessions.values.map(\.control)
+            state.sessions.removeAll()
+            state.v2SessionNumbers.removeAll()
+            return (controls, state.machine.drain())
         }
-        control?.close(promise: nil)
-        for connection in drained.connections { connection.close(promise: nil) }
+        for control in controls { control.close(promise: nil) }
+        for entry in drained.connections { entry.channel.close(promise: nil) }
         for user in drained.users { user.channel.close(promise: nil) }
     }
 }

@@ -7,8 +7,9 @@ import NodePassCore
 import ServiceLifecycle
 import Synchronization
 
-/// The v1 client: keeps a TLS control channel to the server, a pool of data connections, and relays each
+/// The client: keeps a TLS control channel to the server, a pool of data connections, and relays each
 /// launched connection to its TARGET. Reconnects after SERVICE_COOLDOWN when the control channel is lost.
+/// With a key it speaks v2 (authenticated handshake and pool connections), else v1.
 public final class TunnelClient: Service, Sendable {
     private let url: TunnelURL
     private let configuration: Configuration
@@ -50,7 +51,16 @@ public final class TunnelClient: Service, Sendable {
 
     /// Runs until graceful shutdown, reconnecting after every loss of the control channel.
     public func run() async throws {
-        let tls = try TLSClientContext.makeUnverified()
+        let v2: V2ClientSetup?
+        if let keyText = self.url.key {
+            v2 = V2ClientSetup(key: try V2Key(keyText), dataTLS: try TLSClientContext.makeForPinning())
+            if keyText.count < V2Key.recommendedLength {
+                self.logger.warning("the key is short; use at least \(V2Key.recommendedLength) random characters")
+            }
+        } else {
+            v2 = nil
+        }
+        let tls = try TLSClientContext.makeUnverified(applicationProtocols: v2 == nil ? [] : [ServerControlV2Handler.alpn])
         self.logger.info(
             "client started",
             metadata: ["np.url": "\(self.url.redacted)", "np.version": "\(NodePassVersion.current)", "np.protocols": "\(NodePassVersion.protocols)"]
@@ -63,7 +73,7 @@ public final class TunnelClient: Service, Sendable {
             let started = NIODeadline.now()
             var failure: (message: Logger.Message, error: (any Error)?) = ("control channel lost; reconnecting", nil)
             do {
-                try await self.runControlChannel(tls: tls)
+                try await self.runControlChannel(tls: tls, v2: v2)
             } catch {
                 failure = ("cannot connect to the server; retrying", error)
             }
@@ -88,7 +98,12 @@ public final class TunnelClient: Service, Sendable {
     }
 
 
-    private func runControlChannel(tls: NIOSSLContext) async throws {
+    private struct V2ClientSetup: Sendable {
+        var key: V2Key
+        var dataTLS: NIOSSLContext
+    }
+
+    private func runControlChannel(tls: NIOSSLContext, v2: V2ClientSetup?) async throws {
         let loop = self.group.next()
         let connected = loop.makePromise(of: Void.self)
         let channel: any Channel
@@ -97,6 +112,23 @@ public final class TunnelClient: Service, Sendable {
                 .connectTimeout(self.configuration.dialTimeout)
                 .channelInitializer { [pool, configuration, logger, metrics] channel in
                     SocketTuning.apply(to: channel)
+                    if let v2 {
+                        return channel.eventLoop.makeCompletedFuture {
+                            try channel.pipeline.syncOperations.addHandlers([
+                                try NIOSSLClientHandler(context: tls, serverHostname: nil),
+                                ByteToMessageHandler(V2FrameDecoder()),
+                                ClientControlV2Handler(
+                                    key: v2.key,
+                                    pool: pool,
+                                    handshakeTimeout: configuration.handshakeTimeout,
+                                    connected: connected,
+                                    handshakeDuration: metrics.handshakeDuration,
+                                    logger: logger,
+                                    makeDataTLS: { v2.dataTLS }
+                                ),
+                            ])
+                        }
+                    }
                     return channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandlers([
                             try NIOSSLClientHandler(context: tls, serverHostname: nil),

@@ -54,14 +54,25 @@ public struct InMemoryCertificate: Sendable {
         }
     }
 
-    /// A TLS server context presenting this certificate (TLS 1.2 and 1.3).
-    public func makeServerContext() throws(NodePassError) -> NIOSSLContext {
-        var configuration = TLSConfiguration.makeServerConfiguration(
-            certificateChain: [.certificate(self.certificate)],
-            privateKey: .privateKey(self.privateKey)
+    /// A TLS server context presenting this certificate (TLS 1.2 and 1.3), offering `applicationProtocols`
+    /// by ALPN (the control channel offers `nodepass/2`, so that both v1 and v2 servers recognise a v2 client).
+    public func makeServerContext(applicationProtocols: [String] = []) throws(NodePassError) -> NIOSSLContext {
+        try Self.makeServerContext(
+            chain: [.certificate(self.certificate)],
+            key: .privateKey(self.privateKey),
+            applicationProtocols: applicationProtocols
         )
+    }
+
+    static func makeServerContext(
+        chain: [NIOSSLCertificateSource],
+        key: NIOSSLPrivateKeySource,
+        applicationProtocols: [String] = []
+    ) throws(NodePassError) -> NIOSSLContext {
+        var configuration = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: key)
         configuration.minimumTLSVersion = .tlsv12
         configuration.shutdownTimeout = Self.closeNotifyWait
+        configuration.applicationProtocols = applicationProtocols
         do {
             return try NIOSSLContext(configuration: configuration)
         } catch {
@@ -70,13 +81,68 @@ public struct InMemoryCertificate: Sendable {
     }
 }
 
+/// The certificate of v2 data connections with `tls=2`, read from the `crt=` and `key=` PEM files.
+public struct FileCertificate: Sendable {
+    /// A TLS server context presenting the chain.
+    public let context: NIOSSLContext
+    /// SHA-256 of the leaf certificate's DER bytes (the client pins it).
+    public let fingerprint: [UInt8]
+
+    /// Reads and checks both files; a missing, unreadable or mismatched file is an error naming it.
+    public static func load(certificateFile: String, privateKeyFile: String) throws(NodePassError) -> FileCertificate {
+        let chain: [NIOSSLCertificate]
+        do {
+            chain = try NIOSSLCertificate.fromPEMFile(certificateFile)
+        } catch {
+            throw NodePassError(.fileUnreadable, "cannot read the certificate file crt=\(certificateFile)", underlying: error)
+        }
+        guard let leaf = chain.first, let der = try? leaf.toDERBytes() else {
+            throw NodePassError(.fileUnreadable, "the certificate file crt=\(certificateFile) holds no certificate")
+        }
+        let key: NIOSSLPrivateKey
+        do {
+            key = try NIOSSLPrivateKey(file: privateKeyFile, format: .pem)
+        } catch {
+            throw NodePassError(.fileUnreadable, "cannot read the private key file key=\(privateKeyFile)", underlying: error)
+        }
+        let context: NIOSSLContext
+        do {
+            context = try InMemoryCertificate.makeServerContext(chain: chain.map { .certificate($0) }, key: .privateKey(key))
+        } catch {
+            throw NodePassError(
+                .fileUnreadable,
+                "the certificate crt=\(certificateFile) and the key key=\(privateKeyFile) do not make a TLS server",
+                underlying: error
+            )
+        }
+        return FileCertificate(context: context, fingerprint: Array(SHA256.hash(data: der)))
+    }
+}
+
 /// TLS client contexts.
 public enum TLSClientContext {
-    /// A v1 client context: TLS 1.2 or 1.3, no certificate check (v1 has nothing to check it against).
-    public static func makeUnverified() throws(NodePassError) -> NIOSSLContext {
+    /// A control-channel client context: TLS 1.2 or 1.3, no certificate check (v1 has nothing to check it
+    /// against; v2 binds its handshake to the certificate instead), offering `applicationProtocols` by ALPN.
+    public static func makeUnverified(applicationProtocols: [String] = []) throws(NodePassError) -> NIOSSLContext {
         var configuration = TLSConfiguration.makeClientConfiguration()
         configuration.minimumTLSVersion = .tlsv12
         configuration.certificateVerification = .none
+        configuration.applicationProtocols = applicationProtocols
+        configuration.shutdownTimeout = InMemoryCertificate.closeNotifyWait
+        do {
+            return try NIOSSLContext(configuration: configuration)
+        } catch {
+            throw NodePassError(.tls, "cannot set up the TLS client", underlying: error)
+        }
+    }
+
+    /// A v2 data-connection client context: the handler's verification callback pins the certificate's
+    /// fingerprint (verification must not be `.none`, or the callback is never called).
+    public static func makeForPinning() throws(NodePassError) -> NIOSSLContext {
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        configuration.minimumTLSVersion = .tlsv12
+        configuration.certificateVerification = .noHostnameVerification
+        configuration.trustRoots = .certificates([])
         configuration.shutdownTimeout = InMemoryCertificate.closeNotifyWait
         do {
             return try NIOSSLContext(configuration: configuration)

@@ -1,0 +1,130 @@
+import Crypto
+import _CryptoExtras
+
+/// The v2 authentication key, stretched from the URL's KEY, and the proofs made with it.
+///
+/// Every proof is an HMAC-SHA256 whose input starts with a distinct label, so that no proof made for one
+/// purpose is valid for another. Every check is constant-time.
+public struct V2Key: Sendable {
+    /// The PBKDF2 salt (fixed: both sides must derive the same key without talking first).
+    public static let salt = Array("nodepass/2 key".utf8)
+    /// PBKDF2-HMAC-SHA256 rounds: done once at start; it slows down guessing a weak KEY offline.
+    public static let rounds = 210_000
+    /// Fewer characters than this get a warning at start.
+    public static let recommendedLength = 16
+
+    // Kept as bytes: `SymmetricKey` is not `Sendable` on every platform.
+    private let bytes: [UInt8]
+    private var key: SymmetricKey { SymmetricKey(data: self.bytes) }
+
+    /// Derives the authentication key from the URL's KEY (PBKDF2-HMAC-SHA256, `rounds`, 32 bytes).
+    public init(_ text: String) throws(NodePassError) {
+        guard !text.isEmpty else {
+            throw NodePassError(.invalidURL, "the key is empty")
+        }
+        do {
+            let key = try KDF.Insecure.PBKDF2.deriveKey(
+                from: Array(text.utf8),
+                salt: Self.salt,
+                using: .sha256,
+                outputByteCount: 32,
+                rounds: Self.rounds
+            )
+            self.bytes = key.withUnsafeBytes { Array($0) }
+        } catch {
+            throw NodePassError(.authenticationFailed, "cannot derive the key", underlying: error)
+        }
+    }
+
+    /// Uses `bytes` as the authentication key directly (for test vectors).
+    public init(derivedBytes bytes: [UInt8]) {
+        self.bytes = bytes
+    }
+
+    /// The derived key's bytes (for test vectors).
+    public var derivedBytes: [UInt8] { self.bytes }
+
+    /// The handshake transcript: SHA-256 of `"nodepass/2"`, the client nonce, the server nonce and the
+    /// SHA-256 fingerprint of the control channel's server certificate as the client saw it.
+    public static func transcript(clientNonce: [UInt8], serverNonce: [UInt8], fingerprint: [UInt8]) -> [UInt8] {
+        var hash = SHA256()
+        hash.update(data: Array("nodepass/2".utf8))
+        hash.update(data: clientNonce)
+        hash.update(data: serverNonce)
+        hash.update(data: fingerprint)
+        return Array(hash.finalize())
+    }
+
+    /// The client's proof: HMAC(key, "client proof" || transcript).
+    public func clientProof(transcript: [UInt8]) -> [UInt8] {
+        Self.mac(self.key, "client proof", transcript)
+    }
+
+    /// Checks a client proof in constant time.
+    public func isValidClientProof(_ proof: [UInt8], transcript: [UInt8]) -> Bool {
+        Self.isValid(proof, self.key, "client proof", transcript)
+    }
+
+    /// The server's proof: HMAC(key, "server proof" || transcript || encoded parameters).
+    public func serverProof(transcript: [UInt8], parameters: [UInt8]) -> [UInt8] {
+        Self.mac(self.key, "server proof", transcript + parameters)
+    }
+
+    /// Checks a server proof in constant time.
+    public func isValidServerProof(_ proof: [UInt8], transcript: [UInt8], parameters: [UInt8]) -> Bool {
+        Self.isValid(proof, self.key, "server proof", transcript + parameters)
+    }
+
+    /// The secret of one client session: HMAC(key, "session secret" || transcript || session ID).
+    public func sessionSecret(transcript: [UInt8], sessionID: [UInt8]) -> V2SessionSecret {
+        V2SessionSecret(bytes: Self.mac(self.key, "session secret", transcript + sessionID))
+    }
+
+    static func mac(_ key: SymmetricKey, _ label: String, _ data: [UInt8]) -> [UInt8] {
+        var hmac = HMAC<SHA256>(key: key)
+        hmac.update(data: Array(label.utf8))
+        hmac.update(data: data)
+        return Array(hmac.finalize())
+    }
+
+    static func isValid(_ proof: [UInt8], _ key: SymmetricKey, _ label: String, _ data: [UInt8]) -> Bool {
+        guard proof.count == SHA256.byteCount else { return false }
+        return HMAC<SHA256>.isValidAuthenticationCode(proof, authenticating: Array(label.utf8) + data, using: key)
+    }
+}
+
+/// The secret a client and the server share for one control session; it authenticates pool connections.
+public struct V2SessionSecret: Sendable {
+    /// The secret's bytes.
+    public let bytes: [UInt8]
+    private var key: SymmetricKey { SymmetricKey(data: self.bytes) }
+
+    /// Makes the secret from its 32 bytes.
+    public init(bytes: [UInt8]) {
+        self.bytes = bytes
+    }
+
+    /// The client's pool-connection proof: HMAC(secret, "pool client" || server nonce).
+    public func poolClientProof(nonce: [UInt8]) -> [UInt8] {
+        V2Key.mac(self.key, "pool client", nonce)
+    }
+
+    /// Checks a client's pool-connection proof in constant time.
+    public func isValidPoolClientProof(_ proof: [UInt8], nonce: [UInt8]) -> Bool {
+        V2Key.isValid(proof, self.key, "pool client", nonce)
+    }
+
+    /// The server's pool-connection proof: HMAC(secret, "pool server" || server nonce || ID, 4 bytes big-endian).
+    public func poolServerProof(nonce: [UInt8], id: PoolID) -> [UInt8] {
+        V2Key.mac(self.key, "pool server", nonce + Self.bytes(of: id))
+    }
+
+    /// Checks the server's pool-connection proof in constant time.
+    public func isValidPoolServerProof(_ proof: [UInt8], nonce: [UInt8], id: PoolID) -> Bool {
+        V2Key.isValid(proof, self.key, "pool server", nonce + Self.bytes(of: id))
+    }
+
+    static func bytes(of id: PoolID) -> [UInt8] {
+        [UInt8(id.value >> 24), UInt8(truncatingIfNeeded: id.value >> 16), UInt8(truncatingIfNeeded: id.value >> 8), UInt8(truncatingIfNeeded: id.value)]
+    }
+}

@@ -1,0 +1,94 @@
+import Crypto
+import NIOCore
+import NIOSSL
+import NodePassCore
+
+/// The nonce of one v2 pool connection, shared by the two handlers of that connection on its event loop:
+/// the authentication handler learns it, the pool-connection handler checks the server's answer with it.
+final class V2PoolNonce {
+    var bytes: [UInt8] = []
+}
+
+@available(*, unavailable)
+extension V2PoolNonce: Sendable {}
+
+/// The first handler of a v2 client pool connection: reads the server's nonce, answers with the session ID
+/// and the proof, then adds TLS pinned to the fingerprint from `welcome` (with `tls=1`/`tls=2`) and passes
+/// everything through. The channel must have `autoRead` off.
+final class ClientPoolAuthenticationHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+
+    private enum State {
+        case awaitingNonce(ByteBuffer)
+        case answered
+    }
+
+    private var state: State = .awaitingNonce(ByteBuffer())
+    private let settings: V2PoolSettings
+    private let nonce: V2PoolNonce
+
+    init(settings: V2PoolSettings, nonce: V2PoolNonce) {
+        self.settings = settings
+        self.nonce = nonce
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard case .awaitingNonce(var received) = self.state else {
+            context.fireChannelRead(data)
+            return
+        }
+        var buffer = self.unwrapInboundIn(data)
+        received.writeBuffer(&buffer)
+        guard received.readableBytes >= V2PoolOpening.nonceLength else {
+            self.state = .awaitingNonce(received)
+            return
+        }
+        // The server says nothing more until it has our answer: extra bytes break the protocol.
+        guard received.readableBytes == V2PoolOpening.nonceLength, let nonce = received.readBytes(length: V2PoolOpening.nonceLength) else {
+            context.close(promise: nil)
+            return
+        }
+        self.state = .answered
+        self.nonce.bytes = nonce
+        var answer = context.channel.allocator.buffer(capacity: V2PoolOpening.clientMessageLength)
+        answer.writeBytes(V2PoolOpening.clientMessage(sessionID: self.settings.sessionID, secret: self.settings.secret, nonce: nonce))
+        context.writeAndFlush(NIOAny(answer), promise: nil)
+        if let tls = self.settings.tls {
+            do {
+                let fingerprint = self.settings.fingerprint
+                let handler = try NIOSSLClientHandler(context: tls, serverHostname: nil) { certificates, promise in
+                    promise.succeed(Self.matches(certificates.first, fingerprint) ? .certificateVerified : .failed)
+                }
+                try context.pipeline.syncOperations.addHandler(handler, position: .after(self))
+            } catch {
+                context.close(promise: nil)
+            }
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        switch self.state {
+        case .awaitingNonce: context.read()
+        case .answered: context.fireChannelReadComplete()
+        }
+    }
+
+    /// True when `certificate`'s SHA-256 fingerprint is `fingerprint`.
+    static func matches(_ certificate: NIOSSLCertificate?, _ fingerprint: [UInt8]) -> Bool {
+        guard let der = try? certificate?.toDERBytes() else { return false }
+        return Array(SHA256.hash(data: der)) == fingerprint
+    }
+}
+
+@available(*, unavailable)
+extension ClientPoolAuthenticationHandler: Sendable {}
+
+/// What a v2 client needs to open pool connections of one session.
+struct V2PoolSettings: Sendable {
+    var sessionID: [UInt8]
+    var secret: V2SessionSecret
+    /// The TLS client context for data connections, nil with `tls=0`.
+    var tls: NIOSSLContext?
+    /// The pinned fingerprint of the data connections' certificate.
+    var fingerprint: [UInt8]
+}

@@ -1,0 +1,417 @@
+"""Protocol v2 (a key in the URL) against the built binary: traffic with each tls setting, and attacks that
+must not get in. The attacker and the replaying client are v2_peer.py, an independent Python
+implementation of docs/PROTOCOL.md."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from e2e_support import Tunnel, connect, echo_probe, recv_exact, tcp_sockets, TCP_ESTABLISHED, wait_for
+from scenarios import burst, integrity
+import v2_peer
+
+pytestmark = pytest.mark.ours_only
+
+KEY = "e2e-" + secrets.token_hex(12)
+
+
+def v2_tunnel(procs, nodepass_bin, service_port, tls=None, key=KEY) -> Tunnel:
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, service_port).use_key(key)
+    if tls is not None:
+        tunnel.server_query = f"&tls={tls}"
+    return tunnel
+
+
+def pool_port(tunnel: Tunnel) -> int:
+    def announced():
+        match = re.search(r"server started .*np\.pool=(\d+)", tunnel.server.output())
+        return int(match.group(1)) if match else None
+
+    return wait_for(announced, 10, "the server's start line with its pool port")
+
+
+def wait_log(proc, pattern: str, timeout: float, what: str) -> str:
+    """Waits until proc's output matches pattern; returns the matching line."""
+
+    def found():
+        match = re.search(pattern, proc.output())
+        return match.group(0) if match else None
+
+    return wait_for(found, timeout, what)
+
+
+@pytest.fixture(scope="module")
+def data_cert(tmp_path_factory):
+    """(crt, key) PEM files for tls=2: an ECDSA P-256 certificate made by openssl for this test run."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl CLI not installed (Debian package: openssl)")
+    directory = tmp_path_factory.mktemp("v2cert")
+    crt, key = directory / "data.crt", directory / "data.key"
+    result = subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                             "-nodes", "-keyout", str(key), "-out", str(crt), "-days", "2",
+                             "-subj", "/CN=nodepass-e2e-data"], capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-1000:]
+    return str(crt), str(key)
+
+
+class Capture:
+    """tcpdump on the loopback interface, to look at what crosses the wire."""
+
+    def __init__(self, procs, tmp_path: Path, port: int):
+        if shutil.which("tcpdump") is None:
+            pytest.skip("tcpdump not installed (Debian package: tcpdump)")
+        self.path = tmp_path / f"port-{port}.pcap"
+        self.proc = procs.start("tcpdump", ["tcpdump", "-i", "lo", "-U", "-n", "-s", "0", "-w", str(self.path),
+                                            f"tcp port {port}"])
+        wait_log(self.proc, r"listening on lo", 10, "tcpdump to start")
+
+    def bytes(self) -> bytes:
+        self.proc.stop()
+        return self.path.read_bytes()
+
+
+# --------------------------------------------------------------------------- traffic
+
+
+@pytest.mark.parametrize("tls", [None, "0", "1", "2"])
+def test_v2_relays_intact_data_with_each_tls_setting(procs, nodepass_bin, echo_service, tls, data_cert, tmp_path):
+    tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port, tls)
+    if tls == "2":
+        tunnel.server_query += f"&crt={data_cert[0]}&key={data_cert[1]}"
+    tunnel.start_server()
+    capture = Capture(procs, tmp_path, pool_port(tunnel))
+    tunnel.start_client()
+    tunnel.wait_client_connected(10)
+    tunnel.wait_ready(20)
+    token = ("plaintext-marker-" + secrets.token_hex(16)).encode()
+    with connect(tunnel.host, tunnel.target_port) as s:
+        s.sendall(token)
+        assert recv_exact(s, len(token)) == token
+    integrity(tunnel, streams=4, mib_per_stream=4, deadline_s=60)
+    wire = capture.bytes()
+    expected_tls = "1" if tls is None else tls
+    wait_log(tunnel.client, rf"authenticated .*np\.tls={expected_tls}", 5, "the client's tls setting")
+    if expected_tls == "0":
+        assert token in wire, "tls=0 relays in clear: the marker should be visible on the pool port"
+    else:
+        assert token not in wire, f"tls={expected_tls}: user data crossed the pool port in clear"
+    assert KEY.encode() not in wire
+    for proc in (tunnel.server, tunnel.client):
+        assert KEY not in proc.output(), "the key appeared in a log"
+
+
+def test_v2_missing_certificate_file_is_a_clear_error_at_start(procs, nodepass_bin, echo_service, tmp_path):
+    tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port, "2")
+    tunnel.server_query += f"&crt={tmp_path}/missing.crt&key={tmp_path}/missing.key"
+    tunnel.start_server(wait_listening=False)
+    code = tunnel.server.wait(20)
+    assert code == 1
+    assert "missing.crt" in tunnel.server.output()
+
+
+def test_three_clients_share_the_users_and_one_leaving_loses_nothing_of_the_others(procs, nodepass_bin,
+                                                                                   echo_service):
+    tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port)
+    tunnel.client_env["MIN_POOL_CAPACITY"] = "8"
+    tunnel.start_server()
+    clients = [procs.start(f"client{i}", [nodepass_bin, tunnel.client_url], env=tunnel.client_env) for i in range(3)]
+    tunnel.client = clients[0]
+    for client in clients:
+        wait_log(client, r"authenticated", 15, "each client to authenticate")
+    server_pool = pool_port(tunnel)
+
+    def pooled(client) -> int:
+        return sum(1 for s in tcp_sockets(client.pid) if s.state == TCP_ESTABLISHED and s.remote_port == server_pool)
+
+    wait_for(lambda: all(pooled(c) >= 8 for c in clients), 15, "8 pool connections from each client")
+    burst(tunnel, count=60)
+    relayed = [c.output().count("relaying") for c in clients]
+    assert all(n > 0 for n in relayed), f"users were not spread over the clients: {relayed}"
+
+    # Long streams through every client, then one client dies in the middle of them.
+    results = {}
+
+    def stream(i):
+        data = os.urandom(256 * 1024)
+        try:
+            with connect(tunnel.host, tunnel.target_port, timeout=20) as s:
+                received = b""
+                for offset in range(0, len(data), 16 * 1024):
+                    s.sendall(data[offset:offset + 16 * 1024])
+                    received += recv_exact(s, 16 * 1024)
+                    time.sleep(0.01)  # keep the stream open across the kill (pacing, not synchronisation)
+                results[i] = "ok" if received == data else "corrupt"
+        except OSError as exc:
+            results[i] = f"broken: {exc!r}"
+
+    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(12)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: sum(c.output().count("relaying") for c in clients) >= sum(relayed) + 12, 15,
+             "all 12 streams relaying")
+    victim = clients[1]
+    carried_by_victim = victim.output().count("relaying") - relayed[1]
+    victim.kill9()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert "corrupt" not in results.values(), results
+    ok = sum(1 for v in results.values() if v == "ok")
+    # Only streams carried by the dead client may break; every other stream finishes intact.
+    assert ok >= 12 - carried_by_victim, (results, carried_by_victim)
+    wait_log(tunnel.server, r"client disconnected .*np\.clients=2", 10, "the server to drop the dead client")
+    # New users go to the two clients left, every one of them.
+    burst(tunnel, count=100)
+    assert tunnel.server.alive() and clients[0].alive() and clients[2].alive()
+
+
+# --------------------------------------------------------------------------- version and key mismatch
+
+
+def test_wrong_key_fails_at_once_on_both_sides_with_the_peer_address(procs, nodepass_bin, echo_service):
+    tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port)
+    tunnel.client_key = "not-the-" + KEY
+    tunnel.start_server()
+    started = time.monotonic()
+    tunnel.start_client()
+    wait_log(tunnel.client, r"authentication failed", 5, "the client to report a failed authentication")
+    line = wait_log(tunnel.server, r"client refused .*", 5, "the server to log the refusal")
+    assert time.monotonic() - started < 5
+    assert re.search(r"np\.peer=127\.0\.0\.1:\d+", line), line
+    assert tunnel.pool_connections() == 0
+    with pytest.raises(OSError):
+        echo_probe(tunnel.host, tunnel.target_port, timeout=7)
+    assert tunnel.server.alive() and tunnel.client.alive()
+    for proc in (tunnel.server, tunnel.client):
+        assert KEY not in proc.output() and tunnel.client_key not in proc.output()
+
+
+@pytest.mark.parametrize("keyed_side", ["server", "client"])
+def test_v1_and_v2_peers_fail_at_once_with_a_clear_message(procs, nodepass_bin, echo_service, keyed_side):
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port)
+    if keyed_side == "server":
+        tunnel.server_key = KEY
+    else:
+        tunnel.client_key = KEY
+    tunnel.start_server()
+    tunnel.start_client()
+    if keyed_side == "server":
+        wait_log(tunnel.server, r"client refused .*has no key", 5, "the v2 server to refuse the v1 client")
+        wait_log(tunnel.client, r"closed the control channel before announcing its pool port", 5,
+                 "the v1 client to say why")
+    else:
+        wait_log(tunnel.server, r"client refused: it has a key", 5, "the v1 server to refuse the v2 client")
+        wait_log(tunnel.client, r"this server has no key", 5, "the v2 client to report the server's answer")
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("go_side", ["server", "client"])
+def test_v2_against_the_go_original_fails_at_once(procs, nodepass_bin, go_peer_bin, echo_service, go_side):
+    if go_side == "server":
+        tunnel = Tunnel(procs, go_peer_bin, nodepass_bin, echo_service.port)
+        tunnel.client_key = KEY
+        tunnel.start_server()
+        tunnel.start_client()
+        wait_log(tunnel.client, r"the server speaks protocol v1", 5, "our v2 client to detect the v1 server")
+    else:
+        tunnel = Tunnel(procs, nodepass_bin, go_peer_bin, echo_service.port)
+        tunnel.server_key = KEY
+        tunnel.start_server()
+        tunnel.start_client()
+        wait_log(tunnel.server, r"client refused .*has no key", 5, "our v2 server to refuse the Go client")
+        assert tunnel.server.alive()
+
+
+# --------------------------------------------------------------------------- attacks
+
+
+def test_tls_without_the_key_gets_nothing_on_the_tunnel_port(procs, nodepass_bin, echo_service):
+    tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port)
+    tunnel.start_server()
+    host, port = tunnel.host, tunnel.tunnel_port
+
+    # TLS with ALPN but a guessed proof: a failure frame, then the close.
+    guesser = v2_peer.Control(host, port)
+    guesser.hello()
+    with pytest.raises(v2_peer.ServerRefused, match="authentication failed"):
+        guesser.authenticate(v2_peer.derive_key("guess"))
+    guesser.close()
+
+    # TLS without ALPN (a v1 client or a scanner): closed without a single NodePass byte.
+    plain_tls = v2_peer.Control(host, port, alpn=False)
+    with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+        v2_peer.read_frame(plain_tls.sock)
+    plain_tls.close()
+
+    # A frame announcing more than 1024 bytes: refused from its header.
+    big = v2_peer.Control(host, port)
+    big.sock.sendall(bytes([0x01, 0xFF, 0xFF]) + b"x" * 64)
+    with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+        v2_peer.read_frame(big.sock)
+    big.close()
+
+    wait_for(lambda: len(re.findall(r"client refused .*np\.peer=127\.0\.0\.1:\d+", tunnel.server.output())) >= 3,
+             5, "three refusals logged with the peer address")
+    assert tunnel.server.alive()
+    # The real client still gets in.
+    tunnel.start_client()
+    tunnel.wait_client_connected(10)
+    tunnel.wait_ready(20)
+
+
+def test_replayed_handshake_and_pool_opening_are_refused(procs, nodepass_bin, echo_service):
+    tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port, tls="0")
+    tunnel.start_server()
+    host = tunnel.host
+
+    # The Python client knows the key: a full handshake and a pool connection succeed (interop check).
+    control, session = v2_peer.handshake(host, tunnel.tunnel_port, KEY)
+    assert session.mode == 1 and session.tls == 0 and len(session.session_id) == 16
+    legit = v2_peer.PoolConnection(host, session.pool_port)
+    recorded_answer = legit.answer(session)
+    assert legit.finish(session) >= 0
+    recorded_hello, recorded_proof = control.sent[0], control.sent[1]
+
+    # Replay the recorded handshake on a new TLS connection, without the key.
+    replayer = v2_peer.Control(host, tunnel.tunnel_port)
+    replayer.sock.sendall(recorded_hello)
+    v2_peer.read_frame(replayer.sock)  # a fresh challenge, which the recording cannot answer
+    replayer.sock.sendall(recorded_proof)
+    kind, payload = v2_peer.read_frame(replayer.sock)
+    assert kind == v2_peer.FAILURE and payload[0] == 1
+    replayer.close()
+
+    # Replay the recorded pool-connection answer on a new pool connection (the session is still alive).
+    replayed = v2_peer.PoolConnection(host, session.pool_port)
+    replayed.sock.sendall(recorded_answer)
+    assert replayed.closed_by_server(timeout=5), "a replayed pool opening was kept"
+    replayed.close()
+    wait_log(tunnel.server, r"pool connection refused: authentication failed .*np\.peer=127\.0\.0\.1:\d+", 5,
+             "the pool refusal with the peer address")
+    legit.close()
+    control.close()
+
+
+def test_strangers_queued_on_the_pool_port_never_receive_user_data(procs, nodepass_bin, echo_service):
+    tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port, tls="0")
+    tunnel.start()
+    port = pool_port(tunnel)
+    idle = [v2_peer.PoolConnection(tunnel.host, port) for _ in range(10)]
+    guessing = []
+    for _ in range(10):
+        conn = v2_peer.PoolConnection(tunnel.host, port)
+        conn.sock.sendall(os.urandom(48))
+        guessing.append(conn)
+    burst(tunnel, count=50)
+    for conn in guessing:
+        assert conn.closed_by_server(timeout=5), "a stranger with a guessed answer was kept"
+    for conn in idle:
+        # Nothing but the 32-byte nonce, then the close when the opening times out (5 s).
+        assert conn.closed_by_server(timeout=10), "an idle stranger received data or was kept"
+    for conn in idle + guessing:
+        conn.close()
+    assert tunnel.server.alive()
+
+
+def test_100_idle_sockets_on_the_tunnel_port_do_not_block_the_v2_client(procs, nodepass_bin, echo_service):
+    tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port)
+    tunnel.start_server()
+    idle = [connect(tunnel.host, tunnel.tunnel_port) for _ in range(100)]
+    try:
+        tunnel.start_client()
+        tunnel.wait_client_connected(6)
+        tunnel.wait_ready(20)
+    finally:
+        for s in idle:
+            s.close()
+
+
+class TerminatingProxy:
+    """A man in the middle: terminates the client's TLS with its own certificate (offering nodepass/2) and
+    opens its own TLS connection to the server, relaying the plaintext both ways."""
+
+    def __init__(self, upstream_port: int, cert: str, key: str):
+        self.upstream_port = upstream_port
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.ctx.set_alpn_protocols([v2_peer.ALPN])
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.5)
+        self.port = self.listener.getsockname()[1]
+        self.relayed = {"to_server": 0, "to_client": 0}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while not self.stopping.is_set():
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self.handle, args=(raw,), daemon=True).start()
+
+    def handle(self, raw):
+        try:
+            client = self.ctx.wrap_socket(raw, server_side=True)
+            upstream = v2_peer.tls_client_context().wrap_socket(
+                socket.create_connection(("127.0.0.1", self.upstream_port), timeout=10))
+        except (OSError, ssl.SSLError):
+            raw.close()
+            return
+
+        def pump(src, dst, name):
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    self.relayed[name] += len(data)
+                    dst.sendall(data)
+            except (OSError, ssl.SSLError):
+                pass
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+        threading.Thread(target=pump, args=(client, upstream, "to_server"), daemon=True).start()
+        pump(upstream, client, "to_client")
+
+    def close(self):
+        self.stopping.set()
+        self.listener.close()
+        self.thread.join(5)
+
+
+def test_a_tls_terminating_man_in_the_middle_fails_on_both_sides(procs, nodepass_bin, echo_service, data_cert):
+    tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port)
+    tunnel.start_server()
+    proxy = TerminatingProxy(tunnel.tunnel_port, *data_cert)
+    try:
+        real_port = tunnel.tunnel_port
+        tunnel.tunnel_port = proxy.port
+        tunnel.start_client()
+        wait_log(tunnel.server, r"client refused .*proof does not match", 10, "the server to refuse the relayed proof")
+        wait_log(tunnel.client, r"authentication failed", 10, "the client to fail")
+        # The proxy did carry the handshake both ways: the failure is the binding, not a broken relay.
+        assert proxy.relayed["to_server"] >= 3 + 33 + 3 + 32 and proxy.relayed["to_client"] >= 3 + 33
+        tunnel.tunnel_port = real_port
+        assert "authenticated" not in tunnel.client.output()
+        server_pool = pool_port(tunnel)
+        assert not any(s.remote_port == server_pool for s in tunnel.client_connections())
+    finally:
+        proxy.close()
