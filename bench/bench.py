@@ -35,7 +35,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 NP_ENV_VARS = ("MIN_POOL_CAPACITY", "MAX_POOL_CAPACITY", "SEMAPHORE_LIMIT", "REPORT_INTERVAL",
                "SERVICE_COOLDOWN", "SHUTDOWN_TIMEOUT")
 GO_DEFAULT = Path(os.environ.get("PEER_BIN", str(Path.home() / ".cache/np-peer/nodepass-go-1.0.1")))
-BUILTIN_ROWS = ("direct", "socat-chain", "nodepass-swift", "nodepass-go")
+BUILTIN_ROWS = ("direct", "socat-chain", "nodepass-swift", "nodepass-swift-v2-tls0", "nodepass-swift-v2-tls1",
+                "nodepass-go")
+# Protocol v2 rows: the same key on both sides (made fresh for each run, never printed).
+BENCH_KEY = os.urandom(16).hex()
 
 SOCAT_SERVER = ("socat TCP-LISTEN:{user_port},bind=127.0.0.1,reuseaddr,fork,backlog=4096,nodelay "
                 "TCP:127.0.0.1:{tunnel_port},nodelay")
@@ -625,7 +628,8 @@ class Bench:
 
     def run_tunnel(self, row: Row, res: dict) -> None:
         c = self.cfg
-        res.update({"kind": "tunnel", "server_cmd": row.server, "client_cmd": row.client, "note": row.note})
+        res.update({"kind": "tunnel", "server_cmd": row.server.replace(BENCH_KEY, "KEY"),
+                    "client_cmd": row.client.replace(BENCH_KEY, "KEY"), "note": row.note})
         stable = None if row.pooled else 0.3  # nothing to settle without a pool
         # phase 1: default environment: idle memory, then performance
         t = self.start_tunnel(row, "perf", {})
@@ -938,6 +942,12 @@ def main() -> int:
     if np_bin:
         rows["nodepass-swift"] = Row("nodepass-swift", "tunnel", NP_SERVER.replace("{bin}", shlex.quote(np_bin)),
                                      NP_CLIENT.replace("{bin}", shlex.quote(np_bin)), note=np_bin)
+    if np_bin:
+        for tls in ("0", "1"):
+            server = NP_SERVER.replace("{bin}", shlex.quote(np_bin)).replace("server://", f"server://{BENCH_KEY}@")
+            client = NP_CLIENT.replace("{bin}", shlex.quote(np_bin)).replace("client://", f"client://{BENCH_KEY}@")
+            rows[f"nodepass-swift-v2-tls{tls}"] = Row(f"nodepass-swift-v2-tls{tls}", "tunnel", f"{server}&tls={tls}",
+                                                      client, note=f"protocol v2, tls={tls}")
     if go_bin:
         rows["nodepass-go"] = Row("nodepass-go", "tunnel", NP_SERVER.replace("{bin}", shlex.quote(go_bin)),
                                   NP_CLIENT.replace("{bin}", shlex.quote(go_bin)), note=go_bin)

@@ -48,8 +48,12 @@ struct NodePassCommand: AsyncParsableCommand {
                                  certificate, pinned by the client (default)
               tls=2              TLS with crt=CERT.pem and key=KEY.pem
               tls=0              plain data connections (authenticated only)
-              mode=0|1           0 (default) picks 1, reverse: users connect to
-                                 the server; 2 (forward) is not available yet
+              mode=1             reverse: users connect to the server's TARGET,
+                                 the client dials its TARGET (as v1)
+              mode=2             forward: users connect to the client's TARGET,
+                                 the server dials its TARGET
+              mode=0             (default) 1 if the server can listen on its
+                                 TARGET, else 2
 
             ENVIRONMENT (integers; durations as 5s, 500ms, 1m):
               SEMAPHORE_LIMIT    1024  concurrent user / relayed connections

@@ -106,6 +106,32 @@ import Testing
         #expect(drained.users == ["u"])
     }
 
+    @Test func oneClientLeavingTakesOnlyItsOwnIdleConnections() {
+        var machine = Machine(maximumIdle: 8)
+        _ = machine.poolConnectionReady(id: PoolID(1), connection: "a1")
+        _ = machine.poolConnectionReady(id: PoolID(2), connection: "b1")
+        _ = machine.poolConnectionReady(id: PoolID(3), connection: "a2")
+        let lost = machine.controlLost { $0.hasPrefix("a") }
+        #expect(lost == ["a1", "a2"])
+        let next = machine.userArrived(ticket: 1, user: "u")
+        #expect(self.relayed(next)?.1 == "b1")
+    }
+
+    @Test func aLaunchTakesOnlyTheSendersIdleConnection() {
+        var machine = Machine(maximumIdle: 8)
+        _ = machine.poolConnectionReady(id: PoolID(1), connection: "a1")
+        _ = machine.poolConnectionReady(id: PoolID(2), connection: "b1")
+        let stolen = machine.takeIdle(id: PoolID(2)) { $0.hasPrefix("a") }
+        #expect(stolen == nil)
+        let unknown = machine.takeIdle(id: PoolID(9)) { _ in true }
+        #expect(unknown == nil)
+        let taken = machine.takeIdle(id: PoolID(2)) { $0.hasPrefix("b") }
+        #expect(taken == "b1")
+        let again = machine.takeIdle(id: PoolID(2)) { _ in true }
+        #expect(again == nil)
+        #expect(machine.idleCount == 1)
+    }
+
     private func isKeep(_ action: Machine.Action) -> Bool {
         if case .keep = action { return true }
         return false

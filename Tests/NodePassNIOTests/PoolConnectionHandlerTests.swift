@@ -67,6 +67,51 @@ private final class RecordingClientDelegate: ClientPoolConnectionDelegate {
     }
 }
 
+@Suite struct ServerPoolConnectionHandlerForwardTests {
+    private func makeChannel(_ delegate: RecordingServerDelegate) throws -> EmbeddedChannel {
+        let channel = EmbeddedChannel()
+        try channel.pipeline.syncOperations.addHandlers([
+            ServerPoolConnectionHandler(delegate: delegate, claimTimeout: .seconds(5)),
+            GlueHandler(),
+        ])
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        _ = try channel.readOutbound(as: ByteBuffer.self)
+        return channel
+    }
+
+    @Test func bytesBeforeTheLaunchAreHeldAndPassedOnInOrderAtTheHandoff() throws {
+        let delegate = RecordingServerDelegate(id: PoolID(7))
+        let channel = try self.makeChannel(delegate)
+        try channel.writeInbound(ByteBuffer(string: "GET / HTTP/1.1\r\n"))
+        try channel.writeInbound(ByteBuffer(string: "Host: x\r\n\r\n"))
+        channel.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        #expect(channel.isActive, "forward mode holds early bytes instead of closing")
+        #expect(delegate.events.withLock { $0 } == ["ready 00000007"])
+
+        let partner = EmbeddedChannel(loop: channel.embeddedEventLoop)
+        try partner.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 2)).wait()
+        let handler = try channel.pipeline.syncOperations.handler(type: ServerPoolConnectionHandler.self)
+        let context = try channel.pipeline.syncOperations.context(handler: handler)
+        #expect(handler.handOff(context: context, to: partner))
+        channel.embeddedEventLoop.run()
+        var relayed = ByteBuffer()
+        while var part = try partner.readOutbound(as: ByteBuffer.self) { relayed.writeBuffer(&part) }
+        #expect(relayed == ByteBuffer(string: "GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+        #expect(!handler.handOff(context: context, to: partner), "a connection is handed off once")
+        _ = try? partner.finish()
+        _ = try? channel.finish()
+    }
+
+    @Test func heldBytesWithoutALaunchAreDroppedAtTheClaimTimeout() throws {
+        let delegate = RecordingServerDelegate(id: PoolID(8))
+        let channel = try self.makeChannel(delegate)
+        try channel.writeInbound(ByteBuffer(string: "early"))
+        channel.embeddedEventLoop.advanceTime(by: .seconds(6))
+        #expect(!channel.isActive)
+        #expect(delegate.events.withLock { $0 } == ["ready 00000008", "closed 00000008 false"])
+    }
+}
+
 @Suite struct ClientPoolConnectionHandlerTests {
     private func makeChannel(_ delegate: RecordingClientDelegate) throws -> EmbeddedChannel {
         let channel = EmbeddedChannel()

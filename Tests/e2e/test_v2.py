@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_support import Tunnel, connect, echo_probe, recv_exact, tcp_sockets, TCP_ESTABLISHED, wait_for
+from e2e_support import Tunnel, connect, echo_probe, free_port, recv_exact, tcp_sockets, TCP_ESTABLISHED, wait_for
 from scenarios import burst, integrity
 import v2_peer
 
@@ -110,6 +110,34 @@ def test_v2_relays_intact_data_with_each_tls_setting(procs, nodepass_bin, echo_s
     assert KEY.encode() not in wire
     for proc in (tunnel.server, tunnel.client):
         assert KEY not in proc.output(), "the key appeared in a log"
+
+
+@pytest.mark.parametrize("mode,tls", [("2", "1"), ("2", "0"), ("0", None)])
+def test_forward_mode_users_connect_to_the_client_and_the_server_dials(procs, nodepass_bin, echo_service, mode, tls):
+    """mode=2, or mode=0 when the server cannot listen on its TARGET (here the echo service already does):
+    the client listens on its TARGET and the server dials its own."""
+    tunnel = v2_tunnel(procs, nodepass_bin, free_port(), tls)
+    user_port = tunnel.service_port  # the client's TARGET: where users connect
+    if mode != "0":
+        tunnel.server_query += f"&mode={mode}"
+    tunnel.target_port = echo_service.port  # the server's TARGET: the service it dials
+    tunnel.start_server()
+    if mode == "0":
+        wait_log(tunnel.server, r"mode=0 chose forward mode", 5, "the server to say which mode it chose")
+    tunnel.start_client()
+    wait_log(tunnel.client, r"forward mode: users connect", 10, "the client to listen for users")
+    tunnel.target_port = user_port
+    tunnel.wait_ready(20)
+    integrity(tunnel, streams=4, mib_per_stream=4, deadline_s=60)
+    burst(tunnel, count=100)
+    assert "launch sent" in tunnel.client.output() and "relaying" in tunnel.server.output()
+
+
+def test_mode_0_picks_reverse_when_the_server_can_listen(procs, nodepass_bin, echo_service):
+    tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port)
+    tunnel.start()
+    wait_log(tunnel.server, r"mode=0 chose reverse mode", 5, "the server to say which mode it chose")
+    assert "forward mode" not in tunnel.client.output()
 
 
 def test_v2_missing_certificate_file_is_a_clear_error_at_start(procs, nodepass_bin, echo_service, tmp_path):

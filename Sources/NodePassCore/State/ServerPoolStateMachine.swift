@@ -62,6 +62,15 @@ public struct ServerPoolStateMachine<Connection, User> {
         return true
     }
 
+    /// The other side launched the idle connection `id` (forward mode): it is taken out of the pool if it is
+    /// idle and `belongs` accepts it; nil otherwise.
+    public mutating func takeIdle(id: PoolID, where belongs: (Connection) -> Bool) -> Connection? {
+        guard let index = self.idle.firstIndex(where: { $0.id == id }), belongs(self.idle[index].connection) else {
+            return nil
+        }
+        return self.idle.remove(at: index).connection
+    }
+
     /// A user connected; `ticket` identifies it for a later timeout. `retry` puts it first in line.
     public mutating func userArrived(ticket: UInt64, user: User, retry: Bool = false) -> Action {
         if let first = self.idle.popFirst() {

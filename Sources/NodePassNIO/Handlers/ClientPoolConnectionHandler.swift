@@ -38,7 +38,7 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
     public typealias InboundIn = ByteBuffer
 
     /// The most bytes held before the launch; reading pauses above it.
-    public static let maximumEarlyBytes = 256 * 1024
+    public static let maximumEarlyBytes = EarlyBytes.maximum
 
     private enum State {
         case awaitingID(ByteBuffer)
@@ -48,8 +48,7 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
     }
 
     private var state: State = .awaitingID(ByteBuffer())
-    private var early = ByteBuffer()
-    private var inputEnded = false
+    private var early = EarlyBytes()
     private var timeout: Scheduled<Void>?
     private let idReadTimeout: TimeAmount
     private let claimTimeout: TimeAmount
@@ -105,14 +104,14 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
             self.state = .idle(id)
             self.delegate.poolConnectionEstablished(context.channel, id: id)
             if pending.readableBytes > 0 {
-                self.early.writeBuffer(&pending)
+                self.early.hold(&pending)
                 self.claim(context: context, id: id)
             }
         case .idle(let id):
-            self.early.writeBuffer(&buffer)
+            self.early.hold(&buffer)
             self.claim(context: context, id: id)
         case .claimed:
-            self.early.writeBuffer(&buffer)
+            self.early.hold(&buffer)
         case .handedOff:
             context.fireChannelRead(data)
         }
@@ -121,7 +120,7 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
     public func channelReadComplete(context: ChannelHandlerContext) {
         switch self.state {
         case .awaitingID, .idle, .claimed:
-            if !self.inputEnded && self.early.readableBytes < Self.maximumEarlyBytes {
+            if self.early.wantsMoreReads {
                 context.read()
             }
         case .handedOff:
@@ -141,7 +140,7 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
             // The server closed an idle connection (full pool, restart): it is lost, not used.
             context.close(promise: nil)
         case .claimed:
-            self.inputEnded = true
+            self.early.endOfInput()
         case .handedOff:
             context.fireUserInboundEventTriggered(event)
         }
@@ -181,24 +180,11 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
     /// bytes and the end of input received so far; from now on every event passes through.
     /// Must run on the channel's event loop. Returns false when the connection is no longer usable.
     public func handOff(context: ChannelHandlerContext, to partner: any Channel) -> Bool {
-        guard context.channel.isActive, self.id != nil,
-            let glue = try? context.pipeline.syncOperations.handler(type: GlueHandler.self),
-            let glueContext = try? context.pipeline.syncOperations.context(handler: glue)
-        else { return false }
+        guard self.id != nil else { return false }
         self.timeout?.cancel()
         self.timeout = nil
         self.state = .handedOff
-        glue.connect(to: partner, context: glueContext)
-        if self.early.readableBytes > 0 {
-            let early = self.early
-            self.early = ByteBuffer()
-            context.fireChannelRead(NIOAny(early))
-            context.fireChannelReadComplete()
-        }
-        if self.inputEnded {
-            context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
-        }
-        return true
+        return self.early.handOff(context: context, to: partner)
     }
 }
 

@@ -39,29 +39,40 @@ public protocol ServerPoolConnectionDelegate: AnyObject, Sendable {
 }
 
 /// The server side of a pool connection before its launch: writes the opening in a single write, then
-/// watches the idle connection (any byte or end of input means it is dead) until it is handed off; after
-/// that it passes every event on to the `GlueHandler` behind it.
+/// waits to be handed off; after that it passes every event on to the `GlueHandler` behind it.
 ///
-/// v1 starts when the connection is active; v2 starts on `V2PoolAuthenticated`. The channel must have
-/// `autoRead` off.
+/// In reverse mode the server launches: an idle connection that receives a byte or an end of input is
+/// dead and closed. In forward mode (`holdsEarlyBytes`) the client launches and may relay before the
+/// server has read the launch: early bytes are held (up to a bound, for at most `claimTimeout`) and passed
+/// on at the handoff. v1 starts when the connection is active; v2 starts on `V2PoolAuthenticated`. The
+/// channel must have `autoRead` off.
 public final class ServerPoolConnectionHandler: ChannelInboundHandler {
     public typealias InboundIn = ByteBuffer
 
     private enum State {
         case opening
         case idle(PoolID)
+        case claimed(PoolID)
         case done
     }
 
     private var state: State = .opening
     private let delegate: any ServerPoolConnectionDelegate
     private let waitsForAuthentication: Bool
+    private let claimTimeout: TimeAmount?
+    private var early = EarlyBytes()
+    private var timeout: Scheduled<Void>?
 
     /// Makes the handler; with `waitsForAuthentication` it starts on `V2PoolAuthenticated` instead of
-    /// `channelActive`.
-    public init(delegate: any ServerPoolConnectionDelegate, waitsForAuthentication: Bool = false) {
+    /// `channelActive`; with a `claimTimeout` it holds early bytes (forward mode) for at most that long.
+    public init(
+        delegate: any ServerPoolConnectionDelegate,
+        waitsForAuthentication: Bool = false,
+        claimTimeout: TimeAmount? = nil
+    ) {
         self.delegate = delegate
         self.waitsForAuthentication = waitsForAuthentication
+        self.claimTimeout = claimTimeout
     }
 
     public func channelActive(context: ChannelHandlerContext) {
@@ -86,12 +97,32 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch self.state {
-        case .idle(let id):
+        case .idle(let id) where self.claimTimeout == nil:
             self.state = .done
             self.delegate.poolConnectionClosed(id: id, protocolViolation: true)
             context.close(promise: nil)
+        case .idle(let id):
+            var buffer = self.unwrapInboundIn(data)
+            self.early.hold(&buffer)
+            self.state = .claimed(id)
+            let channel = context.channel
+            self.timeout = self.claimTimeout.map { context.eventLoop.scheduleTask(in: $0) { channel.close(promise: nil) } }
+        case .claimed:
+            var buffer = self.unwrapInboundIn(data)
+            self.early.hold(&buffer)
         case .opening, .done:
             context.fireChannelRead(data)
+        }
+    }
+
+    public func channelReadComplete(context: ChannelHandlerContext) {
+        switch self.state {
+        case .idle, .claimed:
+            if self.claimTimeout != nil && self.early.wantsMoreReads {
+                context.read()
+            }
+        case .opening, .done:
+            context.fireChannelReadComplete()
         }
     }
 
@@ -100,17 +131,30 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
             self.start(context: context, authentication: authenticated)
             return
         }
-        if case ChannelEvent.inputClosed = event, case .idle = self.state {
-            context.close(promise: nil)
-            return
+        if case ChannelEvent.inputClosed = event {
+            switch self.state {
+            case .idle:
+                context.close(promise: nil)
+                return
+            case .claimed:
+                self.early.endOfInput()
+                return
+            case .opening, .done:
+                break
+            }
         }
         context.fireUserInboundEventTriggered(event)
     }
 
     public func channelInactive(context: ChannelHandlerContext) {
-        if case .idle(let id) = self.state {
+        self.timeout?.cancel()
+        self.timeout = nil
+        switch self.state {
+        case .idle(let id), .claimed(let id):
             self.state = .done
             self.delegate.poolConnectionClosed(id: id, protocolViolation: false)
+        case .opening, .done:
+            break
         }
         context.fireChannelInactive()
     }
@@ -125,6 +169,20 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
         guard case .idle = self.state, context.channel.isActive else { return false }
         self.state = .done
         return true
+    }
+
+    /// Forward mode: ends the waiting phase, connects the `GlueHandler` behind this handler to `partner`
+    /// (the dialled target) and passes on what was held. Returns false when the connection is no longer usable.
+    public func handOff(context: ChannelHandlerContext, to partner: any Channel) -> Bool {
+        switch self.state {
+        case .idle, .claimed:
+            self.timeout?.cancel()
+            self.timeout = nil
+            self.state = .done
+            return self.early.handOff(context: context, to: partner)
+        case .opening, .done:
+            return false
+        }
     }
 }
 

@@ -5,8 +5,10 @@ import NIOPosix
 import NodePassCore
 import Synchronization
 
-/// The client's pool: dials pool connections to the server's pool port, keeps them by ID, and on
-/// `launch://ID` dials the target and relays. Sizing comes from `ClientPoolStateMachine`.
+/// The client's pool: dials pool connections to the server's pool port and keeps them by ID. In reverse
+/// mode, on `launch://ID` it dials the target and relays; in forward mode (v2) it has the users: each one
+/// takes the oldest idle pool connection and the pool sends the launch. Sizing comes from
+/// `ClientPoolStateMachine`.
 final class ClientPool: Sendable {
     private struct State {
         var machine: ClientPoolStateMachine
@@ -14,6 +16,11 @@ final class ClientPool: Sendable {
         var poolPort: Int?
         var poolHost: String?
         var v2: V2PoolSettings?
+        /// Forward mode: the control channel that carries this side's launches.
+        var forwardControl: (any Channel)?
+        /// Forward mode: idle connections in the order they came, and users waiting for one.
+        var launcher: ServerPoolStateMachine<any Channel, WaitingUser>
+        var nextTicket: UInt64 = 0
         var connections: [PoolID: any Channel] = [:]
         var claimed: Set<PoolID> = []
         var awaitedLaunches: Set<PoolID> = []
@@ -51,7 +58,8 @@ final class ClientPool: Sendable {
                 machine: ClientPoolStateMachine(
                     minimum: configuration.minPoolCapacity,
                     maximum: configuration.maxPoolCapacity
-                )
+                ),
+                launcher: ServerPoolStateMachine(maximumIdle: configuration.maxPoolCapacity)
             )
         )
     }
@@ -69,11 +77,14 @@ final class ClientPool: Sendable {
 
     /// Idle pool connections (with an ID, not yet used by the server).
     var idleCount: Int { self.state.withLock { $0.machine.idle } }
+    /// Whether the current session is in forward mode (this side has the users).
+    var isForward: Bool { self.state.withLock { $0.forwardControl != nil } }
 
     /// The server named its pool port: (re)start the pool towards it, at `host` (the address the control
     /// channel reached, so that pool connections come from the same client address the server expects),
-    /// or at the tunnel's host name when that is unknown. `v2` authenticates the connections of a v2 session.
-    func start(port: Int, host: String?, v2: V2PoolSettings? = nil) {
+    /// or at the tunnel's host name when that is unknown. `v2` authenticates the connections of a v2 session;
+    /// `forwardControl` (v2 forward mode) is the control channel on which this side sends its launches.
+    func start(port: Int, host: String?, v2: V2PoolSettings? = nil, forwardControl: (any Channel)? = nil) {
         self.stop()
         let loop = self.group.next()
         let (generation, adjustment) = self.updating { state in
@@ -81,6 +92,7 @@ final class ClientPool: Sendable {
             state.poolPort = port
             state.poolHost = host
             state.v2 = v2
+            state.forwardControl = forwardControl
             state.machine.reset()
             let generation = state.generation
             state.ticker = loop.scheduleRepeatedTask(
@@ -100,6 +112,8 @@ final class ClientPool: Sendable {
         let idle = self.updating { state -> [any Channel] in
             state.generation &+= 1
             state.poolPort = nil
+            state.forwardControl = nil
+            _ = state.launcher.controlLost()
             state.ticker?.cancel()
             state.ticker = nil
             state.machine.reset()
@@ -120,7 +134,11 @@ final class ClientPool: Sendable {
     }
 
     private func apply(_ adjustment: ClientPoolStateMachine.Adjustment, generation: UInt64) {
-        let (poolPort, poolHost, v2) = self.state.withLock { ($0.poolPort, $0.poolHost, $0.v2) }
+        let (poolPort, poolHost, v2, forward) = self.state.withLock {
+            ($0.poolPort, $0.poolHost, $0.v2, $0.forwardControl != nil)
+        }
+        // What a pool connection reads goes towards the service in reverse mode, back to the user in forward mode.
+        let bytes = forward ? self.metrics.bytesDownstream : self.metrics.bytesUpstream
         guard adjustment.open > 0, let port = poolPort else { return }
         let host = poolHost ?? self.url.tunnel.dialHost
         let delegate = GenerationDelegate(pool: self, generation: generation)
@@ -129,7 +147,7 @@ final class ClientPool: Sendable {
                 .connectTimeout(self.configuration.dialTimeout)
                 .channelOption(.autoRead, value: false)
                 .channelOption(.allowRemoteHalfClosure, value: true)
-                .channelInitializer { [configuration, metrics] channel in
+                .channelInitializer { [configuration] channel in
                     SocketTuning.apply(to: channel)
                     return channel.eventLoop.makeCompletedFuture {
                         var idReader = PoolIDReader.v1
@@ -153,7 +171,7 @@ final class ClientPool: Sendable {
                                 idReadTimeout: configuration.idReadTimeout,
                                 claimTimeout: configuration.poolWaitTimeout + configuration.dialTimeout
                             ),
-                            GlueHandler(bytes: metrics.bytesUpstream),
+                            GlueHandler(bytes: bytes),
                         ])
                     }
                 }
@@ -178,20 +196,28 @@ final class ClientPool: Sendable {
     }
 
     fileprivate func established(_ channel: any Channel, id: PoolID, generation: UInt64) {
-        let launchNow = self.updating { state -> Bool? in
-            guard state.generation == generation else { return nil }
+        enum Next {
+            case close, launch, keep
+            case forward(ServerPoolStateMachine<any Channel, WaitingUser>.Action)
+        }
+        let next = self.updating { state -> Next in
+            guard state.generation == generation else { return .close }
             guard state.connections[id] == nil else {
                 state.machine.connectionFailed()
-                return nil
+                return .close
             }
             state.machine.connectionEstablished()
             state.connections[id] = channel
-            return state.awaitedLaunches.remove(id) != nil
+            if state.forwardControl != nil {
+                return .forward(state.launcher.poolConnectionReady(id: id, connection: channel))
+            }
+            return state.awaitedLaunches.remove(id) != nil ? .launch : .keep
         }
-        switch launchNow {
-        case nil: channel.close(promise: nil)
-        case true?: self.launch(id)
-        case false?: break
+        switch next {
+        case .close: channel.close(promise: nil)
+        case .launch: self.launch(id)
+        case .keep: break
+        case .forward(let action): self.perform(action)
         }
     }
 
@@ -199,6 +225,8 @@ final class ClientPool: Sendable {
         let adjustment = self.updating { state -> ClientPoolStateMachine.Adjustment in
             guard state.generation == generation, state.connections[id] != nil else { return .none }
             state.claimed.insert(id)
+            // In forward mode the server never writes first: the connection is broken, not launched.
+            state.launcher.poolConnectionClosed(id: id)
             return state.machine.connectionTaken()
         }
         self.apply(adjustment, generation: generation)
@@ -213,6 +241,7 @@ final class ClientPool: Sendable {
             }
             guard let known = state.connections[id], known === channel else { return .none }
             state.connections[id] = nil
+            state.launcher.poolConnectionClosed(id: id)
             if state.claimed.remove(id) != nil { return .none }
             return state.machine.connectionLost()
         }
@@ -258,60 +287,94 @@ final class ClientPool: Sendable {
         }
     }
 
-    private func relay(id: PoolID, pool: any Channel) {
-        let logger = {
-            var logger = self.logger
-            logger[metadataKey: "np.pool.id"] = "\(id)"
-            return logger
-        }()
-        guard self.sessions.add(pool) else {
-            self.metrics.failed(.limit)
-            logger.warning("SEMAPHORE_LIMIT reached; launch refused", metadata: ["np.limit": "\(self.sessions.limit)"])
+    // MARK: forward mode: this side has the users
+
+    /// A user connected to this side's TARGET (forward mode): relay it now, or let it wait for a pool
+    /// connection.
+    func userArrived(_ channel: any Channel) {
+        let (ticket, action) = self.updating { state -> (UInt64, ServerPoolStateMachine<any Channel, WaitingUser>.Action) in
+            state.nextTicket += 1
+            let user = WaitingUser(ticket: state.nextTicket, channel: channel, arrived: .now())
+            return (state.nextTicket, state.launcher.userArrived(ticket: user.ticket, user: user))
+        }
+        if case .wait = action {
+            self.scheduleWaitTimeout(ticket: ticket, on: channel.eventLoop)
+        }
+        self.perform(action)
+    }
+
+    private func scheduleWaitTimeout(ticket: UInt64, on loop: any EventLoop) {
+        loop.scheduleTask(in: self.configuration.poolWaitTimeout) {
+            guard let user = self.updating({ $0.launcher.userLeft(ticket: ticket) }) else { return }
+            self.metrics.failed(.poolWait)
+            self.logger.warning(
+                "no pool connection in time; user connection closed",
+                metadata: ["np.wait": "\(DurationParser.format(self.configuration.poolWaitTimeout))"]
+            )
+            user.channel.close(promise: nil)
+        }
+    }
+
+    private func perform(_ action: ServerPoolStateMachine<any Channel, WaitingUser>.Action) {
+        switch action {
+        case .keep, .wait:
+            break
+        case .close(let connection):
+            connection.close(promise: nil)
+        case .relay(let id, let pool, let user):
+            pool.eventLoop.execute { self.relayForward(id: id, pool: pool, user: user) }
+        }
+    }
+
+    /// On the pool connection's event loop: hands the pool connection to the user, sends the launch, relays.
+    private func relayForward(id: PoolID, pool: any Channel, user: WaitingUser) {
+        let (control, adjustment, generation) = self.updating { state in
+            if let known = state.connections[id], known === pool {
+                state.connections[id] = nil
+            }
+            return (state.forwardControl, state.machine.connectionTaken(), state.generation)
+        }
+        self.apply(adjustment, generation: generation)
+        var handedOff = false
+        if control != nil, let handler = try? pool.pipeline.syncOperations.handler(type: ClientPoolConnectionHandler.self),
+            let context = try? pool.pipeline.syncOperations.context(handler: handler)
+        {
+            handedOff = handler.handOff(context: context, to: user.channel)
+        }
+        guard handedOff, let control else {
             pool.close(promise: nil)
+            // The user takes the next pool connection, first in line.
+            let action = self.updating { $0.launcher.userArrived(ticket: user.ticket, user: user, retry: true) }
+            if case .wait = action {
+                self.scheduleWaitTimeout(ticket: user.ticket, on: user.channel.eventLoop)
+            }
+            self.perform(action)
             return
         }
-        let metrics = self.metrics
-        let launched = NIODeadline.now()
-        metrics.accepted.increment()
-        metrics.active.increment()
-        pool.closeFuture.whenComplete { _ in metrics.active.decrement() }
-        let target = self.url.target
-        ClientBootstrap(group: pool.eventLoop)
-            .connectTimeout(self.configuration.dialTimeout)
-            .channelOption(.autoRead, value: false)
-            .channelOption(.allowRemoteHalfClosure, value: true)
-            .channelInitializer { channel in
-                SocketTuning.apply(to: channel)
-                return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(GlueHandler(bytes: metrics.bytesDownstream))
-                }
-            }
-            .connect(host: target.dialHost, port: target.port)
-            .whenComplete { result in
-                switch result {
-                case .failure(let error):
-                    metrics.failed(.target)
-                    logger.warning("cannot reach the target", metadata: ["np.target": "\(target)", "np.error": "\(error)"])
-                    pool.close(promise: nil)
-                case .success(let targetChannel):
-                    // Same event loop as the pool connection: both halves are set up before any byte moves.
-                    do {
-                        let handler = try pool.pipeline.syncOperations.handler(type: ClientPoolConnectionHandler.self)
-                        let context = try pool.pipeline.syncOperations.context(handler: handler)
-                        guard handler.handOff(context: context, to: targetChannel) else {
-                            targetChannel.close(promise: nil)
-                            return
-                        }
-                        let glue = try targetChannel.pipeline.syncOperations.handler(type: GlueHandler.self)
-                        glue.connect(to: pool, context: try targetChannel.pipeline.syncOperations.context(handler: glue))
-                        TunnelMetrics.record(metrics.newConnectionDuration, since: launched)
-                        logger.debug("relaying", metadata: ["np.target": "\(target)", "np.pool.local": "\(pool.localAddress.map { "\($0)" } ?? "?")"])
-                    } catch {
-                        targetChannel.close(promise: nil)
-                        pool.close(promise: nil)
-                    }
-                }
-            }
+        var frame = control.allocator.buffer(capacity: 8)
+        V2Message.launch(id).write(to: &frame)
+        control.writeAndFlush(frame, promise: nil)
+        self.logger.debug("launch sent", metadata: ["np.pool.id": "\(id)"])
+        TunnelMetrics.record(self.metrics.newConnectionDuration, since: user.arrived)
+        GlueHandler.connect(user.channel, to: pool)
+    }
+
+    private func relay(id: PoolID, pool: any Channel) {
+        var logger = self.logger
+        logger[metadataKey: "np.pool.id"] = "\(id)"
+        TargetRelay.start(
+            pool: pool,
+            target: self.url.target,
+            dialTimeout: self.configuration.dialTimeout,
+            sessions: self.sessions,
+            metrics: self.metrics,
+            logger: logger
+        ) { target in
+            guard let handler = try? pool.pipeline.syncOperations.handler(type: ClientPoolConnectionHandler.self),
+                let context = try? pool.pipeline.syncOperations.context(handler: handler)
+            else { return false }
+            return handler.handOff(context: context, to: target)
+        }
     }
 }
 

@@ -4,6 +4,13 @@ import NIOCore
 import NodePassCore
 import Synchronization
 
+/// A user connection waiting for a pool connection on the side with the users.
+struct WaitingUser: Sendable {
+    var ticket: UInt64
+    var channel: any Channel
+    var arrived: NIODeadline
+}
+
 /// The server's shared pool: the clients' control channels, idle pool connections and waiting users.
 ///
 /// Called from every event loop; the bookkeeping is a `ServerPoolStateMachine` under a mutex, and each
@@ -11,12 +18,6 @@ import Synchronization
 /// replaces it); v2 has up to `maximumClients`, each owning its idle pool connections, and a user takes the
 /// oldest idle connection of any client.
 final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, Sendable {
-    struct WaitingUser: Sendable {
-        var ticket: UInt64
-        var channel: any Channel
-        var arrived: NIODeadline
-    }
-
     /// An idle pool connection and the client session that owns it.
     struct PoolEntry: Sendable {
         var channel: any Channel
@@ -52,6 +53,8 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
 
     /// Whether launches go out as v2 frames (else as v1 lines).
     private let isV2: Bool
+    /// Forward mode: clients launch, and the server dials `target` (with `sessions` bounding the relays).
+    private let forward = Mutex<(target: HostPort, sessions: SessionTracker)?>(nil)
 
     init(configuration: Configuration, isV2: Bool, metrics: TunnelMetrics, logger: Logger) {
         self.isV2 = isV2
@@ -140,11 +143,40 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
         for entry in result.stale { entry.channel.close(promise: nil) }
     }
 
+    /// Switches to forward mode before any client connects: launches come from clients, the server dials.
+    func serveForward(target: HostPort, sessions: SessionTracker) {
+        self.forward.withLock { $0 = (target, sessions) }
+    }
+
     func launchReceived(_ id: PoolID, from channel: any Channel) {
-        self.logger.warning(
-            "launch from a client ignored: this server has the users (reverse mode)",
-            metadata: ["np.pool.id": "\(id)"]
-        )
+        var logger = self.logger
+        logger[metadataKey: "np.pool.id"] = "\(id)"
+        guard let forward = self.forward.withLock({ $0 }) else {
+            logger.warning("launch from a client ignored: this server has the users (reverse mode)")
+            return
+        }
+        let entry = self.updating { state -> PoolEntry? in
+            guard let owner = state.session(of: channel) else { return nil }
+            return state.machine.takeIdle(id: id) { $0.owner == owner }
+        }
+        guard let entry else {
+            logger.warning("launch for an unknown pool connection ignored")
+            return
+        }
+        let pool = entry.channel
+        TargetRelay.start(
+            pool: pool,
+            target: forward.target,
+            dialTimeout: self.configuration.dialTimeout,
+            sessions: forward.sessions,
+            metrics: self.metrics,
+            logger: logger
+        ) { target in
+            guard let handler = try? pool.pipeline.syncOperations.handler(type: ServerPoolConnectionHandler.self),
+                let context = try? pool.pipeline.syncOperations.context(handler: handler)
+            else { return false }
+            return handler.handOff(context: context, to: target)
+        }
     }
 
     /// The peer's IP address as text, with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) written as IPv4.

@@ -19,6 +19,8 @@ public final class TunnelClient: Service, Sendable {
     private let pool: ClientPool
     private let metrics: TunnelMetrics
     private let connections = Atomic<Int>(0)
+    /// Forward mode: the listener on TARGET where users connect, open while the server asks for forward mode.
+    private let userListener = Mutex<(any Channel)?>(nil)
 
     /// Makes a client for `url` (role client).
     public init(
@@ -89,6 +91,7 @@ public final class TunnelClient: Service, Sendable {
             }
         }
         self.pool.stop()
+        try? await self.updateUserListener(forward: false)
         self.logger.info("shutting down", metadata: ["np.sessions": "\(self.sessions.count)"])
         let cut = await self.sessions.drain(timeout: self.configuration.shutdownTimeout)
         if cut > 0 {
@@ -97,6 +100,41 @@ public final class TunnelClient: Service, Sendable {
         self.logger.info("client stopped")
     }
 
+
+    /// Opens the TARGET listener when the server asks for forward mode, closes it otherwise.
+    private func updateUserListener(forward: Bool) async throws {
+        let current = self.userListener.withLock { $0 }
+        if !forward {
+            guard let current else { return }
+            self.userListener.withLock { $0 = nil }
+            try? await current.close()
+            return
+        }
+        guard current == nil else { return }
+        let listener = try await Listener.bind(
+            self.userBootstrap(),
+            host: self.url.target.host,
+            port: self.url.target.port,
+            what: "target address (forward mode)"
+        )
+        self.userListener.withLock { $0 = listener }
+        self.logger.info(
+            "forward mode: users connect to this side's TARGET",
+            metadata: ["np.target": "\(PeerAddress.describe(listener.localAddress))"]
+        )
+    }
+
+    private func userBootstrap() -> ServerBootstrap {
+        let users = UserConnections(sessions: self.sessions, metrics: self.metrics, logger: self.logger)
+        return ServerBootstrap(group: self.group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelOption(.backlog, value: 1024)
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
+            .childChannelOption(.autoRead, value: false)
+            .childChannelInitializer { [pool] channel in
+                users.initialize(channel) { pool.userArrived($0) }
+            }
+    }
 
     private struct V2ClientSetup: Sendable {
         var key: V2Key
@@ -154,6 +192,12 @@ public final class TunnelClient: Service, Sendable {
             try await connected.futureResult.get()
             if self.connections.wrappingAdd(1, ordering: .relaxed).newValue > 1 {
                 self.metrics.reconnects.increment()
+            }
+            do {
+                try await self.updateUserListener(forward: self.pool.isForward)
+            } catch {
+                channel.close(promise: nil)
+                throw error
             }
             try await channel.closeFuture.get()
         } onGracefulShutdown: {

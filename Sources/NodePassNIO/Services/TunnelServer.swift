@@ -13,11 +13,12 @@ public struct ServerPorts: Sendable, Hashable {
     public var tunnel: Int
     /// The plain-TCP pool port, announced with `remote://`.
     public var pool: Int
-    /// The port users connect to (TARGET).
+    /// The port users connect to (TARGET); 0 in forward mode, where the server listens for no users.
     public var target: Int
 }
 
-/// The server: TLS control channel on TUNNEL, pool port, users on TARGET (reverse mode).
+/// The server: TLS control channel on TUNNEL, pool port, and users on TARGET (reverse mode) or a dial to
+/// TARGET for every user of a client (forward mode, v2 only).
 ///
 /// Without a key it speaks v1 to one client; with a key it speaks v2: clients authenticate, pool
 /// connections are authenticated (and TLS with `tls=1`/`tls=2`), and several clients share the users.
@@ -32,7 +33,7 @@ public final class TunnelServer: Service, Sendable {
     private let pendingHandshakes: PendingHandshakes
     /// v2 pool connections whose opening has not been authenticated yet.
     private let pendingPoolOpenings: PendingHandshakes
-    private let lastLimitLog = Mutex<NIODeadline>(.distantPast)
+    private let users: UserConnections
     private let metrics: TunnelMetrics
     /// The event loop of every pool and user connection: both halves of a relay on one thread, so that
     /// relaying a buffer is a direct call instead of a task handed to another thread.
@@ -56,6 +57,7 @@ public final class TunnelServer: Service, Sendable {
         self.onListening = onListening
         self.pool = ServerPool(configuration: configuration, isV2: url.key != nil, metrics: metrics, logger: logger)
         self.sessions = SessionTracker(limit: configuration.semaphoreLimit)
+        self.users = UserConnections(sessions: self.sessions, metrics: metrics, logger: logger)
         self.pendingHandshakes = PendingHandshakes(limit: configuration.maxPendingHandshakes)
         self.pendingPoolOpenings = PendingHandshakes(limit: configuration.maxPendingHandshakes * 4)
     }
@@ -70,9 +72,6 @@ public final class TunnelServer: Service, Sendable {
     }
 
     private func makeV2Setup(keyText: String, certificate: InMemoryCertificate) throws -> V2Setup {
-        guard self.url.mode != .forward else {
-            throw NodePassError(.invalidURL, "mode=2 (forward) is not available in this version; use mode=1 or leave it out")
-        }
         let key = try V2Key(keyText)
         switch self.url.effectiveDataTLS {
         case .plain:
@@ -101,42 +100,34 @@ public final class TunnelServer: Service, Sendable {
     public func run() async throws {
         let certificate = try InMemoryCertificate.generate()
         let tls = try certificate.makeServerContext(applicationProtocols: [ServerControlV2Handler.alpn])
-        let v2 = try self.url.key.map { try self.makeV2Setup(keyText: $0, certificate: certificate) }
+        var v2 = try self.url.key.map { try self.makeV2Setup(keyText: $0, certificate: certificate) }
 
-        let poolListener = try await Listener.bind(
-            self.poolBootstrap(v2: v2),
-            host: self.url.tunnel.host,
-            port: 0,
-            what: "pool port at"
-        )
-        let poolPort = poolListener.localAddress?.port ?? 0
-        var listeners: [any Channel] = [poolListener]
+        let userListener = try await self.bindUsers(v2: &v2)
+        var listeners: [any Channel] = userListener.map { [$0] } ?? []
+        let poolPort: Int
+        let tunnelPort: Int
         do {
-            listeners.append(
-                try await Listener.bind(
-                    self.controlBootstrap(tls: tls, poolPort: poolPort, v2: v2, fingerprint: certificate.fingerprint),
-                    host: self.url.tunnel.host,
-                    port: self.url.tunnel.port,
-                    what: "tunnel address"
-                )
+            let poolListener = try await Listener.bind(
+                self.poolBootstrap(v2: v2),
+                host: self.url.tunnel.host,
+                port: 0,
+                what: "pool port at"
             )
-            listeners.append(
-                try await Listener.bind(
-                    self.userBootstrap(),
-                    host: self.url.target.host,
-                    port: self.url.target.port,
-                    what: "target address"
-                )
+            listeners.append(poolListener)
+            poolPort = poolListener.localAddress?.port ?? 0
+            let controlListener = try await Listener.bind(
+                self.controlBootstrap(tls: tls, poolPort: poolPort, v2: v2, fingerprint: certificate.fingerprint),
+                host: self.url.tunnel.host,
+                port: self.url.tunnel.port,
+                what: "tunnel address"
             )
+            listeners.append(controlListener)
+            tunnelPort = controlListener.localAddress?.port ?? 0
         } catch {
             for listener in listeners { try? await listener.close() }
             throw error
         }
-        let ports = ServerPorts(
-            tunnel: listeners[1].localAddress?.port ?? 0,
-            pool: poolPort,
-            target: listeners[2].localAddress?.port ?? 0
-        )
+        let ports = ServerPorts(tunnel: tunnelPort, pool: poolPort, target: userListener?.localAddress?.port ?? 0)
         if let v2 {
             self.logger.info(
                 "protocol v2: clients and pool connections must prove the key",
@@ -172,6 +163,38 @@ public final class TunnelServer: Service, Sendable {
             self.logger.warning("sessions cut at shutdown timeout", metadata: ["np.sessions": "\(cut)"])
         }
         self.logger.info("server stopped")
+    }
+
+    /// Decides the direction and, in reverse mode, listens for users on TARGET. `mode=0` tries to listen
+    /// and falls back to forward mode (the server dials TARGET) when it cannot.
+    private func bindUsers(v2: inout V2Setup?) async throws -> (any Channel)? {
+        let requested = v2 == nil ? .reverse : self.url.mode
+        if requested == .forward {
+            self.pool.serveForward(target: self.url.target, sessions: self.sessions)
+            v2?.mode = .forward
+            return nil
+        }
+        do {
+            let listener = try await Listener.bind(
+                self.userBootstrap(),
+                host: self.url.target.host,
+                port: self.url.target.port,
+                what: "target address"
+            )
+            if requested == .auto {
+                self.logger.info("mode=0 chose reverse mode: users connect to the server's TARGET", metadata: ["np.target": "\(self.url.target)"])
+            }
+            return listener
+        } catch {
+            guard requested == .auto else { throw error }
+            self.logger.info(
+                "mode=0 chose forward mode: users connect to the client, the server dials its TARGET",
+                metadata: ["np.target": "\(self.url.target)", "np.reason": "\(error.message)"]
+            )
+            self.pool.serveForward(target: self.url.target, sessions: self.sessions)
+            v2?.mode = .forward
+            return nil
+        }
     }
 
     private func baseBootstrap(on group: (any EventLoopGroup)? = nil) -> ServerBootstrap {
@@ -278,9 +301,15 @@ public final class TunnelServer: Service, Sendable {
                             )
                         )
                     }
+                    let forward = v2?.mode == .forward
                     try channel.pipeline.syncOperations.addHandlers([
-                        ServerPoolConnectionHandler(delegate: pool, waitsForAuthentication: v2 != nil),
-                        GlueHandler(bytes: metrics.bytesDownstream),
+                        ServerPoolConnectionHandler(
+                            delegate: pool,
+                            waitsForAuthentication: v2 != nil,
+                            claimTimeout: forward ? configuration.poolWaitTimeout + configuration.dialTimeout : nil
+                        ),
+                        // What a pool connection reads goes towards the service in forward mode.
+                        GlueHandler(bytes: forward ? metrics.bytesUpstream : metrics.bytesDownstream),
                     ])
                 }
             }
@@ -289,36 +318,8 @@ public final class TunnelServer: Service, Sendable {
     private func userBootstrap() -> ServerBootstrap {
         self.baseBootstrap(on: self.dataLoop)
             .childChannelOption(.autoRead, value: false)
-            .childChannelInitializer { [pool, sessions, metrics] channel in
-                SocketTuning.apply(to: channel)
-                guard sessions.add(channel) else {
-                    metrics.failed(.limit)
-                    self.logLimitReached()
-                    return channel.close()
-                }
-                metrics.accepted.increment()
-                metrics.active.increment()
-                channel.closeFuture.whenComplete { _ in metrics.active.decrement() }
-                return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandlers([
-                        ChannelActiveHandler { pool.userArrived($0) }, GlueHandler(bytes: metrics.bytesUpstream),
-                    ])
-                }
+            .childChannelInitializer { [pool, users] channel in
+                users.initialize(channel) { pool.userArrived($0) }
             }
-    }
-
-    private func logLimitReached() {
-        let now = NIODeadline.now()
-        let due = self.lastLimitLog.withLock { last -> Bool in
-            guard now - last >= .seconds(1) else { return false }
-            last = now
-            return true
-        }
-        if due {
-            self.logger.warning(
-                "SEMAPHORE_LIMIT reached; new user connections are closed",
-                metadata: ["np.limit": "\(self.configuration.semaphoreLimit)"]
-            )
-        }
     }
 }

@@ -118,14 +118,6 @@ final class ClientControlV2Handler: ChannelInboundHandler {
     }
 
     private func establish(context: ChannelHandlerContext, parameters: V2SessionParameters, secret: V2SessionSecret) {
-        guard parameters.mode == .reverse else {
-            self.fail(
-                context: context,
-                message: .failure(.protocolViolation, text: "this client supports reverse mode only"),
-                error: NodePassError(.versionMismatch, "the server asks for forward mode, which this client does not support")
-            )
-            return
-        }
         var tls: NIOSSLContext?
         if parameters.tls != .plain {
             do {
@@ -148,7 +140,8 @@ final class ClientControlV2Handler: ChannelInboundHandler {
         self.pool.start(
             port: parameters.poolPort,
             host: context.channel.remoteAddress?.ipAddress,
-            v2: V2PoolSettings(sessionID: parameters.sessionID, secret: secret, tls: tls, fingerprint: parameters.dataFingerprint)
+            v2: V2PoolSettings(sessionID: parameters.sessionID, secret: secret, tls: tls, fingerprint: parameters.dataFingerprint),
+            forwardControl: parameters.mode == .forward ? context.channel : nil
         )
         self.connected.succeed()
         let interval = TimeAmount.milliseconds(Int64(parameters.heartbeatMilliseconds))

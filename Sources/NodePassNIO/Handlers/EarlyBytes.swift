@@ -1,0 +1,42 @@
+import NIOCore
+
+/// What a pool connection receives before it is handed off to its relay (the side with the users starts
+/// relaying before the other side has read the launch), held up to a bound and passed on in order.
+struct EarlyBytes {
+    /// The most bytes held; reading pauses above it.
+    static let maximum = 256 * 1024
+
+    private var buffer = ByteBuffer()
+    private(set) var inputEnded = false
+
+    /// Whether another read may be issued.
+    var wantsMoreReads: Bool { !self.inputEnded && self.buffer.readableBytes < Self.maximum }
+
+    mutating func hold(_ data: inout ByteBuffer) {
+        self.buffer.writeBuffer(&data)
+    }
+
+    mutating func endOfInput() {
+        self.inputEnded = true
+    }
+
+    /// Connects the `GlueHandler` after `context` to `partner` and passes on what was held. Returns false
+    /// when the pipeline has no `GlueHandler` or the channel is closed.
+    mutating func handOff(context: ChannelHandlerContext, to partner: any Channel) -> Bool {
+        guard context.channel.isActive,
+            let glue = try? context.pipeline.syncOperations.handler(type: GlueHandler.self),
+            let glueContext = try? context.pipeline.syncOperations.context(handler: glue)
+        else { return false }
+        glue.connect(to: partner, context: glueContext)
+        if self.buffer.readableBytes > 0 {
+            let held = self.buffer
+            self.buffer = ByteBuffer()
+            context.fireChannelRead(NIOAny(held))
+            context.fireChannelReadComplete()
+        }
+        if self.inputEnded {
+            context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        }
+        return true
+    }
+}

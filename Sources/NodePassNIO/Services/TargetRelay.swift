@@ -1,0 +1,65 @@
+import CoreMetrics
+import Logging
+import NIOCore
+import NIOPosix
+import NodePassCore
+
+/// The side without the users: for a launched pool connection, dial the TARGET on the pool connection's
+/// event loop and relay between the two.
+enum TargetRelay {
+    /// Starts the relay of `pool` to `target`. `handOff` runs on the pool connection's event loop once the
+    /// target is connected: it connects the pool connection's relay to the target and returns false when the
+    /// pool connection is no longer usable.
+    static func start(
+        pool: any Channel,
+        target: HostPort,
+        dialTimeout: TimeAmount,
+        sessions: SessionTracker,
+        metrics: TunnelMetrics,
+        logger: Logger,
+        handOff: @escaping @Sendable (_ target: any Channel) -> Bool
+    ) {
+        guard sessions.add(pool) else {
+            metrics.failed(.limit)
+            logger.warning("SEMAPHORE_LIMIT reached; launch refused", metadata: ["np.limit": "\(sessions.limit)"])
+            pool.close(promise: nil)
+            return
+        }
+        let launched = NIODeadline.now()
+        metrics.accepted.increment()
+        metrics.active.increment()
+        pool.closeFuture.whenComplete { _ in metrics.active.decrement() }
+        ClientBootstrap(group: pool.eventLoop)
+            .connectTimeout(dialTimeout)
+            .channelOption(.autoRead, value: false)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelInitializer { channel in
+                SocketTuning.apply(to: channel)
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(GlueHandler(bytes: metrics.bytesDownstream))
+                }
+            }
+            .connect(host: target.dialHost, port: target.port)
+            .whenComplete { result in
+                switch result {
+                case .failure(let error):
+                    metrics.failed(.target)
+                    logger.warning("cannot reach the target", metadata: ["np.target": "\(target)", "np.error": "\(error)"])
+                    pool.close(promise: nil)
+                case .success(let targetChannel):
+                    // Same event loop as the pool connection: both halves are set up before any byte moves.
+                    do {
+                        guard handOff(targetChannel) else { throw ChannelError.ioOnClosedChannel }
+                        let glue = try targetChannel.pipeline.syncOperations.handler(type: GlueHandler.self)
+                        glue.connect(to: pool, context: try targetChannel.pipeline.syncOperations.context(handler: glue))
+                    } catch {
+                        targetChannel.close(promise: nil)
+                        pool.close(promise: nil)
+                        return
+                    }
+                    TunnelMetrics.record(metrics.newConnectionDuration, since: launched)
+                    logger.debug("relaying", metadata: ["np.target": "\(target)", "np.pool.local": "\(pool.localAddress.map { "\($0)" } ?? "?")"])
+                }
+            }
+    }
+}

@@ -1,0 +1,57 @@
+import CoreMetrics
+import Logging
+import NIOCore
+import Synchronization
+
+/// Accepted user connections on the side with the users (the server in reverse mode, the client in forward
+/// mode): counted against SEMAPHORE_LIMIT, then handed to the pool once active.
+struct UserConnections: Sendable {
+    let sessions: SessionTracker
+    let metrics: TunnelMetrics
+    let logger: Logger
+    private let lastLimitLog = LimitLogClock()
+
+    init(sessions: SessionTracker, metrics: TunnelMetrics, logger: Logger) {
+        self.sessions = sessions
+        self.metrics = metrics
+        self.logger = logger
+    }
+
+    /// The child channel initializer of a user listener (the listener must set `autoRead` off).
+    func initialize(_ channel: any Channel, arrived: @escaping @Sendable (any Channel) -> Void) -> EventLoopFuture<Void> {
+        SocketTuning.apply(to: channel)
+        guard self.sessions.add(channel) else {
+            self.metrics.failed(.limit)
+            if self.lastLimitLog.isDue() {
+                self.logger.warning(
+                    "SEMAPHORE_LIMIT reached; new user connections are closed",
+                    metadata: ["np.limit": "\(self.sessions.limit)"]
+                )
+            }
+            return channel.close()
+        }
+        let metrics = self.metrics
+        metrics.accepted.increment()
+        metrics.active.increment()
+        channel.closeFuture.whenComplete { _ in metrics.active.decrement() }
+        return channel.eventLoop.makeCompletedFuture {
+            try channel.pipeline.syncOperations.addHandlers([
+                ChannelActiveHandler(onActive: arrived), GlueHandler(bytes: metrics.bytesUpstream),
+            ])
+        }
+    }
+}
+
+/// At most one limit log line a second.
+private final class LimitLogClock: Sendable {
+    private let last = Mutex<NIODeadline>(.distantPast)
+
+    func isDue() -> Bool {
+        let now = NIODeadline.now()
+        return self.last.withLock { last in
+            guard now - last >= .seconds(1) else { return false }
+            last = now
+            return true
+        }
+    }
+}
