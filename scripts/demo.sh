@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds nodepass and starts a demo tunnel on loopback in front of a small local web server:
 #   web server 127.0.0.1:18080  <-  client  ==TLS control + pool==>  server  <-  users on 127.0.0.1:18081
+# Both sides use protocol v2 with a random key made for this run.
 # Press Ctrl-C to stop everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,14 +20,16 @@ trap cleanup EXIT INT TERM
 echo "Hello through NodePass" > "$work/index.html"
 python3 -m http.server 18080 --bind 127.0.0.1 --directory "$work" >"$work/web.log" 2>&1 &
 pids+=($!)
-"$bin" "server://127.0.0.1:10101/127.0.0.1:18081" &
+key="$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+"$bin" "server://$key@127.0.0.1:10101/127.0.0.1:18081" &
 pids+=($!)
-# Start the client once the server listens (at most 10 s), so that its first attempt succeeds.
+# Start the client once the server listens on 127.0.0.1:10101 (0x2775; at most 10 s), so that its first
+# attempt succeeds. /proc is read rather than connecting, which the server would log as a refused client.
 for _ in $(seq 1 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/10101) 2>/dev/null && break
+    grep -q " 0100007F:2775 00000000:0000 0A " /proc/net/tcp && break
     sleep 0.1
 done
-"$bin" "client://127.0.0.1:10101/127.0.0.1:18080" &
+"$bin" "client://$key@127.0.0.1:10101/127.0.0.1:18080" &
 pids+=($!)
 
 cat <<MSG

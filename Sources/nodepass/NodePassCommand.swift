@@ -36,7 +36,9 @@ struct NodePassCommand: AsyncParsableCommand {
             KEY (the same on both sides) selects protocol v2: mutual
             authentication bound to TLS, authenticated and encrypted data
             connections, several clients per server. Without a key: protocol
-            v1, compatible with NodePass 1.0, not authenticated.
+            v1, compatible with NodePass 1.0, not authenticated. The key may
+            instead be in the environment variable NODEPASS_KEY (then leave
+            it out of the URL), which keeps it out of the process list.
 
             QUERY PARAMETERS:
               log=LEVEL          debug, info (default), warn, error or fatal
@@ -81,7 +83,7 @@ struct NodePassCommand: AsyncParsableCommand {
 
     func validate() throws {
         do {
-            _ = try TunnelURL.parse(self.url)
+            _ = try TunnelURL.parse(self.url, environmentKey: Self.environmentKey())
         } catch {
             throw ValidationError(error.message)
         }
@@ -90,7 +92,7 @@ struct NodePassCommand: AsyncParsableCommand {
     func run() async throws {
         let url: TunnelURL
         do {
-            url = try TunnelURL.parse(self.url)
+            url = try TunnelURL.parse(self.url, environmentKey: Self.environmentKey())
         } catch {
             throw ValidationError(error.message)
         }
@@ -152,6 +154,10 @@ struct NodePassCommand: AsyncParsableCommand {
             }
         }
         return result
+    }
+
+    private static func environmentKey() -> String? {
+        getenv(TunnelURL.keyVariable).map { String(cString: $0) }
     }
 
     private static func printError(_ message: String) {

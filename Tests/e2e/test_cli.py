@@ -101,3 +101,17 @@ def test_help_documents_v2(nodepass_bin):
     text = run(nodepass_bin, ["--help"]).stdout
     missing = [word for word in ["KEY@", "tls=", "crt=", "mode=", "protocol v2"] if word not in text]
     assert not missing, f"--help does not mention {missing}"
+
+
+def test_the_key_may_come_from_the_environment_and_not_from_both_places(nodepass_bin):
+    url = f"server://127.0.0.1:{free_port()}/127.0.0.1:{free_port()}?tls=1"
+    both = run(nodepass_bin, [url.replace("server://", "server://k3y-s3cret-value@")],
+               env={"NODEPASS_KEY": "another-s3cret-value"})
+    assert both.returncode == EX_USAGE and "NODEPASS_KEY" in both.stderr
+    assert "s3cret-value" not in both.stdout + both.stderr
+    # tls=1 needs a key: with NODEPASS_KEY set, the same URL is valid (checked by --help-free validation:
+    # the server starts, so stop it at once with a bad environment variable instead of running it).
+    from_env = run(nodepass_bin, [url], env={"NODEPASS_KEY": "another-s3cret-value", "REPORT_INTERVAL": "bad"})
+    assert from_env.returncode == EX_CONFIG, from_env.stderr
+    no_key = run(nodepass_bin, [url], env={"REPORT_INTERVAL": "bad"})
+    assert no_key.returncode == EX_USAGE and "KEY" in no_key.stderr

@@ -179,3 +179,29 @@ def test_client_detects_a_silent_control_channel_and_recovers(procs, nodepass_bi
         tunnel.wait_ready(10)
     finally:
         relay.close()
+
+
+@pytest.mark.ours_only
+def test_both_sides_detect_a_silent_v2_control_channel_and_recover(procs, nodepass_bin, echo_service):
+    """With v2 both sides send heartbeats, so the server too notices a half-open control path (the relay
+    keeps both sockets open and ACKs everything, so TCP alone never tells): each side within
+    3 x REPORT_INTERVAL (1 s here) plus one check period; the client then reconnects and carries traffic."""
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port).use_key("half-open-" + "k" * 16)
+    tunnel.start_server()
+    relay = _SwitchableRelay(tunnel.tunnel_port)
+    try:
+        client_url = f"client://{tunnel.client_key}@127.0.0.1:{relay.port}/127.0.0.1:{echo_service.port}?log=debug"
+        tunnel.client = procs.start("client", [nodepass_bin, client_url], env=tunnel.client_env)
+        wait_for(lambda: "authenticated" in tunnel.client.output(), 10, "client connected through the relay")
+        tunnel.wait_ready(10)
+        relay.go_silent()
+        silenced = time.monotonic()
+        for proc, role in ((tunnel.server, "server"), (tunnel.client, "client")):
+            wait_for(lambda: "no heartbeat from the peer" in proc.output(), 10, f"the {role} noticing the silence")
+            noticed = time.monotonic() - silenced
+            assert noticed <= 3 * 1.0 + 1.0 + 1.0, f"{role} noticed after {noticed:.1f}s"
+        wait_for(lambda: "np.clients=0" in tunnel.server.output(), 5, "the server dropping the silent client")
+        wait_for(lambda: tunnel.server.output().count("client authenticated") >= 2, 10, "client reconnected")
+        tunnel.wait_ready(10)
+    finally:
+        relay.close()

@@ -443,3 +443,33 @@ def test_a_tls_terminating_man_in_the_middle_fails_on_both_sides(procs, nodepass
         assert not any(s.remote_port == server_pool for s in tunnel.client_connections())
     finally:
         proxy.close()
+
+
+def test_a_relayed_pool_proof_without_the_confirmation_never_gets_a_user(procs, nodepass_bin, echo_service):
+    """Someone on the path passes a real client's pool proof on to the server, then runs the TLS handshake
+    with the server itself. The server must not put that connection in its pool: the confirmation, which
+    only the real client could send inside its own TLS session, never comes."""
+    tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port)  # tls=1
+    tunnel.server_env["REPORT_INTERVAL"] = "30s"  # the Python client sends no heartbeats
+    tunnel.start_server()
+    control, session = v2_peer.handshake(tunnel.host, tunnel.tunnel_port, KEY)
+    assert session.tls == 1
+    try:
+        stolen = v2_peer.PoolConnection(tunnel.host, session.pool_port)
+        # The real client's answer to this nonce, as the attacker would relay it.
+        stolen.answer(session)
+        stolen.sock = v2_peer.tls_client_context(alpn=False).wrap_socket(stolen.sock)
+        assert len(v2_peer.recv_exact(stolen.sock, 36)) == 36  # the ID: the attacker gets this far, no further
+        # A user arrives: it must not be relayed over the unconfirmed connection.
+        with connect(tunnel.host, tunnel.target_port, timeout=10) as user:
+            user.sendall(b"secret user data")
+            assert stolen.closed_by_server(timeout=8), "the unconfirmed connection received data or was kept"
+            user.settimeout(8)
+            try:
+                assert user.recv(64) == b"", "the user was relayed somewhere"
+            except ConnectionResetError:
+                pass
+        assert "launch sent" not in tunnel.server.output()
+        stolen.close()
+    finally:
+        control.close()

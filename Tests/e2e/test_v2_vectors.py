@@ -38,3 +38,7 @@ def test_documented_vectors_match_an_independent_implementation():
     assert (session_id + mac(s, b"pool client", np_)).hex() == v["pool_client_message"]
     pool_id = bytes.fromhex(v["pool_id"])
     assert (pool_id + mac(s, b"pool server", np_, pool_id)).hex() == v["pool_server_message"]
+    assert mac(s, b"pool confirm", np_, pool_id).hex() == v["pool_confirmation"]
+    forward = bytes([2, 0]) + (10101).to_bytes(2, "big") + (5000).to_bytes(4, "big") + session_id
+    assert forward.hex() == v["parameters_forward_plain"]
+    assert mac(k, b"server proof", t, forward).hex() == v["server_proof_forward_plain"]

@@ -164,6 +164,7 @@ class PoolConnection:
         message = recv_exact(sock, 36)
         pool_id = message[:4]
         assert hmac.compare_digest(message[4:], mac(session.secret, b"pool server", self.nonce, pool_id))
+        sock.sendall(mac(session.secret, b"pool confirm", self.nonce, pool_id))
         return struct.unpack(">I", pool_id)[0]
 
     def closed_by_server(self, timeout: float = 10.0) -> bool:

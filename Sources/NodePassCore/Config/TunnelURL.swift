@@ -58,8 +58,38 @@ public struct TunnelURL: Hashable, Sendable {
         self.metrics = metrics
     }
 
+    /// The environment variable that may hold the key instead of the URL (out of the process list).
+    public static let keyVariable = "NODEPASS_KEY"
+
     /// Parses a tunnel URL, throwing an `.invalidURL` error with a message that says what is wrong.
-    public static func parse(_ text: String) throws(NodePassError) -> TunnelURL {
+    ///
+    /// `environmentKey` (the value of `NODEPASS_KEY`) is the key when the URL has none; giving both is an
+    /// error. When the URL holds an `@`, the message quotes none of its text, so that no part of a key
+    /// (which may contain `/`, `?` or `#` and be cut in the wrong place) reaches a terminal or a log.
+    public static func parse(_ text: String, environmentKey: String? = nil) throws(NodePassError) -> TunnelURL {
+        do {
+            return try Self.parseText(text, environmentKey: environmentKey)
+        } catch where text.contains("@") {
+            throw NodePassError(.invalidURL, Self.unquoted(error.message))
+        }
+    }
+
+    /// `message` with every 'quoted' part replaced by '…'.
+    private static func unquoted(_ message: String) -> String {
+        var result = ""
+        var inQuote = false
+        for character in message {
+            if character == "'" {
+                result += inQuote ? "…'" : "'"
+                inQuote.toggle()
+            } else if !inQuote {
+                result.append(character)
+            }
+        }
+        return result
+    }
+
+    private static func parseText(_ text: String, environmentKey: String?) throws(NodePassError) -> TunnelURL {
         guard !text.isEmpty else {
             throw NodePassError(.invalidURL, "empty URL: expected server://HOST:PORT/HOST:PORT or client://...")
         }
@@ -96,10 +126,16 @@ public struct TunnelURL: Hashable, Sendable {
         if let at = authority.lastIndex(of: "@") {
             let keyText = authority[..<at]
             guard !keyText.isEmpty else {
-                throw NodePassError(.invalidURL, "the key before '@' is empty")
+                throw NodePassError(.invalidURL, "the key (before @) is empty")
+            }
+            guard environmentKey?.isEmpty ?? true else {
+                throw NodePassError(.invalidURL, "the key is given both in the URL and in \(Self.keyVariable): give it once")
             }
             key = String(keyText)
             authority = authority[authority.index(after: at)...]
+        }
+        if key == nil, let environmentKey, !environmentKey.isEmpty {
+            key = environmentKey
         }
         let tunnel = try HostPort.parse(authority, what: "tunnel address")
         guard !targetText.isEmpty else {

@@ -29,6 +29,11 @@ public struct ServerPoolStateMachine<Connection, User> {
 
     /// The number of idle pool connections.
     public var idleCount: Int { self.idle.count }
+    /// The number of idle pool connections that `belongs` accepts.
+    public func idleCount(where belongs: (Connection) -> Bool) -> Int {
+        self.idle.reduce(0) { $0 + (belongs($1.connection) ? 1 : 0) }
+    }
+
     /// The number of users waiting for a pool connection.
     public var waitingCount: Int { self.waiting.count }
 

@@ -17,11 +17,14 @@ public struct PoolIDReader {
     public var length: Int
     /// The ID in the opening, or nil when it is not valid.
     public var parse: (ByteBuffer) -> PoolID?
+    /// What to answer once the ID is read (v2: the confirmation), if anything.
+    public var reply: ((PoolID) -> [UInt8])?
 
     /// Makes a reader.
-    public init(length: Int, parse: @escaping (ByteBuffer) -> PoolID?) {
+    public init(length: Int, parse: @escaping (ByteBuffer) -> PoolID?, reply: ((PoolID) -> [UInt8])? = nil) {
         self.length = length
         self.parse = parse
+        self.reply = reply
     }
 
     /// v1: 8 lowercase hex characters.
@@ -102,6 +105,11 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
             self.timeout?.cancel()
             self.timeout = nil
             self.state = .idle(id)
+            if let reply = self.idReader.reply?(id) {
+                var buffer = context.channel.allocator.buffer(capacity: reply.count)
+                buffer.writeBytes(reply)
+                context.writeAndFlush(NIOAny(buffer), promise: nil)
+            }
             self.delegate.poolConnectionEstablished(context.channel, id: id)
             if pending.readableBytes > 0 {
                 self.early.hold(&pending)

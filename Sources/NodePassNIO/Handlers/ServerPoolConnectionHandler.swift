@@ -10,12 +10,15 @@ public struct PoolAdmission: Sendable {
     public var opening: ByteBuffer
     /// The client session the connection belongs to.
     public var owner: UInt64
+    /// v2: the confirmation the client must send back before the connection is idle.
+    public var confirmation: [UInt8]?
 
     /// Makes an admission.
-    public init(id: PoolID, opening: ByteBuffer, owner: UInt64) {
+    public init(id: PoolID, opening: ByteBuffer, owner: UInt64, confirmation: [UInt8]? = nil) {
         self.id = id
         self.opening = opening
         self.owner = owner
+        self.confirmation = confirmation
     }
 }
 
@@ -51,6 +54,7 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
 
     private enum State {
         case opening
+        case confirming(PoolAdmission, received: ByteBuffer)
         case idle(PoolID)
         case claimed(PoolID)
         case done
@@ -60,19 +64,23 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
     private let delegate: any ServerPoolConnectionDelegate
     private let waitsForAuthentication: Bool
     private let claimTimeout: TimeAmount?
+    private let confirmationTimeout: TimeAmount
     private var early = EarlyBytes()
     private var timeout: Scheduled<Void>?
 
     /// Makes the handler; with `waitsForAuthentication` it starts on `V2PoolAuthenticated` instead of
-    /// `channelActive`; with a `claimTimeout` it holds early bytes (forward mode) for at most that long.
+    /// `channelActive`; with a `claimTimeout` it holds early bytes (forward mode) for at most that long. A v2
+    /// client has `confirmationTimeout` to confirm the opening.
     public init(
         delegate: any ServerPoolConnectionDelegate,
         waitsForAuthentication: Bool = false,
-        claimTimeout: TimeAmount? = nil
+        claimTimeout: TimeAmount? = nil,
+        confirmationTimeout: TimeAmount = .seconds(5)
     ) {
         self.delegate = delegate
         self.waitsForAuthentication = waitsForAuthentication
         self.claimTimeout = claimTimeout
+        self.confirmationTimeout = confirmationTimeout
     }
 
     public func channelActive(context: ChannelHandlerContext) {
@@ -90,13 +98,49 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
             return
         }
         context.writeAndFlush(NIOAny(admission.opening), promise: nil)
+        if admission.confirmation != nil {
+            // Not idle before the client confirms from the far end of this connection (and of its TLS).
+            self.state = .confirming(admission, received: ByteBuffer())
+            let channel = context.channel
+            self.timeout = context.eventLoop.scheduleTask(in: self.confirmationTimeout) { channel.close(promise: nil) }
+            context.read()
+            return
+        }
+        self.becomeIdle(context: context, admission: admission)
+    }
+
+    private func becomeIdle(context: ChannelHandlerContext, admission: PoolAdmission) {
         self.state = .idle(admission.id)
         self.delegate.poolConnectionReady(context.channel, admission: admission)
         context.read()
     }
 
+    private func confirm(context: ChannelHandlerContext, admission: PoolAdmission, received: inout ByteBuffer) {
+        guard received.readableBytes >= V2PoolOpening.confirmationLength else {
+            self.state = .confirming(admission, received: received)
+            return
+        }
+        let confirmation = received.readBytes(length: V2PoolOpening.confirmationLength) ?? []
+        guard let expected = admission.confirmation, V2Key.constantTimeEquals(confirmation, expected) else {
+            self.state = .done
+            context.close(promise: nil)
+            return
+        }
+        self.timeout?.cancel()
+        self.timeout = nil
+        self.becomeIdle(context: context, admission: admission)
+        if received.readableBytes > 0 {
+            // Bytes right behind the confirmation: relayed data (forward mode) or a violation.
+            self.channelRead(context: context, data: NIOAny(received))
+        }
+    }
+
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch self.state {
+        case .confirming(let admission, var received):
+            var buffer = self.unwrapInboundIn(data)
+            received.writeBuffer(&buffer)
+            self.confirm(context: context, admission: admission, received: &received)
         case .idle(let id) where self.claimTimeout == nil:
             self.state = .done
             self.delegate.poolConnectionClosed(id: id, protocolViolation: true)
@@ -117,6 +161,8 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
 
     public func channelReadComplete(context: ChannelHandlerContext) {
         switch self.state {
+        case .confirming:
+            context.read()
         case .idle, .claimed:
             if self.claimTimeout != nil && self.early.wantsMoreReads {
                 context.read()
@@ -133,7 +179,7 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
         }
         if case ChannelEvent.inputClosed = event {
             switch self.state {
-            case .idle:
+            case .idle, .confirming:
                 context.close(promise: nil)
                 return
             case .claimed:
@@ -153,7 +199,7 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
         case .idle(let id), .claimed(let id):
             self.state = .done
             self.delegate.poolConnectionClosed(id: id, protocolViolation: false)
-        case .opening, .done:
+        case .opening, .confirming, .done:
             break
         }
         context.fireChannelInactive()
@@ -180,7 +226,7 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
             self.timeout = nil
             self.state = .done
             return self.early.handOff(context: context, to: partner)
-        case .opening, .done:
+        case .opening, .confirming, .done:
             return false
         }
     }

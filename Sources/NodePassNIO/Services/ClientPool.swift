@@ -156,13 +156,17 @@ final class ClientPool: Sendable {
                             try channel.pipeline.syncOperations.addHandler(
                                 ClientPoolAuthenticationHandler(settings: v2, nonce: nonce)
                             )
-                            idReader = PoolIDReader(length: V2PoolOpening.serverMessageLength) { opening in
-                                V2PoolOpening.verifyServerMessage(
-                                    Array(opening.readableBytesView),
-                                    secret: v2.secret,
-                                    nonce: nonce.bytes
-                                )
-                            }
+                            idReader = PoolIDReader(
+                                length: V2PoolOpening.serverMessageLength,
+                                parse: { opening in
+                                    V2PoolOpening.verifyServerMessage(
+                                        Array(opening.readableBytesView),
+                                        secret: v2.secret,
+                                        nonce: nonce.bytes
+                                    )
+                                },
+                                reply: { id in v2.secret.poolConfirmation(nonce: nonce.bytes, id: id) }
+                            )
                         }
                         try channel.pipeline.syncOperations.addHandlers([
                             ClientPoolConnectionHandler(

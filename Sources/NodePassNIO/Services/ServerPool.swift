@@ -37,6 +37,8 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
         var nextSession: UInt64 = 0
         var nextTicket: UInt64 = 0
         var controlsSeen = 0
+        /// Forward mode: launches that came before their pool connection's confirmation (ID → owner).
+        var awaitedLaunches: [PoolID: UInt64] = [:]
 
         func session(of channel: any Channel) -> UInt64? {
             self.sessions.first { $0.value.control === channel }?.key
@@ -146,23 +148,49 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
     /// Switches to forward mode before any client connects: launches come from clients, the server dials.
     func serveForward(target: HostPort, sessions: SessionTracker) {
         self.forward.withLock { $0 = (target, sessions) }
+        // Each client keeps up to MAX_POOL_CAPACITY idle connections of its own.
+        let maximum = self.configuration.maxPoolCapacity * Self.maximumClients
+        self.updating { $0.machine = ServerPoolStateMachine(maximumIdle: maximum) }
     }
 
     func launchReceived(_ id: PoolID, from channel: any Channel) {
         var logger = self.logger
         logger[metadataKey: "np.pool.id"] = "\(id)"
-        guard let forward = self.forward.withLock({ $0 }) else {
+        guard self.forward.withLock({ $0 }) != nil else {
             logger.warning("launch from a client ignored: this server has the users (reverse mode)")
             return
         }
-        let entry = self.updating { state -> PoolEntry? in
-            guard let owner = state.session(of: channel) else { return nil }
-            return state.machine.takeIdle(id: id) { $0.owner == owner }
+        enum Outcome {
+            case relay(PoolEntry)
+            case awaitConfirmation
+            case unknown
         }
-        guard let entry else {
+        let outcome = self.updating { state -> Outcome in
+            guard let owner = state.session(of: channel) else { return .unknown }
+            if let entry = state.machine.takeIdle(id: id, where: { $0.owner == owner }) { return .relay(entry) }
+            // The confirmation may still be in flight on the pool connection (another TCP connection than
+            // the launch's): wait for it, within the time a confirmation may take.
+            guard state.awaitedLaunches.count < self.configuration.maxPoolCapacity else { return .unknown }
+            state.awaitedLaunches[id] = owner
+            return .awaitConfirmation
+        }
+        switch outcome {
+        case .relay(let entry):
+            self.dialTarget(for: entry, logger: logger)
+        case .unknown:
             logger.warning("launch for an unknown pool connection ignored")
-            return
+        case .awaitConfirmation:
+            let logger = logger
+            channel.eventLoop.scheduleTask(in: self.configuration.idReadTimeout) {
+                let expired = self.state.withLock { $0.awaitedLaunches.removeValue(forKey: id) != nil }
+                if expired { logger.warning("launch for an unknown pool connection ignored") }
+            }
         }
+    }
+
+    /// Forward mode: the server dials its TARGET for a launched pool connection and relays.
+    private func dialTarget(for entry: PoolEntry, logger: Logger) {
+        guard let forward = self.forward.withLock({ $0 }) else { return }
         let pool = entry.channel
         TargetRelay.start(
             pool: pool,
@@ -193,6 +221,7 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
 
     func poolConnectionAccepted(_ channel: any Channel, authentication: V2PoolAuthenticated?) -> PoolAdmission? {
         let peerIP = Self.normalizedIP(channel.remoteAddress)
+        let isForward = self.forward.withLock { $0 != nil }
         var refusal: (reason: Logger.Message, warn: Bool)?
         let admitted = self.state.withLock { state -> (PoolID, UInt64, V2SessionSecret?)? in
             guard !state.sessions.isEmpty else {
@@ -214,6 +243,12 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
                 }
                 owner = number
                 secret = session.v2?.secret
+                // In forward mode each client uses only its own pool connections: no client may take the
+                // others' share of the pool.
+                if isForward, state.machine.idleCount(where: { $0.owner == number }) >= self.configuration.maxPoolCapacity {
+                    refusal = ("pool connection refused: this client's pool is full", false)
+                    return nil
+                }
             } else {
                 guard let (number, session) = state.sessions.first, session.v2 == nil, peerIP != nil,
                     peerIP == session.peerIP
@@ -240,17 +275,32 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
         }
         guard let (id, owner, secret) = admitted else { return nil }
         var opening = channel.allocator.buffer(capacity: V2PoolOpening.serverMessageLength)
+        var confirmation: [UInt8]?
         if let authentication, let secret {
             opening.writeBytes(V2PoolOpening.serverMessage(id: id, secret: secret, nonce: authentication.nonce))
+            confirmation = secret.poolConfirmation(nonce: authentication.nonce, id: id)
         } else {
             id.write(to: &opening)
         }
-        return PoolAdmission(id: id, opening: opening, owner: owner)
+        return PoolAdmission(id: id, opening: opening, owner: owner, confirmation: confirmation)
     }
 
     func poolConnectionReady(_ channel: any Channel, admission: PoolAdmission) {
-        let action = self.updating {
-            $0.machine.poolConnectionReady(id: admission.id, connection: PoolEntry(channel: channel, owner: admission.owner))
+        let entry = PoolEntry(channel: channel, owner: admission.owner)
+        let launched = self.updating { state -> ServerPoolStateMachine<PoolEntry, WaitingUser>.Action? in
+            // Its client may have left while the connection was being confirmed.
+            guard state.sessions[admission.owner] != nil else { return .close(entry) }
+            if state.awaitedLaunches[admission.id] == admission.owner {
+                state.awaitedLaunches[admission.id] = nil
+                return nil
+            }
+            return state.machine.poolConnectionReady(id: admission.id, connection: entry)
+        }
+        guard let action = launched else {
+            var logger = self.logger
+            logger[metadataKey: "np.pool.id"] = "\(admission.id)"
+            self.dialTarget(for: entry, logger: logger)
+            return
         }
         self.perform(action)
     }
@@ -314,19 +364,14 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
                 handedOff = false
             }
             guard handedOff else {
-                // The pool connection died meanwhile: the user takes the next one, first in line.
-                let action = self.updating {
-                    $0.machine.userArrived(ticket: user.ticket, user: user, retry: true)
-                }
-                if case .wait = action {
-                    self.scheduleWaitTimeout(ticket: user.ticket, on: user.channel.eventLoop)
-                }
-                self.perform(action)
+                // The pool connection died meanwhile: the user takes the next one.
+                self.retry(user)
                 return
             }
             guard let control = self.state.withLock({ $0.sessions[entry.owner]?.control }) else {
+                // That client left meanwhile: the user takes the next pool connection of any client.
                 pool.close(promise: nil)
-                user.channel.close(promise: nil)
+                self.retry(user)
                 return
             }
             GlueHandler.connect(pool, to: user.channel)
@@ -341,6 +386,15 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
             TunnelMetrics.record(self.metrics.newConnectionDuration, since: user.arrived)
             GlueHandler.connect(user.channel, to: pool)
         }
+    }
+
+    /// Puts a user whose pool connection failed first in line for the next one.
+    private func retry(_ user: WaitingUser) {
+        let action = self.updating { $0.machine.userArrived(ticket: user.ticket, user: user, retry: true) }
+        if case .wait = action {
+            self.scheduleWaitTimeout(ticket: user.ticket, on: user.channel.eventLoop)
+        }
+        self.perform(action)
     }
 
     /// Shutting down: closes the control channel, the idle pool and the waiting users.

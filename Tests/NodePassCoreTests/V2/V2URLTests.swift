@@ -77,3 +77,33 @@ import Testing
         #expect(!monitor.isDead(now: start + .seconds(5)))
     }
 }
+
+@Suite struct V2KeySourceTests {
+    @Test func theEnvironmentKeyIsUsedWhenTheURLHasNone() throws {
+        let url = try TunnelURL.parse("server://:1/:2?tls=0", environmentKey: "from-env")
+        #expect(url.key == "from-env")
+        #expect(url.protocolVersion == 2)
+        #expect(try TunnelURL.parse("server://:1/:2", environmentKey: "").key == nil)
+        #expect(try TunnelURL.parse("server://:1/:2", environmentKey: nil).key == nil)
+    }
+
+    @Test func aKeyInBothPlacesIsRefused() {
+        #expect(throws: NodePassError(.invalidURL, "")) {
+            try TunnelURL.parse("server://k@:1/:2", environmentKey: "other")
+        }
+    }
+
+    @Test func errorsNeverQuoteAKeyThatHoldsSlashes() {
+        // A base64 key with '/' is cut at the first '/', and the parts would land in messages.
+        for text in ["server://ab/cd+ef@host:1/x:2", "client://s3cr/3t@h:99999/x:2", "server://k3y@h:1/x:2?t=s3cr3t"] {
+            do {
+                _ = try TunnelURL.parse(text)
+                Issue.record("\(text) was accepted")
+            } catch {
+                for part in ["ab", "cd+ef", "s3cr", "3t", "s3cr3t"] {
+                    #expect(!error.message.contains("'\(part)"), "\(error.message)")
+                }
+            }
+        }
+    }
+}

@@ -63,6 +63,23 @@ import Testing
         #expect(Self.hex(key.sessionSecret(transcript: transcript, sessionID: parameters.sessionID).bytes) == Self.vectors["S"])
     }
 
+    @Test func forwardPlainParametersMatch() throws {
+        let key = V2Key(derivedBytes: try Self.bytes("K"))
+        let parameters = V2SessionParameters(
+            mode: .forward,
+            tls: .plain,
+            poolPort: 10101,
+            heartbeatMilliseconds: 5000,
+            sessionID: try Self.bytes("session_id"),
+            dataFingerprint: []
+        )
+        #expect(Self.hex(parameters.bytes) == Self.vectors["parameters_forward_plain"])
+        #expect(
+            Self.hex(key.serverProof(transcript: try Self.bytes("T"), parameters: parameters.bytes))
+                == Self.vectors["server_proof_forward_plain"]
+        )
+    }
+
     @Test func theHandshakeMachinesProduceTheVectors() throws {
         let key = V2Key(derivedBytes: try Self.bytes("K"))
         var server = V2ServerHandshakeStateMachine(key: key, serverNonce: try Self.bytes("Ns"), fingerprint: try Self.bytes("F"))
@@ -88,6 +105,7 @@ import Testing
         let serverMessage = V2PoolOpening.serverMessage(id: id, secret: secret, nonce: nonce)
         #expect(Self.hex(serverMessage) == Self.vectors["pool_server_message"])
         #expect(V2PoolOpening.verifyServerMessage(serverMessage, secret: secret, nonce: nonce) == id)
+        #expect(Self.hex(secret.poolConfirmation(nonce: nonce, id: id)) == Self.vectors["pool_confirmation"])
 
         let split = try #require(V2PoolOpening.splitClientMessage(clientMessage))
         #expect(secret.isValidPoolClientProof(split.proof, nonce: nonce))

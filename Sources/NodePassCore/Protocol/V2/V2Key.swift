@@ -87,6 +87,14 @@ public struct V2Key: Sendable {
         return Array(hmac.finalize())
     }
 
+    /// Compares two byte strings in time that depends only on their lengths.
+    public static func constantTimeEquals(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+        guard a.count == b.count else { return false }
+        var difference: UInt8 = 0
+        for index in a.indices { difference |= a[index] ^ b[index] }
+        return difference == 0
+    }
+
     static func isValid(_ proof: [UInt8], _ key: SymmetricKey, _ label: String, _ data: [UInt8]) -> Bool {
         guard proof.count == SHA256.byteCount else { return false }
         return HMAC<SHA256>.isValidAuthenticationCode(proof, authenticating: Array(label.utf8) + data, using: key)
@@ -122,6 +130,13 @@ public struct V2SessionSecret: Sendable {
     /// Checks the server's pool-connection proof in constant time.
     public func isValidPoolServerProof(_ proof: [UInt8], nonce: [UInt8], id: PoolID) -> Bool {
         V2Key.isValid(proof, self.key, "pool server", nonce + Self.bytes(of: id))
+    }
+
+    /// The client's confirmation, sent inside TLS (if any) after the server's message:
+    /// HMAC(secret, "pool confirm" || server nonce || ID). It binds the connection to the client that holds
+    /// the session secret at the far end of this very TLS session.
+    public func poolConfirmation(nonce: [UInt8], id: PoolID) -> [UInt8] {
+        V2Key.mac(self.key, "pool confirm", nonce + Self.bytes(of: id))
     }
 
     static func bytes(of id: PoolID) -> [UInt8] {

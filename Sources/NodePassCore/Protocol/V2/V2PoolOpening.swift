@@ -5,7 +5,8 @@ import NIOCore
 /// 1. server → client: a fresh 32-byte nonce, in one write, as soon as the connection is accepted;
 /// 2. client → server: the session ID (16 bytes) and `poolClientProof(nonce)` (32 bytes);
 /// 3. with `tls=1` or `tls=2`, a TLS handshake (the client pins the fingerprint from `welcome`);
-/// 4. server → client (inside TLS if any): the pool ID (4 bytes big-endian) and `poolServerProof(nonce, id)`.
+/// 4. server → client (inside TLS if any): the pool ID (4 bytes big-endian) and `poolServerProof(nonce, id)`;
+/// 5. client → server (inside TLS if any): `poolConfirmation(nonce, id)`; only then is the connection idle.
 public enum V2PoolOpening {
     /// Length of the server's nonce.
     public static let nonceLength = 32
@@ -13,6 +14,8 @@ public enum V2PoolOpening {
     public static let clientMessageLength = V2SessionParameters.sessionIDLength + V2Message.proofLength
     /// Length of the server's message.
     public static let serverMessageLength = 4 + V2Message.proofLength
+    /// Length of the client's confirmation.
+    public static let confirmationLength = V2Message.proofLength
 
     /// The client's message for `nonce`.
     public static func clientMessage(sessionID: [UInt8], secret: V2SessionSecret, nonce: [UInt8]) -> [UInt8] {

@@ -111,6 +111,10 @@ final class ClientControlV2Handler: ChannelInboundHandler {
             }
         case .established:
             self.heartbeat?.received(message, context: context, logger: self.logger) { id in
+                guard !self.pool.isForward else {
+                    self.logger.warning("launch from the server ignored: this side has the users (forward mode)")
+                    return
+                }
                 self.logger.debug("launch received", metadata: ["np.pool.id": "\(id)"])
                 self.pool.launch(id)
             }
