@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import secrets
 import shutil
@@ -9,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -230,3 +232,54 @@ def test_stranger_on_pool_port_gets_no_user_session(procs, nodepass_bin, echo_se
         stranger.close()
     assert "not from the client's address" in tunnel.server.output()
     assert echo_probe(tunnel.host, tunnel.target_port, timeout=10)
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_running_out_of_file_descriptors_is_logged_survived_and_recovered(procs, nodepass_bin, echo_service):
+    """The server runs under `ulimit -n 40`; users are held until it cannot accept more. It must say why,
+    keep the sessions it has, not spin, and serve new users once descriptors are free again."""
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port,
+                    env={"MIN_POOL_CAPACITY": "4", "MAX_POOL_CAPACITY": "8"}).use_key("fd-limit-" + "k" * 16)
+    tunnel.server = procs.start("server", ["sh", "-c", 'ulimit -n 40 && exec "$0" "$1"', nodepass_bin,
+                                           tunnel.server_url], env=tunnel.server_env)
+    tunnel.wait_server_listening()
+    tunnel.start_client()
+    tunnel.wait_client_connected(10)
+    tunnel.wait_ready(20)
+    held, refused = [], None
+    try:
+        for _ in range(40):
+            s = connect(tunnel.host, tunnel.target_port, timeout=3)
+            try:
+                s.sendall(b"x")
+                if recv_exact(s, 1) == b"x":
+                    held.append(s)
+                    continue
+            except OSError:
+                pass
+            refused = s
+            break
+        assert refused is not None, "the server never ran out of descriptors"
+        assert 2 <= len(held) < 20, f"{len(held)} sessions held under a limit of 40 descriptors"
+        wait_for(lambda: "out of file descriptors" in tunnel.server.output(), 5, "the server to say why")
+        before = cpu_seconds(tunnel.server.pid)
+        time.sleep(2)  # a measurement window for CPU time, not a synchronisation
+        spent = cpu_seconds(tunnel.server.pid) - before
+        assert spent < 0.5, f"the exhausted server used {spent:.2f} s of CPU in 2 s (a busy loop?)"
+        for s in held[:2]:
+            s.sendall(b"y")
+            assert recv_exact(s, 1) == b"y", "a held session stopped working"
+        assert tunnel.server.alive()
+    finally:
+        for s in held:
+            s.close()
+        if refused is not None:
+            refused.close()
+    # Descriptors are free again: new users are served.
+    tunnel.wait_ready(20)
+    assert tunnel.server.alive()

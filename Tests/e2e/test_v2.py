@@ -112,14 +112,17 @@ def test_v2_relays_intact_data_with_each_tls_setting(procs, nodepass_bin, echo_s
         assert KEY not in proc.output(), "the key appeared in a log"
 
 
-@pytest.mark.parametrize("mode,tls", [("2", "1"), ("2", "0"), ("0", None)])
-def test_forward_mode_users_connect_to_the_client_and_the_server_dials(procs, nodepass_bin, echo_service, mode, tls):
+@pytest.mark.parametrize("mode,tls", [("2", "1"), ("2", "0"), ("2", "2"), ("0", None)])
+def test_forward_mode_users_connect_to_the_client_and_the_server_dials(procs, nodepass_bin, echo_service, mode, tls,
+                                                                      data_cert):
     """mode=2, or mode=0 when the server cannot listen on its TARGET (here the echo service already does):
     the client listens on its TARGET and the server dials its own."""
     tunnel = v2_tunnel(procs, nodepass_bin, free_port(), tls)
     user_port = tunnel.service_port  # the client's TARGET: where users connect
     if mode != "0":
         tunnel.server_query += f"&mode={mode}"
+    if tls == "2":
+        tunnel.server_query += f"&crt={data_cert[0]}&key={data_cert[1]}"
     tunnel.target_port = echo_service.port  # the server's TARGET: the service it dials
     tunnel.start_server()
     if mode == "0":

@@ -1,9 +1,24 @@
+import Logging
 import NIOCore
 import NIOPosix
 import NodePassCore
 
 /// Binding helpers shared by the services.
 enum Listener {
+    /// A listener's bootstrap: address reuse, a deep backlog, accept errors logged and followed by a pause of
+    /// a second (`AcceptPauseHandler`), half-closure allowed on accepted connections.
+    static func bootstrap(group: any EventLoopGroup, logger: Logger, what: String) -> ServerBootstrap {
+        ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(AcceptPauseHandler(logger: logger, what: what))
+                }
+            }
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
+    }
+
     /// Binds `bootstrap` on `address`; an empty host binds every interface (IPv6 and IPv4, or IPv4 only
     /// where IPv6 is off). A failure becomes an error that names the address.
     static func bind(

@@ -126,10 +126,7 @@ public final class TunnelClient: Service, Sendable {
 
     private func userBootstrap() -> ServerBootstrap {
         let users = UserConnections(sessions: self.sessions, metrics: self.metrics, logger: self.logger)
-        return ServerBootstrap(group: self.group)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .serverChannelOption(.backlog, value: 1024)
-            .childChannelOption(.allowRemoteHalfClosure, value: true)
+        return Listener.bootstrap(group: self.group, logger: self.logger, what: "target")
             .childChannelOption(.autoRead, value: false)
             .childChannelInitializer { [pool] channel in
                 users.initialize(channel) { pool.userArrived($0) }

@@ -197,16 +197,13 @@ public final class TunnelServer: Service, Sendable {
         }
     }
 
-    private func baseBootstrap(on group: (any EventLoopGroup)? = nil) -> ServerBootstrap {
-        ServerBootstrap(group: group ?? self.group)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .serverChannelOption(.backlog, value: 1024)
-            .childChannelOption(.allowRemoteHalfClosure, value: true)
+    private func baseBootstrap(on group: (any EventLoopGroup)? = nil, what: String) -> ServerBootstrap {
+        Listener.bootstrap(group: group ?? self.group, logger: self.logger, what: what)
     }
 
     private func controlBootstrap(tls: NIOSSLContext, poolPort: Int, v2: V2Setup?, fingerprint: [UInt8]) -> ServerBootstrap {
         let configuration = self.configuration
-        return self.baseBootstrap()
+        return self.baseBootstrap(what: "tunnel")
             .childChannelInitializer { [pool, logger, pendingHandshakes, metrics] channel in
                 if let evicted = pendingHandshakes.admit(channel) {
                     logger.debug(
@@ -281,7 +278,7 @@ public final class TunnelServer: Service, Sendable {
 
     private func poolBootstrap(v2: V2Setup?) -> ServerBootstrap {
         let configuration = self.configuration
-        return self.baseBootstrap(on: self.dataLoop)
+        return self.baseBootstrap(on: self.dataLoop, what: "pool")
             .childChannelOption(.autoRead, value: false)
             .childChannelInitializer { [pool, metrics, logger, pendingPoolOpenings] channel in
                 SocketTuning.apply(to: channel)
@@ -316,7 +313,7 @@ public final class TunnelServer: Service, Sendable {
     }
 
     private func userBootstrap() -> ServerBootstrap {
-        self.baseBootstrap(on: self.dataLoop)
+        self.baseBootstrap(on: self.dataLoop, what: "target")
             .childChannelOption(.autoRead, value: false)
             .childChannelInitializer { [pool, users] channel in
                 users.initialize(channel) { pool.userArrived($0) }
