@@ -65,6 +65,8 @@ struct NodePassCommand: AsyncParsableCommand {
               SERVICE_COOLDOWN   5s    first pause before reconnecting (then
                                        doubling with jitter, up to 1m)
               SHUTDOWN_TIMEOUT   5s    grace for live connections on exit
+              IDLE_TIMEOUT       1h    close a user connection idle this long
+                                       both ways (0: never)
 
             EXAMPLES (make a key with: openssl rand -hex 16):
               nodepass "server://KEY@:10101/127.0.0.1:8080"
@@ -124,6 +126,7 @@ struct NodePassCommand: AsyncParsableCommand {
                 MetricsServer(address: address, group: group, logger: logger, render: { registry.emitToBuffer() })
             )
         }
+        services.append(MemoryTrimmer())
         switch url.role {
         case .server:
             services.append(TunnelServer(url: url, configuration: configuration, group: group, logger: logger))

@@ -14,11 +14,18 @@ import Testing
         #expect(configuration.shutdownTimeout == .seconds(5))
     }
 
+    @Test func idleTimeoutDefaultsToAnHourAndZeroTurnsItOff() throws {
+        #expect(try Configuration(environment: [:]).idleTimeout == .hours(1))
+        #expect(try Configuration(environment: ["IDLE_TIMEOUT": "0"]).idleTimeout == nil)
+    }
+
     @Test func readsEveryVariable() throws {
         let configuration = try Configuration(environment: [
             "SEMAPHORE_LIMIT": "10", "MIN_POOL_CAPACITY": "2", "MAX_POOL_CAPACITY": "8",
             "REPORT_INTERVAL": "1s", "SERVICE_COOLDOWN": "500ms", "SHUTDOWN_TIMEOUT": "1m30s",
+            "IDLE_TIMEOUT": "10m",
         ])
+        #expect(configuration.idleTimeout == .minutes(10))
         #expect(configuration.semaphoreLimit == 10)
         #expect(configuration.minPoolCapacity == 2)
         #expect(configuration.maxPoolCapacity == 8)
@@ -32,6 +39,7 @@ import Testing
         ("SEMAPHORE_LIMIT", "1e3"), ("SEMAPHORE_LIMIT", "99999999999999999999"), ("MAX_POOL_CAPACITY", " 5"),
         ("REPORT_INTERVAL", "-1s"), ("REPORT_INTERVAL", "5"), ("REPORT_INTERVAL", "0s"),
         ("SERVICE_COOLDOWN", "5x"), ("SHUTDOWN_TIMEOUT", "25h"), ("SHUTDOWN_TIMEOUT", "1s2"),
+        ("IDLE_TIMEOUT", "00"), ("IDLE_TIMEOUT", "-5m"),
     ])
     func refusesBadValuesNamingTheVariable(_ name: String, _ value: String) {
         do {

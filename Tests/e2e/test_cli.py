@@ -14,7 +14,7 @@ pytestmark = pytest.mark.ours_only
 EX_USAGE = 64
 EX_CONFIG = 78
 ENV_VARS = ["SEMAPHORE_LIMIT", "MIN_POOL_CAPACITY", "MAX_POOL_CAPACITY", "REPORT_INTERVAL", "SERVICE_COOLDOWN",
-            "SHUTDOWN_TIMEOUT"]
+            "SHUTDOWN_TIMEOUT", "IDLE_TIMEOUT"]
 CRASH_MARKERS = ["Fatal error", "Stack dump", "Current stack trace", "Backtrace", "SIGSEGV", "SIGILL"]
 
 

@@ -283,3 +283,36 @@ def test_running_out_of_file_descriptors_is_logged_survived_and_recovered(procs,
     # Descriptors are free again: new users are served.
     tunnel.wait_ready(20)
     assert tunnel.server.alive()
+
+
+def test_idle_user_connections_are_closed_after_idle_timeout(procs, nodepass_bin, echo_service):
+    """IDLE_TIMEOUT=1s: a user connection on which nothing moves is closed after about a second, while a
+    connection that keeps exchanging bytes stays open."""
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port, env={"IDLE_TIMEOUT": "1s"})
+    tunnel.use_key("idle-timeout-" + "k" * 16).start()
+    idle = connect(tunnel.host, tunnel.target_port)
+    busy = connect(tunnel.host, tunnel.target_port)
+    try:
+        for s in (idle, busy):
+            s.sendall(b"a")
+            assert recv_exact(s, 1) == b"a"
+        quiet_since = time.monotonic()
+        idle.settimeout(0.05)
+        closed_after = None
+        for _ in range(15):  # 15 exchanges 0.25 s apart on the busy connection: about 3.7 s
+            busy.sendall(b"b")
+            assert recv_exact(busy, 1) == b"b", "the busy connection was cut"
+            if closed_after is None:
+                try:
+                    if idle.recv(1) == b"":
+                        closed_after = time.monotonic() - quiet_since
+                except socket.timeout:
+                    pass
+                except ConnectionResetError:
+                    closed_after = time.monotonic() - quiet_since
+            time.sleep(0.25)  # traffic pacing, not synchronisation
+        assert closed_after is not None, "the idle connection was not closed"
+        assert 0.9 <= closed_after <= 3.0, f"closed after {closed_after:.2f}s with IDLE_TIMEOUT=1s"
+    finally:
+        idle.close()
+        busy.close()

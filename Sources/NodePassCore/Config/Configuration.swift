@@ -14,6 +14,8 @@ public struct Configuration: Hashable, Sendable {
     public var serviceCooldown: TimeAmount = .seconds(5)
     /// How long a graceful shutdown may take.
     public var shutdownTimeout: TimeAmount = .seconds(5)
+    /// A user connection on which no byte moved either way for this long is closed; nil: never.
+    public var idleTimeout: TimeAmount? = .hours(1)
 
     /// Bound on the TLS handshake of the control channel.
     public var handshakeTimeout: TimeAmount = .seconds(10)
@@ -32,7 +34,7 @@ public struct Configuration: Hashable, Sendable {
     /// The names of the variables read, in the order of the documentation.
     public static let variableNames = [
         "SEMAPHORE_LIMIT", "MIN_POOL_CAPACITY", "MAX_POOL_CAPACITY",
-        "REPORT_INTERVAL", "SERVICE_COOLDOWN", "SHUTDOWN_TIMEOUT",
+        "REPORT_INTERVAL", "SERVICE_COOLDOWN", "SHUTDOWN_TIMEOUT", "IDLE_TIMEOUT",
     ]
 
     /// Reads the variables from `environment`; an unset or empty variable keeps its default.
@@ -46,6 +48,11 @@ public struct Configuration: Hashable, Sendable {
         self.reportInterval = try Self.duration("REPORT_INTERVAL", environment, default: self.reportInterval)
         self.serviceCooldown = try Self.duration("SERVICE_COOLDOWN", environment, default: self.serviceCooldown)
         self.shutdownTimeout = try Self.duration("SHUTDOWN_TIMEOUT", environment, default: self.shutdownTimeout)
+        if environment["IDLE_TIMEOUT"] == "0" {
+            self.idleTimeout = nil
+        } else if let idle = self.idleTimeout {
+            self.idleTimeout = try Self.duration("IDLE_TIMEOUT", environment, default: idle)
+        }
         guard self.minPoolCapacity <= self.maxPoolCapacity else {
             throw NodePassError(
                 .invalidEnvironment,

@@ -125,7 +125,12 @@ public final class TunnelClient: Service, Sendable {
     }
 
     private func userBootstrap() -> ServerBootstrap {
-        let users = UserConnections(sessions: self.sessions, metrics: self.metrics, logger: self.logger)
+        let users = UserConnections(
+            sessions: self.sessions,
+            metrics: self.metrics,
+            logger: self.logger,
+            idleTimeout: self.configuration.idleTimeout
+        )
         return Listener.bootstrap(group: self.group, logger: self.logger, what: "target")
             .childChannelOption(.autoRead, value: false)
             .childChannelInitializer { [pool] channel in

@@ -57,7 +57,12 @@ public final class TunnelServer: Service, Sendable {
         self.onListening = onListening
         self.pool = ServerPool(configuration: configuration, isV2: url.key != nil, metrics: metrics, logger: logger)
         self.sessions = SessionTracker(limit: configuration.semaphoreLimit)
-        self.users = UserConnections(sessions: self.sessions, metrics: metrics, logger: logger)
+        self.users = UserConnections(
+            sessions: self.sessions,
+            metrics: metrics,
+            logger: logger,
+            idleTimeout: configuration.idleTimeout
+        )
         self.pendingHandshakes = PendingHandshakes(limit: configuration.maxPendingHandshakes)
         self.pendingPoolOpenings = PendingHandshakes(limit: configuration.maxPendingHandshakes * 4)
     }

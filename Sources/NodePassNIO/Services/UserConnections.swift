@@ -9,12 +9,15 @@ struct UserConnections: Sendable {
     let sessions: SessionTracker
     let metrics: TunnelMetrics
     let logger: Logger
+    /// A user connection on which nothing moved for this long is closed (nil: never).
+    let idleTimeout: TimeAmount?
     private let lastLimitLog = LimitLogClock()
 
-    init(sessions: SessionTracker, metrics: TunnelMetrics, logger: Logger) {
+    init(sessions: SessionTracker, metrics: TunnelMetrics, logger: Logger, idleTimeout: TimeAmount?) {
         self.sessions = sessions
         self.metrics = metrics
         self.logger = logger
+        self.idleTimeout = idleTimeout
     }
 
     /// The child channel initializer of a user listener (the listener must set `autoRead` off).
@@ -34,7 +37,15 @@ struct UserConnections: Sendable {
         metrics.accepted.increment()
         metrics.active.increment()
         channel.closeFuture.whenComplete { _ in metrics.active.decrement() }
+        let idleTimeout = self.idleTimeout
+        let logger = self.logger
         return channel.eventLoop.makeCompletedFuture {
+            if let idleTimeout {
+                // Reads from the user and writes to the user both count as activity.
+                try channel.pipeline.syncOperations.addHandlers([
+                    IdleStateHandler(allTimeout: idleTimeout), IdleConnectionCloser(logger: logger),
+                ])
+            }
             try channel.pipeline.syncOperations.addHandlers([
                 ChannelActiveHandler(onActive: arrived), GlueHandler(bytes: metrics.bytesUpstream),
             ])
