@@ -103,9 +103,9 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
     }
 
     func v2SessionStarted(_ channel: any Channel, sessionID: [UInt8], secret: V2SessionSecret) -> Bool {
-        let admitted = self.updating { state -> Bool in
+        let (admitted, isReconnect) = self.updating { state -> (Bool, Bool) in
             guard state.sessions.count < Self.maximumClients, state.v2SessionNumbers[sessionID] == nil else {
-                return false
+                return (false, false)
             }
             state.nextSession += 1
             state.sessions[state.nextSession] = Session(
@@ -115,9 +115,9 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
             )
             state.v2SessionNumbers[sessionID] = state.nextSession
             state.controlsSeen += 1
-            return true
+            return (true, state.controlsSeen > 1)
         }
-        if admitted, self.state.withLock({ $0.controlsSeen }) > 1 { self.metrics.reconnects.increment() }
+        if isReconnect { self.metrics.reconnects.increment() }
         return admitted
     }
 

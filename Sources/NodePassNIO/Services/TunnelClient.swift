@@ -164,7 +164,7 @@ public final class TunnelClient: Service, Sendable {
                                     connected: connected,
                                     handshakeDuration: metrics.handshakeDuration,
                                     logger: logger,
-                                    makeDataTLS: { v2.dataTLS }
+                                    dataTLS: v2.dataTLS
                                 ),
                             ])
                         }

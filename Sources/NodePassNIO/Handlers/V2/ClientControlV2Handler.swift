@@ -26,7 +26,7 @@ final class ClientControlV2Handler: ChannelInboundHandler {
     private let handshakeTimeout: TimeAmount
     private let connected: EventLoopPromise<Void>
     private let handshakeDuration: Timer
-    private let makeDataTLS: @Sendable () throws -> NIOSSLContext
+    private let dataTLS: NIOSSLContext
     private let logger: Logger
     private var timer: Scheduled<Void>?
     private var heartbeat: V2Heartbeat?
@@ -39,7 +39,7 @@ final class ClientControlV2Handler: ChannelInboundHandler {
         connected: EventLoopPromise<Void>,
         handshakeDuration: Timer,
         logger: Logger,
-        makeDataTLS: @escaping @Sendable () throws -> NIOSSLContext
+        dataTLS: NIOSSLContext
     ) {
         self.key = key
         self.pool = pool
@@ -47,7 +47,7 @@ final class ClientControlV2Handler: ChannelInboundHandler {
         self.connected = connected
         self.handshakeDuration = handshakeDuration
         self.logger = logger
-        self.makeDataTLS = makeDataTLS
+        self.dataTLS = dataTLS
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -122,15 +122,7 @@ final class ClientControlV2Handler: ChannelInboundHandler {
     }
 
     private func establish(context: ChannelHandlerContext, parameters: V2SessionParameters, secret: V2SessionSecret) {
-        var tls: NIOSSLContext?
-        if parameters.tls != .plain {
-            do {
-                tls = try self.makeDataTLS()
-            } catch {
-                self.fail(context: context, message: nil, error: NodePassError(.tls, "cannot set up TLS for data connections: \(error)"))
-                return
-            }
-        }
+        let tls = parameters.tls == .plain ? nil : self.dataTLS
         self.state = .established
         self.timer?.cancel()
         self.timer = nil
