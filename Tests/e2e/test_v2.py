@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import select
 import shutil
 import socket
 import ssl
@@ -403,24 +404,30 @@ class TerminatingProxy:
             raw.close()
             return
 
-        def pump(src, dst, name):
-            try:
-                while True:
+        # One thread relays both ways: an SSL socket must not be read and written from two threads at once.
+        peers = {client: (upstream, "to_server"), upstream: (client, "to_client")}
+        try:
+            for s in peers:
+                s.settimeout(10)
+            while not self.stopping.is_set():
+                ready = [s for s in peers if s.pending()] or select.select(list(peers), [], [], 10)[0]
+                if not ready:
+                    break
+                for src in ready:
                     data = src.recv(65536)
                     if not data:
-                        break
+                        raise ConnectionError("closed")
+                    dst, name = peers[src]
                     self.relayed[name] += len(data)
                     dst.sendall(data)
-            except (OSError, ssl.SSLError):
-                pass
-            for s in (src, dst):
+        except (OSError, ssl.SSLError, ConnectionError):
+            pass
+        finally:
+            for s in peers:
                 try:
                     s.close()
                 except OSError:
                     pass
-
-        threading.Thread(target=pump, args=(client, upstream, "to_server"), daemon=True).start()
-        pump(upstream, client, "to_client")
 
     def close(self):
         self.stopping.set()
