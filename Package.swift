@@ -36,10 +36,12 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        .target(name: "CNodePassLinux"),
         .target(
             name: "NodePassNIO",
             dependencies: [
                 "NodePassCore",
+                "CNodePassLinux",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),

@@ -7,34 +7,10 @@ import Testing
 
 @testable import NodePassNIO
 
-/// Echoes every byte and half-closes after the peer does.
-private final class EchoHandler: ChannelInboundHandler {
-    typealias InboundIn = ByteBuffer
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        context.write(data, promise: nil)
-    }
-
-    func channelReadComplete(context: ChannelHandlerContext) {
-        context.flush()
-    }
-
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case ChannelEvent.inputClosed = event {
-            context.close(mode: .output, promise: nil)
-        }
-    }
-}
-
 @Suite(.timeLimit(.minutes(1))) struct TunnelLoopbackTests {
     @Test func serverAndClientRelayBothWaysWithHalfClose() async throws {
         let group = MultiThreadedEventLoopGroup.singleton
-        let echo = try await ServerBootstrap(group: group)
-            .childChannelOption(.allowRemoteHalfClosure, value: true)
-            .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(EchoHandler()) }
-            }
-            .bind(host: "127.0.0.1", port: 0).get()
+        let echo = try await EchoHandler.listen(group: group)
         let echoPort = try #require(echo.localAddress?.port)
 
         var configuration = Configuration()

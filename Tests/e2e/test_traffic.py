@@ -71,6 +71,9 @@ def test_integrity_256mib_over_16_streams(procs, nodepass_bin, echo_service):
     tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port)
     tunnel.start()
     scenarios.integrity(tunnel, streams=16, mib_per_stream=16, deadline_s=200)
+    # v1 data connections are plain: both sides relay them with splice(2).
+    for proc in (tunnel.server, tunnel.client):
+        assert "relay moved to the kernel (splice)" in proc.output(), f"{proc.name} did not splice"
 
 
 def test_burst_of_200_connections(procs, nodepass_bin, echo_service):

@@ -67,6 +67,13 @@ def data_cert(tmp_path_factory):
     return str(crt), str(key)
 
 
+def assert_spliced(tunnel, expected: bool) -> None:
+    """Plain relays move to the kernel (splice) on both sides; TLS ones never do."""
+    for proc in (tunnel.server, tunnel.client):
+        spliced = "relay moved to the kernel (splice)" in proc.output()
+        assert spliced == expected, f"{proc.name}: spliced={spliced}, expected {expected}"
+
+
 class Capture:
     """tcpdump on the loopback interface, to look at what crosses the wire."""
 
@@ -108,6 +115,7 @@ def test_v2_relays_intact_data_with_each_tls_setting(procs, nodepass_bin, echo_s
         assert token in wire, "tls=0 relays in clear: the marker should be visible on the pool port"
     else:
         assert token not in wire, f"tls={expected_tls}: user data crossed the pool port in clear"
+    assert_spliced(tunnel, expected_tls == "0")
     assert KEY.encode() not in wire
     for proc in (tunnel.server, tunnel.client):
         assert KEY not in proc.output(), "the key appeared in a log"
@@ -135,6 +143,7 @@ def test_forward_mode_users_connect_to_the_client_and_the_server_dials(procs, no
     integrity(tunnel, streams=4, mib_per_stream=4, deadline_s=60)
     burst(tunnel, count=100)
     assert "launch sent" in tunnel.client.output() and "relaying" in tunnel.server.output()
+    assert_spliced(tunnel, tls == "0")
 
 
 def test_mode_0_picks_reverse_when_the_server_can_listen(procs, nodepass_bin, echo_service):

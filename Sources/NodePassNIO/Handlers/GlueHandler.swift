@@ -9,6 +9,10 @@ import NIOCore
 /// partner's handler asks for the next read when it becomes writable again (backpressure).
 /// End of input is passed on as a half-close once every byte before it has been written; an error or an
 /// abrupt close closes both channels.
+///
+/// With a `SpliceSetup` on both sides, a pair of plain sockets on one event loop moves to a `SpliceEngine`
+/// once both halves are connected (see `SpliceUpgrade`), and the channels are closed without touching the
+/// sockets.
 public final class GlueHandler: ChannelInboundHandler {
     public typealias InboundIn = ByteBuffer
 
@@ -16,14 +20,26 @@ public final class GlueHandler: ChannelInboundHandler {
     /// Bytes read before the partner was known (a read the partner asked for may overtake `connect`).
     private var early: ByteBuffer?
     private var pendingFlush = false
-    private var inputEnded = false
-    private var inactive = false
-    private let bytes: Counter?
+    private(set) var inputEnded = false
+    private(set) var inactive = false
+    let bytes: Counter?
+    let splice: SpliceSetup?
+    /// Set while the pair moves to the splice engine: no reads, and what arrives is held.
+    var upgrade: SpliceUpgrade?
+    /// What arrived during the move, for the engine to write first.
+    var held = ByteBuffer()
+    /// The sockets belong to the splice engine; this channel's close means nothing to the relay.
+    var spliced = false
 
-    /// Makes an unconnected handler; `bytes` counts every byte it reads.
-    public init(bytes: Counter? = nil) {
+    /// Makes an unconnected handler; `bytes` counts every byte it reads. With `splice`, the relay may move
+    /// to the kernel (only when the partner's handler has one too).
+    public init(bytes: Counter? = nil, splice: SpliceSetup? = nil) {
         self.bytes = bytes
+        self.splice = splice
     }
+
+    /// The channel this handler relays to, once connected.
+    var partnerChannel: (any Channel)? { self.partner }
 
     /// Starts relaying to `partner`. Must run on this handler's event loop.
     public func connect(to partner: any Channel, context: ChannelHandlerContext) {
@@ -44,12 +60,17 @@ public final class GlueHandler: ChannelInboundHandler {
             return
         }
         self.flushPending()
+        if SpliceUpgrade.begin(self, context: context) { return }
         context.read()
     }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = self.unwrapInboundIn(data)
         self.bytes?.increment(by: Int64(buffer.readableBytes))
+        if self.upgrade != nil {
+            self.held.writeBuffer(&buffer)
+            return
+        }
         guard let partner = self.partner else {
             if self.early == nil {
                 self.early = buffer
@@ -63,7 +84,7 @@ public final class GlueHandler: ChannelInboundHandler {
     }
 
     public func channelReadComplete(context: ChannelHandlerContext) {
-        guard let partner = self.partner else { return }
+        guard let partner = self.partner, self.upgrade == nil else { return }
         self.flushPending()
         if partner.isWritable && !self.inputEnded {
             context.read()
@@ -71,7 +92,7 @@ public final class GlueHandler: ChannelInboundHandler {
     }
 
     public func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable {
+        if context.channel.isWritable && self.upgrade == nil {
             self.partner?.read()
         }
         context.fireChannelWritabilityChanged()
@@ -83,7 +104,7 @@ public final class GlueHandler: ChannelInboundHandler {
             return
         }
         self.inputEnded = true
-        guard let partner = self.partner else { return }
+        guard let partner = self.partner, self.upgrade == nil else { return }
         self.passOnEndOfInput(to: partner)
     }
 
@@ -97,6 +118,11 @@ public final class GlueHandler: ChannelInboundHandler {
 
     public func channelInactive(context: ChannelHandlerContext) {
         self.inactive = true
+        if self.spliced {
+            context.fireChannelInactive()
+            return
+        }
+        self.upgrade?.abort()
         if let partner = self.partner {
             self.flushPending()
             partner.writeAndFlush(ByteBuffer()).whenComplete { _ in
@@ -108,6 +134,27 @@ public final class GlueHandler: ChannelInboundHandler {
 
     public func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
+    }
+
+    /// The move to the splice engine was given up: relay in user space from where it stopped.
+    func resumeAfterUpgrade(channel: any Channel) {
+        self.upgrade = nil
+        guard let partner = self.partner else { return }
+        if self.held.readableBytes > 0 {
+            partner.write(self.held, promise: nil)
+            self.held = ByteBuffer()
+            self.pendingFlush = true
+        }
+        // An inactive channel finishes in `channelInactive`.
+        guard !self.inactive else { return }
+        if self.inputEnded {
+            self.passOnEndOfInput(to: partner)
+            return
+        }
+        self.flushPending()
+        if partner.isWritable {
+            channel.read()
+        }
     }
 
     private func flushPending() {

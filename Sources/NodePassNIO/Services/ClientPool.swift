@@ -147,7 +147,7 @@ final class ClientPool: Sendable {
                 .connectTimeout(self.configuration.dialTimeout)
                 .channelOption(.autoRead, value: false)
                 .channelOption(.allowRemoteHalfClosure, value: true)
-                .channelInitializer { [configuration] channel in
+                .channelInitializer { [configuration, sessions = self.sessions, logger = self.logger] channel in
                     SocketTuning.apply(to: channel)
                     return channel.eventLoop.makeCompletedFuture {
                         var idReader = PoolIDReader.v1
@@ -175,7 +175,7 @@ final class ClientPool: Sendable {
                                 idReadTimeout: configuration.idReadTimeout,
                                 claimTimeout: configuration.poolWaitTimeout + configuration.dialTimeout
                             ),
-                            GlueHandler(bytes: bytes),
+                            GlueHandler(bytes: bytes, splice: SpliceSetup(sessions: sessions, logger: logger)),
                         ])
                     }
                 }

@@ -2,9 +2,26 @@ import NIOCore
 import Synchronization
 
 /// Counts live relayed sessions, bounds them, and lets a shutdown wait for them to end.
+///
+/// A session starts keyed by a channel. When its relay moves to a `SpliceEngine` the channel is closed
+/// and the session lives on in the engine until the spliced relay ends.
 public final class SessionTracker: Sendable {
+    private enum Owner {
+        case channel(any Channel)
+        case spliced(SpliceEngine, relay: UInt64)
+    }
+
+    private struct Session {
+        var owner: Owner
+        let onEnd: (@Sendable () -> Void)?
+    }
+
     private struct State {
-        var channels: [ObjectIdentifier: any Channel] = [:]
+        var sessions: [UInt64: Session] = [:]
+        /// The sessions still owned by their channel. A channel is only here while it is alive (the session
+        /// holds it), so its identifier cannot be reused meanwhile.
+        var byChannel: [ObjectIdentifier: UInt64] = [:]
+        var nextID: UInt64 = 0
         var drained: [CheckedContinuation<Void, Never>] = []
     }
 
@@ -19,35 +36,75 @@ public final class SessionTracker: Sendable {
 
     /// The number of live sessions.
     public var count: Int {
-        self.state.withLock { $0.channels.count }
+        self.state.withLock { $0.sessions.count }
     }
 
-    /// Adds a session keyed by `channel`; false when the limit is reached. The session ends when the channel closes.
-    public func add(_ channel: any Channel) -> Bool {
+    /// The number of live sessions whose relay runs in a `SpliceEngine`.
+    var splicedCount: Int {
+        self.state.withLock { $0.sessions.count - $0.byChannel.count }
+    }
+
+    /// Adds a session keyed by `channel`; false when the limit is reached. The session ends when the channel
+    /// closes (unless its relay was spliced), and then `onEnd` runs.
+    public func add(_ channel: any Channel, onEnd: (@Sendable () -> Void)? = nil) -> Bool {
         let key = ObjectIdentifier(channel)
-        let added = self.state.withLock { state -> Bool in
-            guard state.channels.count < self.limit else { return false }
-            state.channels[key] = channel
-            return true
+        let id = self.state.withLock { state -> UInt64? in
+            guard state.sessions.count < self.limit else { return nil }
+            state.nextID += 1
+            state.sessions[state.nextID] = Session(owner: .channel(channel), onEnd: onEnd)
+            state.byChannel[key] = state.nextID
+            return state.nextID
         }
-        guard added else { return false }
+        guard let id else { return false }
         channel.closeFuture.whenComplete { _ in
-            let waiters = self.state.withLock { state -> [CheckedContinuation<Void, Never>] in
-                state.channels[key] = nil
-                guard state.channels.isEmpty else { return [] }
-                defer { state.drained = [] }
-                return state.drained
-            }
-            for waiter in waiters { waiter.resume() }
+            self.end([id], channel: key)
         }
         return true
+    }
+
+    /// Moves the sessions of any of `channels` to the spliced relay `relay`, before the channels are closed.
+    /// Returns the sessions moved, to pass to `end(_:)` when the relay ends.
+    func transfer(_ channels: [any Channel], to engine: SpliceEngine, relay: UInt64) -> [UInt64] {
+        self.state.withLock { state in
+            channels.compactMap { channel in
+                guard let id = state.byChannel.removeValue(forKey: ObjectIdentifier(channel)) else { return nil }
+                state.sessions[id]?.owner = .spliced(engine, relay: relay)
+                return id
+            }
+        }
+    }
+
+    /// Ends the sessions `ids`.
+    func end(_ ids: [UInt64]) {
+        self.end(ids, channel: nil)
+    }
+
+    /// Ends the sessions `ids`; with `channel`, only if that channel still owns them.
+    private func end(_ ids: [UInt64], channel: ObjectIdentifier?) {
+        let (ended, waiters) = self.state.withLock { state -> ([Session], [CheckedContinuation<Void, Never>]) in
+            var ended: [Session] = []
+            for id in ids {
+                guard let session = state.sessions[id] else { continue }
+                if let channel {
+                    guard case .channel = session.owner else { continue }
+                    state.byChannel[channel] = nil
+                }
+                state.sessions[id] = nil
+                ended.append(session)
+            }
+            guard !ended.isEmpty, state.sessions.isEmpty else { return (ended, []) }
+            defer { state.drained = [] }
+            return (ended, state.drained)
+        }
+        for session in ended { session.onEnd?() }
+        for waiter in waiters { waiter.resume() }
     }
 
     /// Waits until no session is live.
     public func waitUntilEmpty() async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let resumeNow = self.state.withLock { state -> Bool in
-                if state.channels.isEmpty { return true }
+                if state.sessions.isEmpty { return true }
                 state.drained.append(continuation)
                 return false
             }
@@ -57,8 +114,13 @@ public final class SessionTracker: Sendable {
 
     /// Closes every live session.
     public func closeAll() {
-        let channels = self.state.withLock { Array($0.channels.values) }
-        for channel in channels { channel.close(promise: nil) }
+        let owners = self.state.withLock { $0.sessions.values.map(\.owner) }
+        for owner in owners {
+            switch owner {
+            case .channel(let channel): channel.close(promise: nil)
+            case .spliced(let engine, let relay): engine.close(relay)
+            }
+        }
     }
 
     /// Waits up to `timeout` for the sessions to end, then closes the rest. Returns how many were cut.

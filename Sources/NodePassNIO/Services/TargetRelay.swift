@@ -19,7 +19,7 @@ enum TargetRelay {
         logger: Logger,
         handOff: @escaping @Sendable (_ target: any Channel) -> Bool
     ) {
-        guard sessions.add(pool) else {
+        guard sessions.add(pool, onEnd: { metrics.active.decrement() }) else {
             metrics.failed(.limit)
             logger.warning("SEMAPHORE_LIMIT reached; launch refused", metadata: ["np.limit": "\(sessions.limit)"])
             pool.close(promise: nil)
@@ -28,7 +28,6 @@ enum TargetRelay {
         let launched = NIODeadline.now()
         metrics.accepted.increment()
         metrics.active.increment()
-        pool.closeFuture.whenComplete { _ in metrics.active.decrement() }
         ClientBootstrap(group: pool.eventLoop)
             .connectTimeout(dialTimeout)
             .channelOption(.autoRead, value: false)
@@ -36,7 +35,11 @@ enum TargetRelay {
             .channelInitializer { channel in
                 SocketTuning.apply(to: channel)
                 return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(GlueHandler(bytes: metrics.bytesDownstream))
+                    try channel.pipeline.syncOperations.addHandler(GlueHandler(
+                            bytes: metrics.bytesDownstream,
+                            splice: SpliceSetup(sessions: sessions, logger: logger)
+                        )
+                    )
                 }
             }
             .connect(host: target.dialHost, port: target.port)

@@ -285,7 +285,7 @@ public final class TunnelServer: Service, Sendable {
         let configuration = self.configuration
         return self.baseBootstrap(on: self.dataLoop, what: "pool")
             .childChannelOption(.autoRead, value: false)
-            .childChannelInitializer { [pool, metrics, logger, pendingPoolOpenings] channel in
+            .childChannelInitializer { [pool, metrics, logger, pendingPoolOpenings, sessions] channel in
                 SocketTuning.apply(to: channel)
                 return channel.eventLoop.makeCompletedFuture {
                     if let v2 {
@@ -311,7 +311,10 @@ public final class TunnelServer: Service, Sendable {
                             claimTimeout: forward ? configuration.poolWaitTimeout + configuration.dialTimeout : nil
                         ),
                         // What a pool connection reads goes towards the service in forward mode.
-                        GlueHandler(bytes: forward ? metrics.bytesUpstream : metrics.bytesDownstream),
+                        GlueHandler(
+                            bytes: forward ? metrics.bytesUpstream : metrics.bytesDownstream,
+                            splice: SpliceSetup(sessions: sessions, logger: logger)
+                        ),
                     ])
                 }
             }

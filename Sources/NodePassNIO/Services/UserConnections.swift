@@ -23,7 +23,8 @@ struct UserConnections: Sendable {
     /// The child channel initializer of a user listener (the listener must set `autoRead` off).
     func initialize(_ channel: any Channel, arrived: @escaping @Sendable (any Channel) -> Void) -> EventLoopFuture<Void> {
         SocketTuning.apply(to: channel)
-        guard self.sessions.add(channel) else {
+        let metrics = self.metrics
+        guard self.sessions.add(channel, onEnd: { metrics.active.decrement() }) else {
             self.metrics.failed(.limit)
             if self.lastLimitLog.isDue() {
                 self.logger.warning(
@@ -33,10 +34,8 @@ struct UserConnections: Sendable {
             }
             return channel.close()
         }
-        let metrics = self.metrics
         metrics.accepted.increment()
         metrics.active.increment()
-        channel.closeFuture.whenComplete { _ in metrics.active.decrement() }
         let idleTimeout = self.idleTimeout
         let logger = self.logger
         return channel.eventLoop.makeCompletedFuture {
@@ -47,7 +46,11 @@ struct UserConnections: Sendable {
                 ])
             }
             try channel.pipeline.syncOperations.addHandlers([
-                ChannelActiveHandler(onActive: arrived), GlueHandler(bytes: metrics.bytesUpstream),
+                ChannelActiveHandler(onActive: arrived),
+                GlueHandler(
+                    bytes: metrics.bytesUpstream,
+                    splice: SpliceSetup(sessions: self.sessions, idleTimeout: idleTimeout, logger: logger)
+                ),
             ])
         }
     }

@@ -1,0 +1,297 @@
+import CNodePassLinux
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Relays pairs of plain TCP sockets in the kernel with splice(2): socket → pipe → socket, so that relayed
+/// bytes are never copied through user space.
+///
+/// Each engine is one thread waiting on its own epoll instance (edge-triggered). A relay, once added, is
+/// touched only by that thread; other threads reach it through `close(_:)`, which queues a command and wakes
+/// the thread through an eventfd. Pipes are taken from a small pool while a direction has bytes in flight
+/// and given back as soon as it is drained, so an idle relay holds no pipe.
+public final class SpliceEngine: @unchecked Sendable {
+    /// One engine per core, started on first use; empty when splice(2) is not available (not Linux, or no
+    /// epoll or eventfd could be made).
+    static let engines: [SpliceEngine] = {
+        var engines: [SpliceEngine] = []
+        for _ in 0..<max(1, System.coreCount) {
+            guard let engine = SpliceEngine() else { break }
+            engines.append(engine)
+        }
+        return engines
+    }()
+    private static let nextEngine = Atomic<Int>(0)
+
+    /// The engine for the next relay (round robin), or nil when splicing is not available.
+    static func next() -> SpliceEngine? {
+        let engines = Self.engines
+        guard !engines.isEmpty else { return nil }
+        let index = Self.nextEngine.wrappingAdd(1, ordering: .relaxed).oldValue
+        return engines[index % engines.count]
+    }
+
+    /// Bytes a pipe is asked to hold; the kernel may grant less.
+    static let pipeCapacity = 256 * 1024
+    /// Drained pipes kept for reuse; beyond this they are closed.
+    static let pipePoolLimit = 32
+    /// Moves per relay direction before the engine turns to other relays.
+    static let movesPerTurn = 32
+    /// How often idle relays are looked for, when any relay has an idle timeout.
+    static let idleSweepInterval: TimeAmount = .seconds(1)
+
+    private enum Command {
+        case add(SpliceRelay)
+        case close(UInt64)
+    }
+
+    private let epoll: Int32
+    private let wakeup: Int32
+    private let commands = Mutex<[Command]>([])
+    private let threadPool: NIOThreadPool
+
+    // Engine thread only.
+    private var relays: [UInt64: SpliceRelay] = [:]
+    private var pipes: [SplicePipe] = []
+    private var pendingTurns: [UInt64] = []
+    private var relaysWithIdleTimeout = 0
+    private var lastSweep = NIODeadline.now()
+
+    private init?() {
+        let epoll = np_epoll_create()
+        guard epoll >= 0 else { return nil }
+        let wakeup = np_eventfd()
+        guard wakeup >= 0, np_epoll_add_readable(epoll, wakeup, 0) == 0 else {
+            Glibc.close(epoll)
+            if wakeup >= 0 { Glibc.close(wakeup) }
+            return nil
+        }
+        self.epoll = epoll
+        self.wakeup = wakeup
+        self.threadPool = NIOThreadPool(numberOfThreads: 1)
+        self.threadPool.start()
+        self.threadPool.submit { state in
+            guard case .active = state else { return }
+            self.run()
+        }
+    }
+
+    /// Hands `relay` to the engine thread, which starts moving bytes at once.
+    func add(_ relay: SpliceRelay) {
+        self.send(.add(relay))
+    }
+
+    /// Closes the relay `id` (both sockets) if it is still running; its `onEnd` runs on the engine thread.
+    func close(_ id: UInt64) {
+        self.send(.close(id))
+    }
+
+    private func send(_ command: Command) {
+        let first = self.commands.withLock { commands -> Bool in
+            commands.append(command)
+            return commands.count == 1
+        }
+        if first { _ = np_eventfd_signal(self.wakeup) }
+    }
+
+    // MARK: - Engine thread
+
+    private func run() {
+        let capacity = 256
+        let tokens = UnsafeMutablePointer<UInt64>.allocate(capacity: capacity)
+        let flags = UnsafeMutablePointer<UInt32>.allocate(capacity: capacity)
+        defer {
+            tokens.deallocate()
+            flags.deallocate()
+        }
+        while true {
+            let timeout: Int32
+            if !self.pendingTurns.isEmpty {
+                timeout = 0
+            } else if self.relaysWithIdleTimeout > 0 {
+                timeout = Int32(Self.idleSweepInterval.nanoseconds / 1_000_000)
+            } else {
+                timeout = -1
+            }
+            let count = np_epoll_wait(self.epoll, tokens, flags, Int32(capacity), timeout)
+            if count < 0 && errno != EINTR {
+                // Cannot happen with a valid epoll descriptor; back off rather than spin.
+                usleep(10_000)
+                continue
+            }
+            for index in 0..<Int(max(0, count)) {
+                let token = tokens[index]
+                if token == 0 {
+                    np_eventfd_drain(self.wakeup)
+                    self.runCommands()
+                } else {
+                    self.handle(id: token >> 1, side: Int(token & 1), flags: flags[index])
+                }
+            }
+            self.runPendingTurns()
+            self.sweepIdle()
+        }
+    }
+
+    private func runCommands() {
+        let commands = self.commands.withLock { commands -> [Command] in
+            defer { commands = [] }
+            return commands
+        }
+        for command in commands {
+            switch command {
+            case .add(let relay):
+                self.start(relay)
+            case .close(let id):
+                if let relay = self.relays[id] { self.end(relay, reason: nil) }
+            }
+        }
+    }
+
+    private func start(_ relay: SpliceRelay) {
+        guard np_epoll_add(self.epoll, relay.sockets.0, relay.id << 1) == 0,
+            np_epoll_add(self.epoll, relay.sockets.1, relay.id << 1 | 1) == 0
+        else {
+            relay.logger.warning("cannot watch a relayed connection; closed", metadata: ["np.error": "\(Errno.current)"])
+            self.finish(relay)
+            return
+        }
+        self.relays[relay.id] = relay
+        if relay.idleTimeout != nil { self.relaysWithIdleTimeout += 1 }
+        relay.lastActivity = .now()
+        // Bytes may be waiting already (and the prefixes must go out): move them now.
+        self.turn(relay, directions: [0, 1])
+    }
+
+    /// `side` 0 is the relay's first socket: readable moves direction 0 (first → second), writable moves
+    /// direction 1 (second → first).
+    private func handle(id: UInt64, side: Int, flags: UInt32) {
+        guard let relay = self.relays[id] else { return }
+        var directions: [Int] = []
+        if flags & UInt32(NP_READABLE | NP_HANGUP) != 0 { directions.append(side) }
+        if flags & UInt32(NP_WRITABLE | NP_HANGUP) != 0 { directions.append(1 - side) }
+        self.turn(relay, directions: directions)
+    }
+
+    private func turn(_ relay: SpliceRelay, directions: [Int]) {
+        var again = false
+        for index in directions {
+            switch relay.directions[index].move(engine: self, relay: relay) {
+            case .waiting, .finished:
+                break
+            case .again:
+                again = true
+            case .failed(let error):
+                self.end(relay, reason: error)
+                return
+            }
+        }
+        if relay.directions[0].finished && relay.directions[1].finished {
+            self.end(relay, reason: nil)
+            return
+        }
+        if again { self.pendingTurns.append(relay.id) }
+    }
+
+    private func runPendingTurns() {
+        guard !self.pendingTurns.isEmpty else { return }
+        let ids = self.pendingTurns
+        self.pendingTurns = []
+        for id in ids {
+            guard let relay = self.relays[id] else { continue }
+            self.turn(relay, directions: [0, 1])
+        }
+    }
+
+    private func sweepIdle() {
+        guard self.relaysWithIdleTimeout > 0 else { return }
+        let now = NIODeadline.now()
+        guard now - self.lastSweep >= Self.idleSweepInterval else { return }
+        self.lastSweep = now
+        for relay in self.relays.values {
+            guard let timeout = relay.idleTimeout, now - relay.lastActivity >= timeout else { continue }
+            relay.logger.debug("idle user connection closed", metadata: ["np.peer": "\(relay.description)"])
+            self.end(relay, reason: nil)
+        }
+    }
+
+    private func end(_ relay: SpliceRelay, reason: Errno?) {
+        guard self.relays.removeValue(forKey: relay.id) != nil else { return }
+        if relay.idleTimeout != nil { self.relaysWithIdleTimeout -= 1 }
+        _ = np_epoll_remove(self.epoll, relay.sockets.0)
+        _ = np_epoll_remove(self.epoll, relay.sockets.1)
+        if let reason {
+            relay.logger.debug("relay ended by an error", metadata: ["np.peer": "\(relay.description)", "np.error": "\(reason)"])
+        }
+        self.finish(relay)
+    }
+
+    /// Closes the relay's sockets and pipes and reports its end.
+    private func finish(_ relay: SpliceRelay) {
+        for index in 0..<2 {
+            if let pipe = relay.directions[index].pipe {
+                relay.directions[index].pipe = nil
+                // Bytes still in the pipe belong to no one now.
+                pipe.close()
+            }
+        }
+        Glibc.close(relay.sockets.0)
+        Glibc.close(relay.sockets.1)
+        relay.onEnd()
+    }
+
+    func takePipe() -> SplicePipe? {
+        if let pipe = self.pipes.popLast() { return pipe }
+        return SplicePipe(capacity: Self.pipeCapacity)
+    }
+
+    /// Takes back an empty pipe.
+    func recycle(_ pipe: SplicePipe) {
+        if self.pipes.count < Self.pipePoolLimit {
+            self.pipes.append(pipe)
+        } else {
+            pipe.close()
+        }
+    }
+}
+
+/// A non-blocking pipe used as the kernel buffer between two sockets.
+struct SplicePipe {
+    let reader: Int32
+    let writer: Int32
+    /// Bytes the pipe can hold.
+    let capacity: Int
+
+    init?(capacity: Int) {
+        var fds: [Int32] = [-1, -1]
+        guard np_pipe(&fds) == 0 else { return nil }
+        self.reader = fds[0]
+        self.writer = fds[1]
+        let granted = np_pipe_set_size(fds[1], Int32(capacity))
+        // Without a larger pipe the default (16 pages) still works.
+        self.capacity = granted > 0 ? Int(granted) : 16 * 4096
+    }
+
+    func close() {
+        _ = Glibc.close(self.reader)
+        _ = Glibc.close(self.writer)
+    }
+}
+
+/// An errno value with its name, for log lines.
+struct Errno: Error, CustomStringConvertible, Sendable {
+    let code: Int32
+
+    static var current: Errno { Errno(code: errno) }
+
+    var description: String {
+        guard let message = strerror(self.code) else { return "errno \(self.code)" }
+        return "\(String(cString: message)) (errno \(self.code))"
+    }
+}

@@ -1,0 +1,153 @@
+import Logging
+import NIOCore
+import NIOSSL
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a `GlueHandler` needs to move its relay to a `SpliceEngine`.
+public struct SpliceSetup: Sendable {
+    let sessions: SessionTracker
+    /// The relay ends when nothing moved for this long (nil: never); the shorter of the two sides wins.
+    let idleTimeout: TimeAmount?
+    let logger: Logger
+
+    public init(sessions: SessionTracker, idleTimeout: TimeAmount? = nil, logger: Logger) {
+        self.sessions = sessions
+        self.idleTimeout = idleTimeout
+        self.logger = logger
+    }
+}
+
+/// Moves a connected pair of `GlueHandler`s to a `SpliceEngine`, on their shared event loop:
+///
+/// 1. Both handlers stop reading; whatever NIO still delivers (a read already asked for, or the bytes
+///    before an end of input) is held.
+/// 2. An empty write on each channel completes once every earlier write is on the wire.
+/// 3. In one event-loop turn: both sockets are duplicated, the sessions move to the relay, the channels are
+///    closed (the duplicates keep the connections open, and nothing is sent), and the engine takes the
+///    duplicates with the held bytes and ends of input.
+///
+/// If anything fails on the way (a channel closes, a duplicate cannot be made), both handlers resume relaying
+/// in user space from where they stopped, and no byte is lost.
+final class SpliceUpgrade {
+    private struct Side {
+        let handler: GlueHandler
+        let channel: any Channel
+    }
+
+    private let first: Side
+    private let second: Side
+    private let engine: SpliceEngine
+    private var settled = false
+
+    private init(first: Side, second: Side, engine: SpliceEngine) {
+        self.first = first
+        self.second = second
+        self.engine = engine
+    }
+
+    /// Starts the move when `handler` (just connected) and its partner's handler can be spliced; returns
+    /// whether it started (the caller then must not read).
+    static func begin(_ handler: GlueHandler, context: ChannelHandlerContext) -> Bool {
+        guard handler.splice != nil, handler.upgrade == nil, !handler.spliced,
+            let partner = handler.partnerChannel, partner.eventLoop.inEventLoop,
+            let other = try? partner.pipeline.syncOperations.handler(type: GlueHandler.self),
+            other.splice != nil, other.upgrade == nil, !other.spliced,
+            let otherPartner = other.partnerChannel, otherPartner === context.channel,
+            !handler.inputEnded, !handler.inactive, !other.inputEnded, !other.inactive,
+            Self.isPlain(context.channel), Self.isPlain(partner),
+            let engine = SpliceEngine.next()
+        else { return false }
+        let upgrade = SpliceUpgrade(
+            first: Side(handler: handler, channel: context.channel),
+            second: Side(handler: other, channel: partner),
+            engine: engine
+        )
+        handler.upgrade = upgrade
+        other.upgrade = upgrade
+        let flushed = context.channel.writeAndFlush(ByteBuffer())
+        flushed.and(partner.writeAndFlush(ByteBuffer())).assumeIsolated().whenComplete { result in
+            switch result {
+            case .success: upgrade.complete()
+            case .failure: upgrade.abort()
+            }
+        }
+        return true
+    }
+
+    /// No TLS in the pipeline: the socket carries the relayed bytes as they are.
+    private static func isPlain(_ channel: any Channel) -> Bool {
+        (try? channel.pipeline.syncOperations.handler(type: NIOSSLHandler.self)) == nil
+    }
+
+    /// Gives up the move: both handlers relay in user space again.
+    func abort() {
+        guard !self.settled else { return }
+        self.settled = true
+        self.first.handler.resumeAfterUpgrade(channel: self.first.channel)
+        self.second.handler.resumeAfterUpgrade(channel: self.second.channel)
+    }
+
+    private func complete() {
+        guard !self.settled else { return }
+        guard let setup = self.first.handler.splice ?? self.second.handler.splice,
+            self.first.channel.isActive, self.second.channel.isActive
+        else { return self.abort() }
+        guard let firstSocket = Self.duplicate(self.first.channel) else { return self.abort() }
+        guard let secondSocket = Self.duplicate(self.second.channel) else {
+            close(firstSocket)
+            return self.abort()
+        }
+        self.settled = true
+        let timeouts = [self.first.handler.splice?.idleTimeout, self.second.handler.splice?.idleTimeout].compactMap { $0 }
+        let sessions = setup.sessions
+        let id = SpliceRelay.makeID()
+        let keys = sessions.transfer([self.first.channel, self.second.channel], to: self.engine, relay: id)
+        let relay = SpliceRelay(
+            id: id,
+            sockets: (firstSocket, secondSocket),
+            directions: (
+                Self.direction(from: self.first, source: firstSocket, destination: secondSocket),
+                Self.direction(from: self.second, source: secondSocket, destination: firstSocket)
+            ),
+            idleTimeout: timeouts.min(),
+            logger: setup.logger,
+            description: Self.describe(self.first.channel, self.second.channel),
+            onEnd: { sessions.end(keys) }
+        )
+        for side in [self.first, self.second] {
+            side.handler.upgrade = nil
+            side.handler.held = ByteBuffer()
+            side.handler.spliced = true
+            side.channel.close(promise: nil)
+        }
+        self.engine.add(relay)
+        setup.logger.debug("relay moved to the kernel (splice)", metadata: ["np.peer": "\(relay.description)"])
+    }
+
+    private static func direction(from side: Side, source: Int32, destination: Int32) -> SpliceDirection {
+        SpliceDirection(
+            source: source,
+            destination: destination,
+            prefix: side.handler.held,
+            sourceEnded: side.handler.inputEnded,
+            bytes: side.handler.bytes
+        )
+    }
+
+    /// A duplicate of the channel's socket descriptor, or nil.
+    private static func duplicate(_ channel: any Channel) -> Int32? {
+        let duplicate = try? channel.pipeline.syncOperations.withUnsafeTransportIfAvailable(of: NIOBSDSocket.Handle.self) {
+            fcntl($0, F_DUPFD_CLOEXEC, 0)
+        }
+        guard let duplicate, duplicate >= 0 else { return nil }
+        return duplicate
+    }
+
+    private static func describe(_ first: any Channel, _ second: any Channel) -> String {
+        let peers = [first, second].map { $0.remoteAddress.map { "\($0)" } ?? "?" }
+        return peers.joined(separator: " <-> ")
+    }
+}

@@ -1,0 +1,151 @@
+import Logging
+import NIOCore
+import NIOPosix
+import Testing
+
+@testable import NodePassNIO
+
+/// A one-hop relay in front of an echo service, built like the tunnel's: each accepted connection dials the
+/// service on its own event loop, and the two `GlueHandler`s (with a `SpliceSetup`) are connected.
+private struct SplicedRelay {
+    let echo: any Channel
+    let listener: any Channel
+    let sessions: SessionTracker
+
+    static func start(idleTimeout: TimeAmount? = nil) async throws -> SplicedRelay {
+        let group = MultiThreadedEventLoopGroup.singleton
+        let logger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+        let echo = try await EchoHandler.listen(group: group)
+        let echoPort = try #require(echo.localAddress?.port)
+        let sessions = SessionTracker(limit: 16)
+        let listener = try await ServerBootstrap(group: group)
+            .childChannelOption(.autoRead, value: false)
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
+            .childChannelInitializer { user in
+                guard sessions.add(user) else { return user.close() }
+                let setup = SpliceSetup(sessions: sessions, idleTimeout: idleTimeout, logger: logger)
+                return user.eventLoop.makeCompletedFuture {
+                    try user.pipeline.syncOperations.addHandler(GlueHandler(splice: setup))
+                }.flatMap {
+                    ClientBootstrap(group: user.eventLoop)
+                        .channelOption(.autoRead, value: false)
+                        .channelOption(.allowRemoteHalfClosure, value: true)
+                        .channelInitializer { target in
+                            target.eventLoop.makeCompletedFuture {
+                                try target.pipeline.syncOperations.addHandler(GlueHandler(splice: setup))
+                            }
+                        }
+                        .connect(host: "127.0.0.1", port: echoPort)
+                }.map { target in
+                    GlueHandler.connect(user, to: target)
+                    GlueHandler.connect(target, to: user)
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        return SplicedRelay(echo: echo, listener: listener, sessions: sessions)
+    }
+
+    func connectUser() async throws -> NIOAsyncChannel<ByteBuffer, ByteBuffer> {
+        let port = try #require(self.listener.localAddress?.port)
+        return try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .connect(host: "127.0.0.1", port: port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try NIOAsyncChannel<ByteBuffer, ByteBuffer>(
+                        wrappingChannelSynchronously: channel,
+                        configuration: .init(isOutboundHalfClosureEnabled: true)
+                    )
+                }
+            }
+    }
+
+    /// Waits (bounded) until `condition` holds.
+    func wait(for what: String, _ condition: () -> Bool) async throws {
+        for _ in 0..<500 {
+            if condition() { return }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        Issue.record("timed out waiting for \(what)")
+    }
+
+    func stop() async throws {
+        try await self.listener.close()
+        try await self.echo.close()
+    }
+}
+
+@Suite(.timeLimit(.minutes(1))) struct SpliceRelayTests {
+    @Test func splicedRelayKeepsEveryByteAndPassesOnTheHalfClose() async throws {
+        try #require(!SpliceEngine.engines.isEmpty, "splice(2) is available on Linux")
+        let relay = try await SplicedRelay.start()
+        // 8 MiB of a pattern that shows reordering or loss, written in uneven pieces.
+        let payload = {
+            var payload = ByteBuffer()
+            for index in 0..<(8 * 1024 * 1024 / 4) { payload.writeInteger(UInt32(truncatingIfNeeded: index &* 2_654_435_761)) }
+            return payload
+        }()
+        let user = try await relay.connectUser()
+        var received = ByteBuffer()
+        try await user.executeThenClose { inbound, outbound in
+            var iterator = inbound.makeAsyncIterator()
+            // The first piece goes through before the move; the rest after it.
+            var rest = payload
+            let first = rest.readSlice(length: 4) ?? ByteBuffer()
+            try await outbound.write(first)
+            while received.readableBytes < 4, let chunk = try await iterator.next() { received.writeImmutableBuffer(chunk) }
+            try await relay.wait(for: "the relay to be spliced") { relay.sessions.splicedCount == 1 }
+            try await withThrowingTaskGroup(of: Void.self) { io in
+                io.addTask { [rest] in
+                    var rest = rest
+                    var size = 1
+                    while let piece = rest.readSlice(length: min(size, rest.readableBytes)), piece.readableBytes > 0 {
+                        try await outbound.write(piece)
+                        size = size * 7 % 300_007 + 1
+                    }
+                    outbound.finish()
+                }
+                while let chunk = try await iterator.next() { received.writeImmutableBuffer(chunk) }
+                try await io.waitForAll()
+            }
+        }
+        #expect(received == payload)
+        // Both ends half-closed: the relay ends and its session with it.
+        try await relay.wait(for: "the session to end") { relay.sessions.count == 0 }
+        try await relay.stop()
+    }
+
+    @Test func closingTheSessionsCutsASplicedRelay() async throws {
+        try #require(!SpliceEngine.engines.isEmpty, "splice(2) is available on Linux")
+        let relay = try await SplicedRelay.start()
+        let user = try await relay.connectUser()
+        try await user.executeThenClose { inbound, outbound in
+            var iterator = inbound.makeAsyncIterator()
+            try await outbound.write(ByteBuffer(string: "ping"))
+            #expect(try await iterator.next() == ByteBuffer(string: "ping"))
+            try await relay.wait(for: "the relay to be spliced") { relay.sessions.splicedCount == 1 }
+            relay.sessions.closeAll()
+            // The user sees the end of the stream, not a hang.
+            #expect(try await iterator.next() == nil)
+        }
+        try await relay.wait(for: "the session to end") { relay.sessions.count == 0 }
+        try await relay.stop()
+    }
+
+    @Test func idleTimeoutEndsASplicedRelay() async throws {
+        try #require(!SpliceEngine.engines.isEmpty, "splice(2) is available on Linux")
+        let relay = try await SplicedRelay.start(idleTimeout: .milliseconds(200))
+        let user = try await relay.connectUser()
+        let started = ContinuousClock.now
+        try await user.executeThenClose { inbound, outbound in
+            var iterator = inbound.makeAsyncIterator()
+            try await outbound.write(ByteBuffer(string: "ping"))
+            #expect(try await iterator.next() == ByteBuffer(string: "ping"))
+            #expect(relay.sessions.splicedCount == 1 || relay.sessions.count == 1)
+            #expect(try await iterator.next() == nil)
+        }
+        // Idle for 200 ms, found by the sweep (every second).
+        #expect(ContinuousClock.now - started < .seconds(5))
+        try await relay.wait(for: "the session to end") { relay.sessions.count == 0 }
+        try await relay.stop()
+    }
+}
