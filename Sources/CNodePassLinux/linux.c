@@ -15,11 +15,20 @@ int np_pipe(int fds[2]) { return pipe2(fds, O_NONBLOCK | O_CLOEXEC); }
 int np_pipe_set_size(int fd, int size) { return fcntl(fd, F_SETPIPE_SZ, size); }
 
 ssize_t np_splice(int from, int to, size_t length) {
-    return splice(from, NULL, to, NULL, length, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    ssize_t moved = splice(from, NULL, to, NULL, length, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    return moved < 0 ? -errno : moved;
 }
 
 ssize_t np_send(int fd, const void *bytes, size_t length) {
-    return send(fd, bytes, length, MSG_NOSIGNAL | MSG_DONTWAIT);
+    ssize_t written = send(fd, bytes, length, MSG_NOSIGNAL | MSG_DONTWAIT);
+    return written < 0 ? -errno : written;
+}
+
+int np_socket_error(int fd) {
+    int error = 0;
+    socklen_t size = sizeof error;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &size) != 0) return errno;
+    return error;
 }
 
 int np_shutdown_write(int fd) { return shutdown(fd, SHUT_WR); }
@@ -52,7 +61,8 @@ int np_epoll_wait(int epoll, uint64_t *tokens, uint32_t *flags, int capacity, in
         uint32_t bits = 0;
         if (events[i].events & (EPOLLIN | EPOLLPRI)) bits |= NP_READABLE;
         if (events[i].events & EPOLLOUT) bits |= NP_WRITABLE;
-        if (events[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) bits |= NP_HANGUP;
+        if (events[i].events & EPOLLRDHUP) bits |= NP_HANGUP;
+        if (events[i].events & (EPOLLHUP | EPOLLERR)) bits |= NP_ERROR;
         tokens[i] = events[i].data.u64;
         flags[i] = bits;
     }
@@ -77,8 +87,9 @@ void np_eventfd_drain(int fd) {
 #define UNSUPPORTED { errno = ENOSYS; return -1; }
 int np_pipe(int fds[2]) UNSUPPORTED
 int np_pipe_set_size(int fd, int size) UNSUPPORTED
-ssize_t np_splice(int from, int to, size_t length) UNSUPPORTED
-ssize_t np_send(int fd, const void *bytes, size_t length) UNSUPPORTED
+ssize_t np_splice(int from, int to, size_t length) { return -ENOSYS; }
+ssize_t np_send(int fd, const void *bytes, size_t length) { return -ENOSYS; }
+int np_socket_error(int fd) { return ENOSYS; }
 int np_shutdown_write(int fd) UNSUPPORTED
 int np_epoll_create(void) UNSUPPORTED
 int np_epoll_add(int epoll, int fd, uint64_t token) UNSUPPORTED

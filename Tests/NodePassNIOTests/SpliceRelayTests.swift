@@ -12,10 +12,17 @@ private struct SplicedRelay {
     let listener: any Channel
     let sessions: SessionTracker
 
-    static func start(idleTimeout: TimeAmount? = nil) async throws -> SplicedRelay {
+    /// `silent`: the service reads nothing and never closes, instead of echoing.
+    static func start(idleTimeout: TimeAmount? = nil, silent: Bool = false) async throws -> SplicedRelay {
         let group = MultiThreadedEventLoopGroup.singleton
         let logger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
-        let echo = try await EchoHandler.listen(group: group)
+        let echo =
+            silent
+            ? try await ServerBootstrap(group: group)
+                .childChannelOption(.autoRead, value: false)
+                .childChannelOption(.allowRemoteHalfClosure, value: true)
+                .bind(host: "127.0.0.1", port: 0).get()
+            : try await EchoHandler.listen(group: group)
         let echoPort = try #require(echo.localAddress?.port)
         let sessions = SessionTracker(limit: 16)
         let listener = try await ServerBootstrap(group: group)
@@ -146,6 +153,25 @@ private struct SplicedRelay {
         // Idle for 200 ms, found by the sweep (every second).
         #expect(ContinuousClock.now - started < .seconds(5))
         try await relay.wait(for: "the session to end") { relay.sessions.count == 0 }
+        try await relay.stop()
+    }
+
+    @Test func aResetFromAHalfClosedUserEndsTheRelay() async throws {
+        try #require(!SpliceEngine.engines.isEmpty, "splice(2) is available on Linux")
+        let relay = try await SplicedRelay.start(silent: true)
+        let port = try #require(relay.listener.localAddress?.port)
+        let user = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .connect(host: "127.0.0.1", port: port).get()
+        let options = try #require(user as? any SocketOptionProvider)
+        try await options.unsafeSetSocketOption(level: .socket, name: .so_linger, value: linger(l_onoff: 1, l_linger: 0)).get()
+        try await relay.wait(for: "the relay to be spliced") { relay.sessions.splicedCount == 1 }
+        // The user half-closes (the relay's reading of it is done), then resets.
+        try await user.close(mode: .output).get()
+        try await Task.sleep(for: .milliseconds(100))
+        try await user.close().get()
+        // The silent service never writes: only the reset can end the relay.
+        try await relay.wait(for: "the reset to end the relay") { relay.sessions.count == 0 }
         try await relay.stop()
     }
 }

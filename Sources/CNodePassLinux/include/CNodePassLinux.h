@@ -11,7 +11,10 @@
 enum {
     NP_READABLE = 1,
     NP_WRITABLE = 2,
+    /// The peer ended its output (EPOLLRDHUP).
     NP_HANGUP = 4,
+    /// An error or a hang-up of both directions (EPOLLERR, EPOLLHUP): see np_socket_error.
+    NP_ERROR = 8,
 };
 
 /// Creates a non-blocking, close-on-exec pipe; fds[0] reads, fds[1] writes. Returns 0 or -1 (errno set).
@@ -19,9 +22,12 @@ int np_pipe(int fds[2]);
 /// Asks for a pipe capacity of `size` bytes; returns the capacity granted, or -1.
 int np_pipe_set_size(int fd, int size);
 /// Moves up to `length` bytes from `from` to `to` without copying through user space, never blocking.
+/// Returns the bytes moved, 0 at the end of input, or -errno.
 ssize_t np_splice(int from, int to, size_t length);
-/// Writes without raising SIGPIPE, never blocking.
+/// Writes without raising SIGPIPE, never blocking. Returns the bytes written or -errno.
 ssize_t np_send(int fd, const void *bytes, size_t length);
+/// The socket's pending error (SO_ERROR, cleared by reading it), 0 if none.
+int np_socket_error(int fd);
 /// Closes the write direction of a socket.
 int np_shutdown_write(int fd);
 

@@ -27,7 +27,8 @@ struct EarlyBytes {
             let glue = try? context.pipeline.syncOperations.handler(type: GlueHandler.self),
             let glueContext = try? context.pipeline.syncOperations.context(handler: glue)
         else { return false }
-        glue.connect(to: partner, context: glueContext)
+        // The held bytes and end of input reach the glue before its partner is known: it passes them on
+        // first when it connects, so a relay that moves to the splice engine at once has them too.
         if self.buffer.readableBytes > 0 {
             let held = self.buffer
             self.buffer = ByteBuffer()
@@ -37,6 +38,7 @@ struct EarlyBytes {
         if self.inputEnded {
             context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
         }
+        glue.connect(to: partner, context: glueContext)
         return true
     }
 }

@@ -22,6 +22,8 @@ public final class SessionTracker: Sendable {
         /// holds it), so its identifier cannot be reused meanwhile.
         var byChannel: [ObjectIdentifier: UInt64] = [:]
         var nextID: UInt64 = 0
+        /// Set by `closeAll`: a relay moving to the engine afterwards is closed at once.
+        var closing = false
         var drained: [CheckedContinuation<Void, Never>] = []
     }
 
@@ -74,6 +76,12 @@ public final class SessionTracker: Sendable {
         }
     }
 
+    /// Whether `closeAll` was called: a relay just handed to the engine must then be closed (its session may
+    /// have been seen still owned by its channel, or its close may have reached the engine before it).
+    var isClosing: Bool {
+        self.state.withLock { $0.closing }
+    }
+
     /// Ends the sessions `ids`.
     func end(_ ids: [UInt64]) {
         self.end(ids, channel: nil)
@@ -114,7 +122,10 @@ public final class SessionTracker: Sendable {
 
     /// Closes every live session.
     public func closeAll() {
-        let owners = self.state.withLock { $0.sessions.values.map(\.owner) }
+        let owners = self.state.withLock { state in
+            state.closing = true
+            return state.sessions.values.map(\.owner)
+        }
         for owner in owners {
             switch owner {
             case .channel(let channel): channel.close(promise: nil)

@@ -19,7 +19,10 @@ enum TargetRelay {
         logger: Logger,
         handOff: @escaping @Sendable (_ target: any Channel) -> Bool
     ) {
+        // Counted before the session exists: its end may be reported at once (a channel already closed).
+        metrics.active.increment()
         guard sessions.add(pool, onEnd: { metrics.active.decrement() }) else {
+            metrics.active.decrement()
             metrics.failed(.limit)
             logger.warning("SEMAPHORE_LIMIT reached; launch refused", metadata: ["np.limit": "\(sessions.limit)"])
             pool.close(promise: nil)
@@ -27,7 +30,6 @@ enum TargetRelay {
         }
         let launched = NIODeadline.now()
         metrics.accepted.increment()
-        metrics.active.increment()
         ClientBootstrap(group: pool.eventLoop)
             .connectTimeout(dialTimeout)
             .channelOption(.autoRead, value: false)

@@ -24,7 +24,10 @@ struct UserConnections: Sendable {
     func initialize(_ channel: any Channel, arrived: @escaping @Sendable (any Channel) -> Void) -> EventLoopFuture<Void> {
         SocketTuning.apply(to: channel)
         let metrics = self.metrics
+        // Counted before the session exists: its end may be reported at once (a channel already closed).
+        metrics.active.increment()
         guard self.sessions.add(channel, onEnd: { metrics.active.decrement() }) else {
+            metrics.active.decrement()
             self.metrics.failed(.limit)
             if self.lastLimitLog.isDue() {
                 self.logger.warning(
@@ -35,7 +38,6 @@ struct UserConnections: Sendable {
             return channel.close()
         }
         metrics.accepted.increment()
-        metrics.active.increment()
         let idleTimeout = self.idleTimeout
         let logger = self.logger
         return channel.eventLoop.makeCompletedFuture {

@@ -43,6 +43,8 @@ public final class SpliceEngine: @unchecked Sendable {
     static let pipePoolLimit = 32
     /// Moves per relay direction before the engine turns to other relays.
     static let movesPerTurn = 32
+    /// How often a relay that could not get a pipe tries again.
+    static let pipeRetryInterval: TimeAmount = .milliseconds(50)
     /// How often idle relays are looked for, when any relay has an idle timeout.
     static let idleSweepInterval: TimeAmount = .seconds(1)
 
@@ -60,6 +62,10 @@ public final class SpliceEngine: @unchecked Sendable {
     private var relays: [UInt64: SpliceRelay] = [:]
     private var pipes: [SplicePipe] = []
     private var pendingTurns: [UInt64] = []
+    /// Relays that could not get a pipe (out of file descriptors), retried every `pipeRetryInterval`.
+    private var waitingForPipes: [UInt64] = []
+    private var lastPipeWarning = NIODeadline.distantPast
+    private var lastPipeError = Errno(code: 0)
     private var relaysWithIdleTimeout = 0
     private var lastSweep = NIODeadline.now()
 
@@ -114,6 +120,8 @@ public final class SpliceEngine: @unchecked Sendable {
             let timeout: Int32
             if !self.pendingTurns.isEmpty {
                 timeout = 0
+            } else if !self.waitingForPipes.isEmpty {
+                timeout = Int32(Self.pipeRetryInterval.nanoseconds / 1_000_000)
             } else if self.relaysWithIdleTimeout > 0 {
                 timeout = Int32(Self.idleSweepInterval.nanoseconds / 1_000_000)
             } else {
@@ -135,6 +143,7 @@ public final class SpliceEngine: @unchecked Sendable {
                 }
             }
             self.runPendingTurns()
+            self.retryPipes()
             self.sweepIdle()
         }
     }
@@ -173,36 +182,87 @@ public final class SpliceEngine: @unchecked Sendable {
     /// direction 1 (second → first).
     private func handle(id: UInt64, side: Int, flags: UInt32) {
         guard let relay = self.relays[id] else { return }
+        if flags & UInt32(NP_ERROR) != 0 {
+            // Reading the socket surfaces its error after the bytes that came before it. When its reading
+            // direction is already done (a half-closed user), nothing would read it: ask for the error.
+            let socket = side == 0 ? relay.sockets.0 : relay.sockets.1
+            if relay.directions[side].finished {
+                let code = np_socket_error(socket)
+                if code != 0 {
+                    self.fail(relay, socket: socket, error: Errno(code: code))
+                    return
+                }
+            }
+            self.turn(relay, directions: [side, 1 - side])
+            return
+        }
         var directions: [Int] = []
         if flags & UInt32(NP_READABLE | NP_HANGUP) != 0 { directions.append(side) }
-        if flags & UInt32(NP_WRITABLE | NP_HANGUP) != 0 { directions.append(1 - side) }
+        if flags & UInt32(NP_WRITABLE) != 0 { directions.append(1 - side) }
         self.turn(relay, directions: directions)
     }
 
     private func turn(_ relay: SpliceRelay, directions: [Int]) {
         var again = false
+        var noPipe = false
         for index in directions {
             switch relay.directions[index].move(engine: self, relay: relay) {
             case .waiting, .finished:
                 break
             case .again:
                 again = true
-            case .failed(let error):
-                self.end(relay, reason: error)
+            case .noPipe:
+                noPipe = true
+            case .failed(let error, let socket):
+                self.fail(relay, socket: socket, error: error)
                 return
             }
         }
         if relay.directions[0].finished && relay.directions[1].finished {
-            self.end(relay, reason: nil)
+            self.end(relay, reason: relay.failure)
             return
         }
         if again { self.pendingTurns.append(relay.id) }
+        if noPipe { self.waitingForPipes.append(relay.id) }
+    }
+
+    /// A call on `socket` failed: the direction writing to it is dropped, the direction reading from it
+    /// delivers what it already read to the other socket, then the relay ends. A second failure ends the
+    /// relay at once.
+    private func fail(_ relay: SpliceRelay, socket: Int32, error: Errno) {
+        guard relay.failure == nil else {
+            self.end(relay, reason: error)
+            return
+        }
+        relay.failure = error
+        let reading = relay.directions[0].source == socket ? 0 : 1
+        relay.directions[1 - reading].abandon()
+        relay.directions[reading].stopReading()
+        self.turn(relay, directions: [reading])
     }
 
     private func runPendingTurns() {
         guard !self.pendingTurns.isEmpty else { return }
         let ids = self.pendingTurns
         self.pendingTurns = []
+        for id in ids {
+            guard let relay = self.relays[id] else { continue }
+            self.turn(relay, directions: [0, 1])
+        }
+    }
+
+    private func retryPipes() {
+        guard !self.waitingForPipes.isEmpty else { return }
+        let now = NIODeadline.now()
+        if now - self.lastPipeWarning >= .seconds(1), let relay = self.relays[self.waitingForPipes[0]] {
+            self.lastPipeWarning = now
+            relay.logger.warning(
+                "cannot make a pipe for a spliced relay; retrying",
+                metadata: ["np.error": "\(self.lastPipeError)", "np.relays": "\(self.waitingForPipes.count)"]
+            )
+        }
+        let ids = self.waitingForPipes
+        self.waitingForPipes = []
         for id in ids {
             guard let relay = self.relays[id] else { continue }
             self.turn(relay, directions: [0, 1])
@@ -248,7 +308,11 @@ public final class SpliceEngine: @unchecked Sendable {
 
     func takePipe() -> SplicePipe? {
         if let pipe = self.pipes.popLast() { return pipe }
-        return SplicePipe(capacity: Self.pipeCapacity)
+        guard let pipe = SplicePipe(capacity: Self.pipeCapacity) else {
+            self.lastPipeError = Errno.current
+            return nil
+        }
+        return pipe
     }
 
     /// Takes back an empty pipe.

@@ -23,6 +23,8 @@ final class SpliceRelay: @unchecked Sendable {
     /// The relay ends when nothing moved for this long (nil: never).
     let idleTimeout: TimeAmount?
     var lastActivity = NIODeadline.now()
+    /// Set when a direction failed; the relay ends once the other one has delivered what it read.
+    var failure: Errno?
     let logger: Logger
     /// The user's address, for log lines.
     let description: String
@@ -67,7 +69,10 @@ final class SpliceDirection {
         case again
         /// The source ended and the destination's write side is shut.
         case finished
-        case failed(Errno)
+        /// No pipe could be made (out of file descriptors): try again a little later.
+        case noPipe
+        /// A call on `socket` (this direction's source or destination) failed.
+        case failed(Errno, socket: Int32)
     }
 
     let source: Int32
@@ -99,16 +104,17 @@ final class SpliceDirection {
                     relay.touch()
                     continue
                 }
-                if let stop = Self.stop(after: written) { return stop }
+                if let stop = Self.stop(after: written, socket: self.destination) { return stop }
                 continue
             }
             if self.bytesInPipe > 0, let pipe = self.pipe {
                 let moved = np_splice(pipe.reader, self.destination, self.bytesInPipe)
                 if moved > 0 {
                     self.bytesInPipe -= moved
+                    relay.touch()
                     continue
                 }
-                if let stop = Self.stop(after: moved) { return stop }
+                if let stop = Self.stop(after: moved, socket: self.destination) { return stop }
                 continue
             }
             if self.sourceEnded {
@@ -122,10 +128,10 @@ final class SpliceDirection {
                 return .finished
             }
             if self.pipe == nil {
-                guard let pipe = engine.takePipe() else { return .failed(Errno.current) }
+                guard let pipe = engine.takePipe() else { return .noPipe }
                 self.pipe = pipe
             }
-            guard let pipe = self.pipe else { return .failed(Errno(code: EBADF)) }
+            guard let pipe = self.pipe else { return .noPipe }
             let moved = np_splice(self.source, pipe.writer, pipe.capacity)
             if moved > 0 {
                 self.bytesInPipe = moved
@@ -137,7 +143,7 @@ final class SpliceDirection {
                 self.sourceEnded = true
                 continue
             }
-            if let stop = Self.stop(after: moved) {
+            if let stop = Self.stop(after: moved, socket: self.source) {
                 if case .waiting = stop {
                     // Drained: an idle direction holds no pipe.
                     self.pipe = nil
@@ -149,14 +155,32 @@ final class SpliceDirection {
         return .again
     }
 
-    /// What a failed call means: wait for readiness, retry (nil), or give up.
-    private static func stop(after result: Int) -> Progress? {
-        let code = errno
-        if result == 0 { return .failed(Errno(code: EIO)) }
+    /// The source failed: read nothing more, deliver what was already read, then shut the destination's
+    /// write side (the relay then ends), as a user-space relay flushes before it closes.
+    func stopReading() {
+        self.sourceEnded = true
+    }
+
+    /// The destination failed: what this direction still held is dropped.
+    func abandon() {
+        self.finished = true
+        self.prefix = ByteBuffer()
+        self.bytesInPipe = 0
+        if let pipe = self.pipe {
+            self.pipe = nil
+            pipe.close()
+        }
+    }
+
+    /// What a failed call on `socket` (`result` is 0 or -errno) means: wait for readiness, retry (nil), or
+    /// give up.
+    private static func stop(after result: Int, socket: Int32) -> Progress? {
+        let code = Int32(truncatingIfNeeded: -result)
         switch code {
+        case 0: return .failed(Errno(code: EIO), socket: socket)
         case EAGAIN, EWOULDBLOCK: return .waiting
         case EINTR: return nil
-        default: return .failed(Errno(code: code))
+        default: return .failed(Errno(code: code), socket: socket)
         }
     }
 }

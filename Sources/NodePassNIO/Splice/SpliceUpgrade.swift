@@ -37,6 +37,9 @@ final class SpliceUpgrade {
         let channel: any Channel
     }
 
+    /// How long earlier writes may take to finish before the move is given up.
+    static let flushLimit: TimeAmount = .seconds(2)
+
     private let first: Side
     private let second: Side
     private let engine: SpliceEngine
@@ -67,8 +70,12 @@ final class SpliceUpgrade {
         )
         handler.upgrade = upgrade
         other.upgrade = upgrade
+        // Earlier writes that cannot finish (a peer that reads only once its own bytes move) must not stall
+        // both directions: past the limit, relaying goes on in user space.
+        let limit = context.eventLoop.assumeIsolated().scheduleTask(in: Self.flushLimit) { upgrade.abort() }
         let flushed = context.channel.writeAndFlush(ByteBuffer())
         flushed.and(partner.writeAndFlush(ByteBuffer())).assumeIsolated().whenComplete { result in
+            limit.cancel()
             switch result {
             case .success: upgrade.complete()
             case .failure: upgrade.abort()
@@ -124,6 +131,7 @@ final class SpliceUpgrade {
             side.channel.close(promise: nil)
         }
         self.engine.add(relay)
+        if sessions.isClosing { self.engine.close(id) }
         setup.logger.debug("relay moved to the kernel (splice)", metadata: ["np.peer": "\(relay.description)"])
     }
 
