@@ -13,7 +13,11 @@ private struct SplicedRelay {
     let sessions: SessionTracker
 
     /// `silent`: the service reads nothing and never closes, instead of echoing.
-    static func start(idleTimeout: TimeAmount? = nil, silent: Bool = false) async throws -> SplicedRelay {
+    static func start(
+        idleTimeout: TimeAmount? = nil,
+        moveAfter: TimeAmount = .milliseconds(100),
+        silent: Bool = false
+    ) async throws -> SplicedRelay {
         let group = MultiThreadedEventLoopGroup.singleton
         let logger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
         let echo =
@@ -30,10 +34,9 @@ private struct SplicedRelay {
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { user in
                 guard sessions.add(user) else { return user.close() }
-                let setup = SpliceSetup(sessions: sessions, idleTimeout: idleTimeout, logger: logger)
-                return user.eventLoop.makeCompletedFuture {
-                    try user.pipeline.syncOperations.addHandler(GlueHandler(splice: setup))
-                }.flatMap {
+                let setup = SpliceSetup(sessions: sessions, idleTimeout: idleTimeout, logger: logger, moveAfter: moveAfter)
+                // Relaying starts once the user's channel is active (as in the tunnel).
+                let dial: @Sendable (any Channel) -> Void = { user in
                     ClientBootstrap(group: user.eventLoop)
                         .channelOption(.autoRead, value: false)
                         .channelOption(.allowRemoteHalfClosure, value: true)
@@ -43,9 +46,16 @@ private struct SplicedRelay {
                             }
                         }
                         .connect(host: "127.0.0.1", port: echoPort)
-                }.map { target in
-                    GlueHandler.connect(user, to: target)
-                    GlueHandler.connect(target, to: user)
+                        .whenComplete { result in
+                            guard case .success(let target) = result else { return user.close(promise: nil) }
+                            GlueHandler.connect(user, to: target)
+                            GlueHandler.connect(target, to: user)
+                        }
+                }
+                return user.eventLoop.makeCompletedFuture {
+                    try user.pipeline.syncOperations.addHandlers([
+                        ChannelActiveHandler(onActive: dial), GlueHandler(splice: setup),
+                    ])
                 }
             }
             .bind(host: "127.0.0.1", port: 0).get()
@@ -173,6 +183,29 @@ private struct SplicedRelay {
         try await user.close().get()
         // The silent service never writes: only the reset can end the relay.
         try await relay.wait(for: "the reset to end the relay") { relay.sessions.count == 0 }
+        try await relay.stop()
+    }
+
+    @Test func aRelayCarryingBytesMovesWithoutWaitingForTheTimer() async throws {
+        try #require(!SpliceEngine.engines.isEmpty, "splice(2) is available on Linux")
+        let relay = try await SplicedRelay.start(moveAfter: .seconds(3600))
+        let user = try await relay.connectUser()
+        try await user.executeThenClose { inbound, outbound in
+            var iterator = inbound.makeAsyncIterator()
+            var received = 0
+            // A short exchange stays in user space.
+            try await outbound.write(ByteBuffer(string: "ping"))
+            while received < 4, let chunk = try await iterator.next() { received += chunk.readableBytes }
+            #expect(relay.sessions.splicedCount == 0)
+            // Past 64 KiB in one direction, the relay moves.
+            try await outbound.write(ByteBuffer(repeating: 0x61, count: 256 * 1024))
+            while received < 4 + 256 * 1024, let chunk = try await iterator.next() { received += chunk.readableBytes }
+            try await relay.wait(for: "the relay to be spliced") { relay.sessions.splicedCount == 1 }
+            outbound.finish()
+            while let chunk = try await iterator.next() { received += chunk.readableBytes }
+            #expect(received == 4 + 256 * 1024)
+        }
+        try await relay.wait(for: "the session to end") { relay.sessions.count == 0 }
         try await relay.stop()
     }
 }

@@ -30,6 +30,13 @@ public final class GlueHandler: ChannelInboundHandler {
     var held = ByteBuffer()
     /// The sockets belong to the splice engine; this channel's close means nothing to the relay.
     var spliced = false
+    /// Bytes this handler relayed in user space.
+    private var relayed = 0
+    private var spliceTried = false
+    private var spliceTimer: Scheduled<Void>?
+    /// Bytes one direction relays before the relay moves to the splice engine (or after
+    /// `SpliceSetup.moveAfter`, whichever comes first).
+    static let spliceAfter = 64 * 1024
 
     /// Makes an unconnected handler; `bytes` counts every byte it reads. With `splice`, the relay may move
     /// to the kernel (only when the partner's handler has one too).
@@ -60,7 +67,13 @@ public final class GlueHandler: ChannelInboundHandler {
             return
         }
         self.flushPending()
-        if SpliceUpgrade.begin(self, context: context) { return }
+        if let splice = self.splice {
+            // A connection that lives on moves to the engine even when it carries little: its memory in
+            // the engine is a small record instead of two channels. Short connections end first.
+            self.spliceTimer = context.eventLoop.assumeIsolated().scheduleTask(in: splice.moveAfter) {
+                self.trySplice(context: context)
+            }
+        }
         context.read()
     }
 
@@ -79,6 +92,7 @@ public final class GlueHandler: ChannelInboundHandler {
             }
             return
         }
+        self.relayed += buffer.readableBytes
         partner.write(buffer, promise: nil)
         self.pendingFlush = true
     }
@@ -86,6 +100,9 @@ public final class GlueHandler: ChannelInboundHandler {
     public func channelReadComplete(context: ChannelHandlerContext) {
         guard let partner = self.partner, self.upgrade == nil else { return }
         self.flushPending()
+        // Only a relay that carries more than a few messages is worth the move at once (short request and
+        // reply connections would pay for it and gain nothing).
+        if self.relayed >= Self.spliceAfter && self.trySplice(context: context) { return }
         if partner.isWritable && !self.inputEnded {
             context.read()
         }
@@ -118,6 +135,8 @@ public final class GlueHandler: ChannelInboundHandler {
 
     public func channelInactive(context: ChannelHandlerContext) {
         self.inactive = true
+        self.spliceTimer?.cancel()
+        self.spliceTimer = nil
         if self.spliced {
             context.fireChannelInactive()
             return
@@ -134,6 +153,16 @@ public final class GlueHandler: ChannelInboundHandler {
 
     public func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
+    }
+
+    /// Starts the move to the splice engine, once; true when it started (reading then stops).
+    @discardableResult
+    private func trySplice(context: ChannelHandlerContext) -> Bool {
+        guard !self.spliceTried, self.upgrade == nil, !self.spliced, !self.inactive else { return false }
+        self.spliceTried = true
+        self.spliceTimer?.cancel()
+        self.spliceTimer = nil
+        return SpliceUpgrade.begin(self, context: context)
     }
 
     /// The move to the splice engine was given up: relay in user space from where it stopped.

@@ -12,11 +12,18 @@ public struct SpliceSetup: Sendable {
     /// The relay ends when nothing moved for this long (nil: never); the shorter of the two sides wins.
     let idleTimeout: TimeAmount?
     let logger: Logger
+    /// A relay that carries little moves after this long (one that carries more moves sooner).
+    let moveAfter: TimeAmount
 
     public init(sessions: SessionTracker, idleTimeout: TimeAmount? = nil, logger: Logger) {
+        self.init(sessions: sessions, idleTimeout: idleTimeout, logger: logger, moveAfter: .seconds(1))
+    }
+
+    init(sessions: SessionTracker, idleTimeout: TimeAmount?, logger: Logger, moveAfter: TimeAmount) {
         self.sessions = sessions
         self.idleTimeout = idleTimeout
         self.logger = logger
+        self.moveAfter = moveAfter
     }
 }
 
