@@ -10,6 +10,30 @@ import Testing
         return nil
     }
 
+    @Test func anIDIsInUseExactlyWhileItsConnectionIsIdle() {
+        var machine = Machine(maximumIdle: 8)
+        for (number, owner) in [(1, "a"), (2, "b"), (3, "a"), (4, "b"), (5, "a")] {
+            _ = machine.poolConnectionReady(id: PoolID(UInt32(number)), connection: owner)
+        }
+        #expect((1...5).allSatisfy { machine.isInUse(PoolID(UInt32($0))) })
+        _ = machine.userArrived(ticket: 1, user: "u")  // takes 1
+        #expect(!machine.isInUse(PoolID(1)))
+        let closed = machine.poolConnectionClosed(id: PoolID(2))
+        #expect(closed && !machine.isInUse(PoolID(2)))
+        let closedAgain = machine.poolConnectionClosed(id: PoolID(2))
+        #expect(!closedAgain)
+        let taken = machine.takeIdle(id: PoolID(3), where: { $0 == "a" })
+        #expect(taken == "a" && !machine.isInUse(PoolID(3)))
+        let lost = machine.controlLost(where: { $0 == "b" })  // 4
+        #expect(lost == ["b"])
+        #expect(!machine.isInUse(PoolID(4)) && machine.isInUse(PoolID(5)))
+        _ = machine.drain()
+        #expect(!machine.isInUse(PoolID(5)))
+        // An ID can be used again once its connection left the pool.
+        let again = machine.poolConnectionReady(id: PoolID(1), connection: "a")
+        #expect(self.isKeep(again) && machine.isInUse(PoolID(1)))
+    }
+
     @Test func userTakesTheOldestIdleConnection() {
         var machine = Machine(maximumIdle: 4)
         let action1 = machine.poolConnectionReady(id: PoolID(1), connection: "a")

@@ -18,6 +18,8 @@ public struct ServerPoolStateMachine<Connection, User> {
     }
 
     private var idle = Deque<(id: PoolID, connection: Connection)>()
+    /// The IDs in `idle`, so that the checks made for every new pool connection do not walk the pool.
+    private var idleIDs = Set<PoolID>()
     private var waiting = Deque<(ticket: UInt64, user: User)>()
     /// The most idle connections kept.
     public let maximumIdle: Int
@@ -44,7 +46,7 @@ public struct ServerPoolStateMachine<Connection, User> {
 
     /// True when an idle connection already has this ID (draw another one).
     public func isInUse(_ id: PoolID) -> Bool {
-        self.idle.contains { $0.id == id }
+        self.idleIDs.contains(id)
     }
 
     /// A pool connection was opened and its ID sent.
@@ -56,29 +58,35 @@ public struct ServerPoolStateMachine<Connection, User> {
             return .close(connection)
         }
         self.idle.append((id, connection))
+        self.idleIDs.insert(id)
         return .keep
     }
 
     /// An idle pool connection closed or misbehaved; it is forgotten. Returns whether it was idle.
     @discardableResult
     public mutating func poolConnectionClosed(id: PoolID) -> Bool {
-        guard let index = self.idle.firstIndex(where: { $0.id == id }) else { return false }
+        guard self.idleIDs.contains(id), let index = self.idle.firstIndex(where: { $0.id == id }) else { return false }
         self.idle.remove(at: index)
+        self.idleIDs.remove(id)
         return true
     }
 
     /// The other side launched the idle connection `id` (forward mode): it is taken out of the pool if it is
     /// idle and `belongs` accepts it; nil otherwise.
     public mutating func takeIdle(id: PoolID, where belongs: (Connection) -> Bool) -> Connection? {
-        guard let index = self.idle.firstIndex(where: { $0.id == id }), belongs(self.idle[index].connection) else {
+        guard self.idleIDs.contains(id), let index = self.idle.firstIndex(where: { $0.id == id }),
+            belongs(self.idle[index].connection)
+        else {
             return nil
         }
+        self.idleIDs.remove(id)
         return self.idle.remove(at: index).connection
     }
 
     /// A user connected; `ticket` identifies it for a later timeout. `retry` puts it first in line.
     public mutating func userArrived(ticket: UInt64, user: User, retry: Bool = false) -> Action {
         if let first = self.idle.popFirst() {
+            self.idleIDs.remove(first.id)
             return .relay(id: first.id, connection: first.connection, user: user)
         }
         if retry {
@@ -99,6 +107,7 @@ public struct ServerPoolStateMachine<Connection, User> {
     public mutating func controlLost() -> [Connection] {
         let connections = self.idle.map(\.connection)
         self.idle.removeAll()
+        self.idleIDs.removeAll()
         return connections
     }
 
@@ -106,11 +115,14 @@ public struct ServerPoolStateMachine<Connection, User> {
     /// users stay: they go to the next idle connection of any client.
     public mutating func controlLost(where belongs: (Connection) -> Bool) -> [Connection] {
         var lost: [Connection] = []
+        var lostIDs: [PoolID] = []
         self.idle.removeAll { entry in
             guard belongs(entry.connection) else { return false }
             lost.append(entry.connection)
+            lostIDs.append(entry.id)
             return true
         }
+        for id in lostIDs { self.idleIDs.remove(id) }
         return lost
     }
 
@@ -118,6 +130,7 @@ public struct ServerPoolStateMachine<Connection, User> {
     public mutating func drain() -> (connections: [Connection], users: [User]) {
         let result = (self.idle.map(\.connection), self.waiting.map(\.user))
         self.idle.removeAll()
+        self.idleIDs.removeAll()
         self.waiting.removeAll()
         return result
     }
