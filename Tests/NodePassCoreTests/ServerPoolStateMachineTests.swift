@@ -34,6 +34,16 @@ import Testing
         #expect(self.isKeep(again) && machine.isInUse(PoolID(1)))
     }
 
+    @Test func aDuplicateIDStaysFindableUntilItsLastConnectionLeaves() {
+        var machine = Machine(maximumIdle: 8)
+        _ = machine.poolConnectionReady(id: PoolID(7), connection: "a")
+        _ = machine.poolConnectionReady(id: PoolID(7), connection: "b")
+        let first = machine.poolConnectionClosed(id: PoolID(7))
+        #expect(first && machine.isInUse(PoolID(7)))
+        let second = machine.poolConnectionClosed(id: PoolID(7))
+        #expect(second && !machine.isInUse(PoolID(7)) && machine.idleCount == 0)
+    }
+
     @Test func userTakesTheOldestIdleConnection() {
         var machine = Machine(maximumIdle: 4)
         let action1 = machine.poolConnectionReady(id: PoolID(1), connection: "a")

@@ -12,24 +12,56 @@ private struct SplicedRelay {
     let listener: any Channel
     let sessions: SessionTracker
 
-    /// `silent`: the service reads nothing and never closes, instead of echoing.
+    /// What the service behind the relay does.
+    enum Service {
+        case echo
+        /// Reads nothing and never closes.
+        case silent
+        /// Sends this many bytes of 0x62 at once, then half-closes.
+        case flood(Int)
+    }
+
+    /// `userSendBuffer`: the relay's send buffer towards the user (small: output queues up in NIO).
     static func start(
         idleTimeout: TimeAmount? = nil,
         moveAfter: TimeAmount = .milliseconds(100),
-        silent: Bool = false
+        service: Service = .echo,
+        userSendBuffer: Int? = nil
     ) async throws -> SplicedRelay {
         let group = MultiThreadedEventLoopGroup.singleton
         let logger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
-        let echo =
-            silent
-            ? try await ServerBootstrap(group: group)
+        let echo: any Channel
+        switch service {
+        case .echo:
+            echo = try await EchoHandler.listen(group: group)
+        case .silent:
+            echo = try await ServerBootstrap(group: group)
                 .childChannelOption(.autoRead, value: false)
                 .childChannelOption(.allowRemoteHalfClosure, value: true)
                 .bind(host: "127.0.0.1", port: 0).get()
-            : try await EchoHandler.listen(group: group)
+        case .flood(let count):
+            echo = try await ServerBootstrap(group: group)
+                .childChannelOption(.autoRead, value: false)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(
+                            ChannelActiveHandler { channel in
+                                channel.writeAndFlush(ByteBuffer(repeating: 0x62, count: count)).whenSuccess {
+                                    channel.close(mode: .output, promise: nil)
+                                }
+                            }
+                        )
+                    }
+                }
+                .bind(host: "127.0.0.1", port: 0).get()
+        }
         let echoPort = try #require(echo.localAddress?.port)
         let sessions = SessionTracker(limit: 16)
-        let listener = try await ServerBootstrap(group: group)
+        var bootstrap = ServerBootstrap(group: group)
+        if let userSendBuffer {
+            bootstrap = bootstrap.childChannelOption(.socketOption(.so_sndbuf), value: userSendBuffer)
+        }
+        let listener = try await bootstrap
             .childChannelOption(.autoRead, value: false)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { user in
@@ -62,9 +94,14 @@ private struct SplicedRelay {
         return SplicedRelay(echo: echo, listener: listener, sessions: sessions)
     }
 
-    func connectUser() async throws -> NIOAsyncChannel<ByteBuffer, ByteBuffer> {
+    /// `receiveBuffer`: the user's socket receive buffer (small: a slow reader).
+    func connectUser(receiveBuffer: Int? = nil) async throws -> NIOAsyncChannel<ByteBuffer, ByteBuffer> {
         let port = try #require(self.listener.localAddress?.port)
-        return try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        var bootstrap = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        if let receiveBuffer {
+            bootstrap = bootstrap.channelOption(.socketOption(.so_rcvbuf), value: receiveBuffer)
+        }
+        return try await bootstrap
             .channelOption(.allowRemoteHalfClosure, value: true)
             .connect(host: "127.0.0.1", port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -169,7 +206,7 @@ private struct SplicedRelay {
 
     @Test func aResetFromAHalfClosedUserEndsTheRelay() async throws {
         try #require(!SpliceEngine.engines.isEmpty, "splice(2) is available on Linux")
-        let relay = try await SplicedRelay.start(silent: true)
+        let relay = try await SplicedRelay.start(service: .silent)
         let port = try #require(relay.listener.localAddress?.port)
         let user = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .channelOption(.allowRemoteHalfClosure, value: true)
@@ -204,6 +241,32 @@ private struct SplicedRelay {
             outbound.finish()
             while let chunk = try await iterator.next() { received += chunk.readableBytes }
             #expect(received == 4 + 256 * 1024)
+        }
+        try await relay.wait(for: "the session to end") { relay.sessions.count == 0 }
+        try await relay.stop()
+    }
+
+    @Test func aRelayWithOutputQueuedForASlowReaderMovesOnlyOnceItDrained() async throws {
+        try #require(!SpliceEngine.engines.isEmpty, "splice(2) is available on Linux")
+        let size = 8 * 1024 * 1024
+        // The service sends 8 MiB at once; the user reads nothing yet, with small socket buffers on the way,
+        // so the relay's output towards the user queues up in NIO.
+        let relay = try await SplicedRelay.start(moveAfter: .milliseconds(100), service: .flood(size), userSendBuffer: 16384)
+        let user = try await relay.connectUser(receiveBuffer: 16384)
+        try await user.executeThenClose { inbound, _ in
+            var iterator = inbound.makeAsyncIterator()
+            var unmoved = 0
+            for _ in 0..<10 {
+                try await Task.sleep(for: .milliseconds(100))
+                if relay.sessions.count == 1 && relay.sessions.splicedCount == 0 { unmoved += 1 }
+            }
+            #expect(unmoved == 10, "the relay moved while output was queued")
+            var received = 0
+            while let chunk = try await iterator.next() {
+                #expect(chunk.readableBytesView.allSatisfy { $0 == 0x62 })
+                received += chunk.readableBytes
+            }
+            #expect(received == size)
         }
         try await relay.wait(for: "the session to end") { relay.sessions.count == 0 }
         try await relay.stop()

@@ -18,8 +18,9 @@ public struct ServerPoolStateMachine<Connection, User> {
     }
 
     private var idle = Deque<(id: PoolID, connection: Connection)>()
-    /// The IDs in `idle`, so that the checks made for every new pool connection do not walk the pool.
-    private var idleIDs = Set<PoolID>()
+    /// How many entries of `idle` have each ID (two admissions may draw the same ID), so that the checks
+    /// made for every new pool connection do not walk the pool.
+    private var idleIDs: [PoolID: Int] = [:]
     private var waiting = Deque<(ticket: UInt64, user: User)>()
     /// The most idle connections kept.
     public let maximumIdle: Int
@@ -46,7 +47,7 @@ public struct ServerPoolStateMachine<Connection, User> {
 
     /// True when an idle connection already has this ID (draw another one).
     public func isInUse(_ id: PoolID) -> Bool {
-        self.idleIDs.contains(id)
+        self.idleIDs[id] != nil
     }
 
     /// A pool connection was opened and its ID sent.
@@ -58,35 +59,41 @@ public struct ServerPoolStateMachine<Connection, User> {
             return .close(connection)
         }
         self.idle.append((id, connection))
-        self.idleIDs.insert(id)
+        self.idleIDs[id, default: 0] += 1
         return .keep
     }
 
     /// An idle pool connection closed or misbehaved; it is forgotten. Returns whether it was idle.
     @discardableResult
     public mutating func poolConnectionClosed(id: PoolID) -> Bool {
-        guard self.idleIDs.contains(id), let index = self.idle.firstIndex(where: { $0.id == id }) else { return false }
+        guard self.idleIDs[id] != nil, let index = self.idle.firstIndex(where: { $0.id == id }) else { return false }
         self.idle.remove(at: index)
-        self.idleIDs.remove(id)
+        self.forget(id)
         return true
     }
 
     /// The other side launched the idle connection `id` (forward mode): it is taken out of the pool if it is
     /// idle and `belongs` accepts it; nil otherwise.
     public mutating func takeIdle(id: PoolID, where belongs: (Connection) -> Bool) -> Connection? {
-        guard self.idleIDs.contains(id), let index = self.idle.firstIndex(where: { $0.id == id }),
+        guard self.idleIDs[id] != nil, let index = self.idle.firstIndex(where: { $0.id == id }),
             belongs(self.idle[index].connection)
         else {
             return nil
         }
-        self.idleIDs.remove(id)
+        self.forget(id)
         return self.idle.remove(at: index).connection
+    }
+
+    /// One idle entry with `id` left the pool.
+    private mutating func forget(_ id: PoolID) {
+        guard let count = self.idleIDs[id] else { return }
+        self.idleIDs[id] = count > 1 ? count - 1 : nil
     }
 
     /// A user connected; `ticket` identifies it for a later timeout. `retry` puts it first in line.
     public mutating func userArrived(ticket: UInt64, user: User, retry: Bool = false) -> Action {
         if let first = self.idle.popFirst() {
-            self.idleIDs.remove(first.id)
+            self.forget(first.id)
             return .relay(id: first.id, connection: first.connection, user: user)
         }
         if retry {
@@ -122,7 +129,7 @@ public struct ServerPoolStateMachine<Connection, User> {
             lostIDs.append(entry.id)
             return true
         }
-        for id in lostIDs { self.idleIDs.remove(id) }
+        for id in lostIDs { self.forget(id) }
         return lost
     }
 

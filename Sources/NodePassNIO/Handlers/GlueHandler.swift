@@ -67,13 +67,9 @@ public final class GlueHandler: ChannelInboundHandler {
             return
         }
         self.flushPending()
-        if let splice = self.splice {
-            // A connection that lives on moves to the engine even when it carries little: its memory in
-            // the engine is a small record instead of two channels. Short connections end first.
-            self.spliceTimer = context.eventLoop.assumeIsolated().scheduleTask(in: splice.moveAfter) {
-                self.trySplice(context: context)
-            }
-        }
+        // A connection that lives on moves to the engine even when it carries little: its memory in the
+        // engine is a small record instead of two channels. Short connections end first.
+        self.scheduleSpliceAttempt(context: context)
         context.read()
     }
 
@@ -158,11 +154,41 @@ public final class GlueHandler: ChannelInboundHandler {
     /// Starts the move to the splice engine, once; true when it started (reading then stops).
     @discardableResult
     private func trySplice(context: ChannelHandlerContext) -> Bool {
-        guard !self.spliceTried, self.upgrade == nil, !self.spliced, !self.inactive else { return false }
+        guard self.splice != nil, !self.spliceTried, !self.spliced, !self.inactive, let partner = self.partner else {
+            return false
+        }
+        // Both halves must share this event loop (the move is one event-loop turn); that never changes.
+        guard partner.eventLoop.inEventLoop else {
+            self.spliceTried = true
+            return false
+        }
+        // Only a quiet relay moves: with output still queued (a slow reader) the move would pause both
+        // directions until it drains. Try again later.
+        guard self.upgrade == nil, Self.isQuiet(context.channel), Self.isQuiet(partner) else {
+            self.scheduleSpliceAttempt(context: context)
+            return false
+        }
         self.spliceTried = true
         self.spliceTimer?.cancel()
         self.spliceTimer = nil
         return SpliceUpgrade.begin(self, context: context)
+    }
+
+    /// Tries the move after `SpliceSetup.moveAfter`, unless an attempt is already scheduled.
+    private func scheduleSpliceAttempt(context: ChannelHandlerContext) {
+        guard let splice = self.splice, self.spliceTimer == nil, !self.spliceTried else { return }
+        self.spliceTimer = context.eventLoop.assumeIsolated().scheduleTask(in: splice.moveAfter) {
+            self.spliceTimer = nil
+            self.trySplice(context: context)
+        }
+    }
+
+    /// Writable, with nothing queued for output. Must run on the channel's event loop.
+    private static func isQuiet(_ channel: any Channel) -> Bool {
+        guard channel.isWritable, let options = channel.syncOptions,
+            let queued = try? options.getOption(.bufferedWritableBytes)
+        else { return false }
+        return queued == 0
     }
 
     /// The move to the splice engine was given up: relay in user space from where it stopped.

@@ -43,8 +43,9 @@ public final class SpliceEngine: @unchecked Sendable {
     /// is only used while it holds bytes); past that budget an unprivileged process gets smaller pipes, which
     /// still work, more slowly.
     static let pipeCapacity = 1024 * 1024
-    /// Drained pipes kept for reuse; beyond this they are closed (kept small: see `pipeCapacity`).
-    static let pipePoolLimit = 8
+    /// Drained pipes kept for reuse by each engine, 16 in all; beyond this they are closed (kept small: see
+    /// `pipeCapacity`).
+    static let pipePoolLimit = max(1, 16 / max(1, System.coreCount))
     /// Moves per relay direction before the engine turns to other relays.
     static let movesPerTurn = 32
     /// How often a relay that could not get a pipe tries again.
