@@ -128,14 +128,16 @@ private struct SplicedRelay {
     }
 }
 
-@Suite(.timeLimit(.minutes(1))) struct SpliceRelayTests {
+// Serialized: under ThreadSanitizer, with the other suites running at once, these tests are slow enough
+// that running them side by side made the idle test's timing unreliable.
+@Suite(.serialized, .timeLimit(.minutes(1))) struct SpliceRelayTests {
     @Test func splicedRelayKeepsEveryByteAndPassesOnTheHalfClose() async throws {
         try #require(!SpliceEngine.engines.isEmpty, "splice(2) is available on Linux")
         let relay = try await SplicedRelay.start()
-        // 8 MiB of a pattern that shows reordering or loss, written in uneven pieces.
+        // 2 MiB of a pattern that shows reordering or loss, written in uneven pieces.
         let payload = {
             var payload = ByteBuffer()
-            for index in 0..<(8 * 1024 * 1024 / 4) { payload.writeInteger(UInt32(truncatingIfNeeded: index &* 2_654_435_761)) }
+            for index in 0..<(2 * 1024 * 1024 / 4) { payload.writeInteger(UInt32(truncatingIfNeeded: index &* 2_654_435_761)) }
             return payload
         }()
         let user = try await relay.connectUser()
@@ -198,7 +200,8 @@ private struct SplicedRelay {
             let quiet = ContinuousClock.now
             // Nothing moves: the sweep (every second) ends the relay, and the user sees the end of the stream.
             #expect(try await iterator.next() == nil)
-            #expect(ContinuousClock.now - quiet < .seconds(10))
+            // Generous: the bound is for a sweep that never runs, not for speed (ThreadSanitizer is slow).
+            #expect(ContinuousClock.now - quiet < .seconds(30))
         }
         try await relay.wait(for: "the session to end") { relay.sessions.count == 0 }
         try await relay.stop()
@@ -248,8 +251,8 @@ private struct SplicedRelay {
 
     @Test func aRelayWithOutputQueuedForASlowReaderMovesOnlyOnceItDrained() async throws {
         try #require(!SpliceEngine.engines.isEmpty, "splice(2) is available on Linux")
-        let size = 8 * 1024 * 1024
-        // The service sends 8 MiB at once; the user reads nothing yet, with small socket buffers on the way,
+        let size = 4 * 1024 * 1024
+        // The service sends 4 MiB at once; the user reads nothing yet, with small socket buffers on the way,
         // so the relay's output towards the user queues up in NIO.
         let relay = try await SplicedRelay.start(moveAfter: .milliseconds(100), service: .flood(size), userSendBuffer: 16384)
         let user = try await relay.connectUser(receiveBuffer: 16384)
