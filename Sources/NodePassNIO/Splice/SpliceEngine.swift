@@ -250,6 +250,11 @@ public final class SpliceEngine: @unchecked Sendable {
         guard !self.pendingTurns.isEmpty else { return }
         let ids = self.pendingTurns
         self.pendingTurns = []
+        self.turnBothWays(ids)
+    }
+
+    /// Moves both directions of each relay still running among `ids`.
+    private func turnBothWays(_ ids: [UInt64]) {
         for id in ids {
             guard let relay = self.relays[id] else { continue }
             self.turn(relay, directions: [0, 1])
@@ -268,10 +273,7 @@ public final class SpliceEngine: @unchecked Sendable {
         }
         let ids = self.waitingForPipes
         self.waitingForPipes = []
-        for id in ids {
-            guard let relay = self.relays[id] else { continue }
-            self.turn(relay, directions: [0, 1])
-        }
+        self.turnBothWays(ids)
     }
 
     private func sweepIdle() {
