@@ -28,6 +28,7 @@ private struct SplicedRelay {
         service: Service = .echo,
         userSendBuffer: Int? = nil
     ) async throws -> SplicedRelay {
+        try #require(!SpliceEngine.engines.isEmpty, "splice(2) is available on Linux")
         let group = MultiThreadedEventLoopGroup.singleton
         let logger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
         let echo: any Channel
@@ -122,6 +123,12 @@ private struct SplicedRelay {
         Issue.record("timed out waiting for \(what)")
     }
 
+    /// Waits for the relay's session to end, then stops the relay and the service.
+    func finish() async throws {
+        try await self.wait(for: "the session to end") { self.sessions.count == 0 }
+        try await self.stop()
+    }
+
     func stop() async throws {
         try await self.listener.close()
         try await self.echo.close()
@@ -132,7 +139,6 @@ private struct SplicedRelay {
 // that running them side by side made the idle test's timing unreliable.
 @Suite(.serialized, .timeLimit(.minutes(1))) struct SpliceRelayTests {
     @Test func splicedRelayKeepsEveryByteAndPassesOnTheHalfClose() async throws {
-        try #require(!SpliceEngine.engines.isEmpty, "splice(2) is available on Linux")
         let relay = try await SplicedRelay.start()
         // 2 MiB of a pattern that shows reordering or loss, written in uneven pieces.
         let payload = {
@@ -166,12 +172,10 @@ private struct SplicedRelay {
         }
         #expect(received == payload)
         // Both ends half-closed: the relay ends and its session with it.
-        try await relay.wait(for: "the session to end") { relay.sessions.count == 0 }
-        try await relay.stop()
+        try await relay.finish()
     }
 
     @Test func closingTheSessionsCutsASplicedRelay() async throws {
-        try #require(!SpliceEngine.engines.isEmpty, "splice(2) is available on Linux")
         let relay = try await SplicedRelay.start()
         let user = try await relay.connectUser()
         try await user.executeThenClose { inbound, outbound in
@@ -183,12 +187,10 @@ private struct SplicedRelay {
             // The user sees the end of the stream, not a hang.
             #expect(try await iterator.next() == nil)
         }
-        try await relay.wait(for: "the session to end") { relay.sessions.count == 0 }
-        try await relay.stop()
+        try await relay.finish()
     }
 
     @Test func idleTimeoutEndsASplicedRelay() async throws {
-        try #require(!SpliceEngine.engines.isEmpty, "splice(2) is available on Linux")
         // Long enough for the first round trip on a loaded machine, short enough for the test.
         let relay = try await SplicedRelay.start(idleTimeout: .seconds(2))
         let user = try await relay.connectUser()
@@ -203,12 +205,10 @@ private struct SplicedRelay {
             // Generous: the bound is for a sweep that never runs, not for speed (ThreadSanitizer is slow).
             #expect(ContinuousClock.now - quiet < .seconds(30))
         }
-        try await relay.wait(for: "the session to end") { relay.sessions.count == 0 }
-        try await relay.stop()
+        try await relay.finish()
     }
 
     @Test func aResetFromAHalfClosedUserEndsTheRelay() async throws {
-        try #require(!SpliceEngine.engines.isEmpty, "splice(2) is available on Linux")
         let relay = try await SplicedRelay.start(service: .silent)
         let port = try #require(relay.listener.localAddress?.port)
         let user = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
@@ -227,7 +227,6 @@ private struct SplicedRelay {
     }
 
     @Test func aRelayCarryingBytesMovesWithoutWaitingForTheTimer() async throws {
-        try #require(!SpliceEngine.engines.isEmpty, "splice(2) is available on Linux")
         let relay = try await SplicedRelay.start(moveAfter: .seconds(3600))
         let user = try await relay.connectUser()
         try await user.executeThenClose { inbound, outbound in
@@ -245,12 +244,10 @@ private struct SplicedRelay {
             while let chunk = try await iterator.next() { received += chunk.readableBytes }
             #expect(received == 4 + 256 * 1024)
         }
-        try await relay.wait(for: "the session to end") { relay.sessions.count == 0 }
-        try await relay.stop()
+        try await relay.finish()
     }
 
     @Test func aRelayWithOutputQueuedForASlowReaderMovesOnlyOnceItDrained() async throws {
-        try #require(!SpliceEngine.engines.isEmpty, "splice(2) is available on Linux")
         let size = 4 * 1024 * 1024
         // The service sends 4 MiB at once; the user reads nothing yet, with small socket buffers on the way,
         // so the relay's output towards the user queues up in NIO.
@@ -271,7 +268,6 @@ private struct SplicedRelay {
             }
             #expect(received == size)
         }
-        try await relay.wait(for: "the session to end") { relay.sessions.count == 0 }
-        try await relay.stop()
+        try await relay.finish()
     }
 }
