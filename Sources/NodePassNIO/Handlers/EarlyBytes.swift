@@ -28,7 +28,7 @@ struct EarlyBytes {
             let glueContext = try? context.pipeline.syncOperations.context(handler: glue)
         else { return false }
         // The held bytes and end of input reach the glue before its partner is known: it passes them on
-        // first when it connects, so a relay that moves to the splice engine at once has them too.
+        // first when it connects, before any move to the splice engine can start.
         if self.buffer.readableBytes > 0 {
             let held = self.buffer
             self.buffer = ByteBuffer()

@@ -11,7 +11,8 @@ import NIOCore
 /// abrupt close closes both channels.
 ///
 /// With a `SpliceSetup` on both sides, a pair of plain sockets on one event loop moves to a `SpliceEngine`
-/// once both halves are connected (see `SpliceUpgrade`), and the channels are closed without touching the
+/// once one direction has relayed `spliceAfter` bytes or after `SpliceSetup.moveAfter`, at a moment when
+/// neither side has output queued (see `SpliceUpgrade`); the channels are then closed without touching the
 /// sockets.
 public final class GlueHandler: ChannelInboundHandler {
     public typealias InboundIn = ByteBuffer
