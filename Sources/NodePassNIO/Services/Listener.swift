@@ -6,9 +6,10 @@ import NodePassCore
 /// Binding helpers shared by the services.
 enum Listener {
     /// A listener's bootstrap: address reuse, a deep backlog, accept errors logged and followed by a pause of
-    /// a second (`AcceptPauseHandler`), half-closure allowed on accepted connections.
+    /// a second (`AcceptPauseHandler`), half-closure allowed on accepted connections, which inherit the
+    /// keepalive options of `SocketTuning`.
     static func bootstrap(group: any EventLoopGroup, logger: Logger, what: String) -> ServerBootstrap {
-        ServerBootstrap(group: group)
+        SocketTuning.applyToAccepted(ServerBootstrap(group: group))
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelInitializer { channel in

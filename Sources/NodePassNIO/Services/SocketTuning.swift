@@ -6,6 +6,7 @@ import Musl
 import Darwin
 #endif
 import NIOCore
+import NIOPosix
 
 /// Socket options every tunnel connection gets.
 enum SocketTuning {
@@ -16,25 +17,34 @@ enum SocketTuning {
 
     private static let tcpLevel = SocketOptionLevel(IPPROTO_TCP)
 
-    /// Keepalive on, Nagle off, for a connected stream channel. Called on the channel's event loop.
-    static func apply(to channel: any Channel) {
-        let options = channel.syncOptions
-        try? options?.setOption(.socketOption(.so_keepalive), value: 1)
-        try? options?.setOption(.tcpOption(.tcp_nodelay), value: 1)
+    /// The keepalive options: on, first probe after `keepaliveSeconds` idle, then every `keepaliveSeconds`,
+    /// `keepaliveProbes` unanswered probes end the connection.
+    private static var keepalive: [(ChannelOptions.Types.SocketOption, SocketOptionValue)] {
+        var options = [(ChannelOptions.Types.SocketOption.socketOption(.so_keepalive), SocketOptionValue(1))]
         #if os(Linux)
-        try? options?.setOption(
-            ChannelOptions.Types.SocketOption(level: Self.tcpLevel, name: SocketOptionName(TCP_KEEPIDLE)),
-            value: Self.keepaliveSeconds
-        )
-        try? options?.setOption(
-            ChannelOptions.Types.SocketOption(level: Self.tcpLevel, name: SocketOptionName(TCP_KEEPINTVL)),
-            value: Self.keepaliveSeconds
-        )
-        try? options?.setOption(
-            ChannelOptions.Types.SocketOption(level: Self.tcpLevel, name: SocketOptionName(TCP_KEEPCNT)),
-            value: Self.keepaliveProbes
-        )
+        options += [
+            (ChannelOptions.Types.SocketOption(level: Self.tcpLevel, name: SocketOptionName(TCP_KEEPIDLE)), SocketOptionValue(Self.keepaliveSeconds)),
+            (ChannelOptions.Types.SocketOption(level: Self.tcpLevel, name: SocketOptionName(TCP_KEEPINTVL)), SocketOptionValue(Self.keepaliveSeconds)),
+            (ChannelOptions.Types.SocketOption(level: Self.tcpLevel, name: SocketOptionName(TCP_KEEPCNT)), SocketOptionValue(Self.keepaliveProbes)),
+        ]
         #endif
+        return options
+    }
+
+    /// Keepalive for a connection this side dialled. Called on the channel's event loop. (Nagle is off on
+    /// every SwiftNIO TCP channel already.)
+    static func apply(to channel: any Channel) {
+        guard let options = channel.syncOptions else { return }
+        for (option, value) in Self.keepalive {
+            try? options.setOption(option, value: value)
+        }
+    }
+
+    /// Keepalive for every connection `bootstrap` accepts: set once on the listening socket, whose options
+    /// (keepalive, its timings, TCP_NODELAY) each accepted socket inherits, instead of four system calls
+    /// per connection.
+    static func applyToAccepted(_ bootstrap: ServerBootstrap) -> ServerBootstrap {
+        Self.keepalive.reduce(bootstrap) { $0.serverChannelOption($1.0, value: $1.1) }
     }
 
     /// Aborts the connection when written bytes stay unacknowledged for `timeout` (Linux TCP_USER_TIMEOUT),

@@ -217,7 +217,6 @@ public final class TunnelServer: Service, Sendable {
                     )
                     evicted.close(promise: nil)
                 }
-                SocketTuning.apply(to: channel)
                 SocketTuning.setUserTimeout(configuration.reportInterval * 3, on: channel)
                 if let v2 {
                     return channel.eventLoop.makeCompletedFuture {
@@ -286,8 +285,7 @@ public final class TunnelServer: Service, Sendable {
         return self.baseBootstrap(on: self.dataLoop, what: "pool")
             .childChannelOption(.autoRead, value: false)
             .childChannelInitializer { [pool, metrics, logger, pendingPoolOpenings, sessions] channel in
-                SocketTuning.apply(to: channel)
-                return channel.eventLoop.makeCompletedFuture {
+                channel.eventLoop.makeCompletedFuture {
                     if let v2 {
                         if let evicted = pendingPoolOpenings.admit(channel) {
                             evicted.close(promise: nil)

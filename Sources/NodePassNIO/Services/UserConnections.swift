@@ -22,7 +22,6 @@ struct UserConnections: Sendable {
 
     /// The child channel initializer of a user listener (the listener must set `autoRead` off).
     func initialize(_ channel: any Channel, arrived: @escaping @Sendable (any Channel) -> Void) -> EventLoopFuture<Void> {
-        SocketTuning.apply(to: channel)
         let metrics = self.metrics
         // Counted before the session exists: its end may be reported at once (a channel already closed).
         metrics.active.increment()
