@@ -16,8 +16,8 @@ final class ClientPool: Sendable {
         var poolPort: Int?
         var poolHost: String?
         var v2: V2PoolSettings?
-        /// Forward mode: the control channel that carries this side's launches.
-        var forwardControl: (any Channel)?
+        /// Forward mode: writes this side's launches on the control channel.
+        var forwardControl: SignalWriter?
         /// Forward mode: idle connections in the order they came, and users waiting for one.
         var launcher: ServerPoolStateMachine<any Channel, WaitingUser>
         var nextTicket: UInt64 = 0
@@ -92,7 +92,7 @@ final class ClientPool: Sendable {
             state.poolPort = port
             state.poolHost = host
             state.v2 = v2
-            state.forwardControl = forwardControl
+            state.forwardControl = forwardControl.map { SignalWriter(channel: $0) }
             state.machine.reset()
             let generation = state.generation
             state.ticker = loop.scheduleRepeatedTask(
@@ -179,7 +179,7 @@ final class ClientPool: Sendable {
                         ])
                     }
                 }
-            bootstrap.connect(host: host, port: port).whenFailure { error in
+            bootstrap.dial(host: host, port: port).whenFailure { error in
                 self.dialFailed(generation: generation, error: error)
             }
         }
@@ -355,24 +355,21 @@ final class ClientPool: Sendable {
             self.perform(action)
             return
         }
-        var frame = control.allocator.buffer(capacity: 8)
-        V2Message.launch(id).write(to: &frame)
-        control.writeAndFlush(frame, promise: nil)
+        control.send { V2Message.launch(id).write(to: &$0) }
         self.logger.debug("launch sent", metadata: ["np.pool.id": "\(id)"])
         TunnelMetrics.record(self.metrics.newConnectionDuration, since: user.arrived)
         GlueHandler.connect(user.channel, to: pool)
     }
 
     private func relay(id: PoolID, pool: any Channel) {
-        var logger = self.logger
-        logger[metadataKey: "np.pool.id"] = "\(id)"
         TargetRelay.start(
             pool: pool,
+            id: id,
             target: self.url.target,
             dialTimeout: self.configuration.dialTimeout,
             sessions: self.sessions,
             metrics: self.metrics,
-            logger: logger
+            logger: self.logger
         ) { target in
             guard let handler = try? pool.pipeline.syncOperations.handler(type: ClientPoolConnectionHandler.self),
                 let context = try? pool.pipeline.syncOperations.context(handler: handler)

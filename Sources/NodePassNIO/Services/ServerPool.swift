@@ -26,6 +26,8 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
 
     private struct Session {
         var control: any Channel
+        /// The launches of this client, coalesced.
+        var signals: SignalWriter
         var peerIP: String?
         var v2: (id: [UInt8], secret: V2SessionSecret)?
     }
@@ -87,7 +89,11 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
             state.sessions.removeAll()
             let stale = previous.isEmpty ? [] : state.machine.controlLost()
             state.nextSession += 1
-            state.sessions[state.nextSession] = Session(control: channel, peerIP: Self.normalizedIP(channel.remoteAddress))
+            state.sessions[state.nextSession] = Session(
+                control: channel,
+                signals: SignalWriter(channel: channel),
+                peerIP: Self.normalizedIP(channel.remoteAddress)
+            )
             state.controlsSeen += 1
             return (previous, stale, state.controlsSeen > 1)
         }
@@ -110,6 +116,7 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
             state.nextSession += 1
             state.sessions[state.nextSession] = Session(
                 control: channel,
+                signals: SignalWriter(channel: channel),
                 peerIP: Self.normalizedIP(channel.remoteAddress),
                 v2: (sessionID, secret)
             )
@@ -176,7 +183,7 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
         }
         switch outcome {
         case .relay(let entry):
-            self.dialTarget(for: entry, logger: logger)
+            self.dialTarget(for: entry, id: id)
         case .unknown:
             logger.warning("launch for an unknown pool connection ignored")
         case .awaitConfirmation:
@@ -189,16 +196,17 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
     }
 
     /// Forward mode: the server dials its TARGET for a launched pool connection and relays.
-    private func dialTarget(for entry: PoolEntry, logger: Logger) {
+    private func dialTarget(for entry: PoolEntry, id: PoolID) {
         guard let forward = self.forward.withLock({ $0 }) else { return }
         let pool = entry.channel
         TargetRelay.start(
             pool: pool,
+            id: id,
             target: forward.target,
             dialTimeout: self.configuration.dialTimeout,
             sessions: forward.sessions,
             metrics: self.metrics,
-            logger: logger
+            logger: self.logger
         ) { target in
             guard let handler = try? pool.pipeline.syncOperations.handler(type: ServerPoolConnectionHandler.self),
                 let context = try? pool.pipeline.syncOperations.context(handler: handler)
@@ -297,9 +305,7 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
             return state.machine.poolConnectionReady(id: admission.id, connection: entry)
         }
         guard let action = launched else {
-            var logger = self.logger
-            logger[metadataKey: "np.pool.id"] = "\(admission.id)"
-            self.dialTarget(for: entry, logger: logger)
+            self.dialTarget(for: entry, id: admission.id)
             return
         }
         self.perform(action)
@@ -368,20 +374,20 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
                 self.retry(user)
                 return
             }
-            guard let control = self.state.withLock({ $0.sessions[entry.owner]?.control }) else {
+            guard let signals = self.state.withLock({ $0.sessions[entry.owner]?.signals }) else {
                 // That client left meanwhile: the user takes the next pool connection of any client.
                 pool.close(promise: nil)
                 self.retry(user)
                 return
             }
             GlueHandler.connect(pool, to: user.channel)
-            var signal = control.allocator.buffer(capacity: 20)
-            if self.isV2 {
-                V2Message.launch(id).write(to: &signal)
-            } else {
-                Signal.launch(id).write(to: &signal)
+            signals.send { buffer in
+                if self.isV2 {
+                    V2Message.launch(id).write(to: &buffer)
+                } else {
+                    Signal.launch(id).write(to: &buffer)
+                }
             }
-            control.writeAndFlush(signal, promise: nil)
             self.logger.debug("launch sent", metadata: ["np.pool.id": "\(id)"])
             TunnelMetrics.record(self.metrics.newConnectionDuration, since: user.arrived)
             GlueHandler.connect(user.channel, to: pool)

@@ -7,11 +7,12 @@ import NodePassCore
 /// The side without the users: for a launched pool connection, dial the TARGET on the pool connection's
 /// event loop and relay between the two.
 enum TargetRelay {
-    /// Starts the relay of `pool` to `target`. `handOff` runs on the pool connection's event loop once the
+    /// Starts the relay of `pool` (launched as `id`) to `target`. `handOff` runs on the pool connection's event loop once the
     /// target is connected: it connects the pool connection's relay to the target and returns false when the
     /// pool connection is no longer usable.
     static func start(
         pool: any Channel,
+        id: PoolID,
         target: HostPort,
         dialTimeout: TimeAmount,
         sessions: SessionTracker,
@@ -24,7 +25,7 @@ enum TargetRelay {
         guard sessions.add(pool, onEnd: { metrics.active.decrement() }) else {
             metrics.active.decrement()
             metrics.failed(.limit)
-            logger.warning("SEMAPHORE_LIMIT reached; launch refused", metadata: ["np.limit": "\(sessions.limit)"])
+            logger.warning("SEMAPHORE_LIMIT reached; launch refused", metadata: ["np.limit": "\(sessions.limit)", "np.pool.id": "\(id)"])
             pool.close(promise: nil)
             return
         }
@@ -44,12 +45,15 @@ enum TargetRelay {
                     )
                 }
             }
-            .connect(host: target.dialHost, port: target.port)
+            .dial(host: target.dialHost, port: target.port)
             .whenComplete { result in
                 switch result {
                 case .failure(let error):
                     metrics.failed(.target)
-                    logger.warning("cannot reach the target", metadata: ["np.target": "\(target)", "np.error": "\(error)"])
+                    logger.warning(
+                        "cannot reach the target",
+                        metadata: ["np.target": "\(target)", "np.error": "\(error)", "np.pool.id": "\(id)"]
+                    )
                     pool.close(promise: nil)
                 case .success(let targetChannel):
                     // Same event loop as the pool connection: both halves are set up before any byte moves.
@@ -63,7 +67,7 @@ enum TargetRelay {
                         return
                     }
                     TunnelMetrics.record(metrics.newConnectionDuration, since: launched)
-                    logger.debug("relaying", metadata: ["np.target": "\(target)", "np.pool.local": "\(pool.localAddress.map { "\($0)" } ?? "?")"])
+                    logger.debug("relaying", metadata: ["np.target": "\(target)", "np.pool.id": "\(id)", "np.pool.local": "\(pool.localAddress.map { "\($0)" } ?? "?")"])
                 }
             }
     }
