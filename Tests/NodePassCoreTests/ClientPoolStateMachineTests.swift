@@ -17,7 +17,7 @@ import Testing
         _ = machine.started()
         for _ in 0..<8 { machine.connectionEstablished() }
         #expect(machine.idle == 8)
-        let result3 = machine.connectionTaken()
+        let result3 = machine.connectionTaken(now: 0)
         #expect(result3 == .init(open: 1))
         #expect(machine.capacity == 8)
     }
@@ -27,17 +27,34 @@ import Testing
         _ = machine.started()
         for _ in 0..<4 { machine.connectionEstablished() }
         var opened = 0
-        for _ in 0..<4 { opened += machine.connectionTaken().open }
+        for take in 0..<4 { opened += machine.connectionTaken(now: UInt64(take) * machine.growthInterval).open }
         #expect(machine.capacity == 10)
         #expect(machine.idle + machine.opening <= 10)
         #expect(opened == 10)
+    }
+
+    @Test func aBurstOfTakesGrowsTheCapacityOncePerInterval() {
+        var machine = ClientPoolStateMachine(minimum: 4, maximum: 1024, growthInterval: 100)
+        _ = machine.started()
+        for _ in 0..<4 { machine.connectionEstablished() }
+        // Every take of the burst finds the pool low; only the first, then one per interval, doubles it.
+        var opened = 0
+        for _ in 0..<4 { opened += machine.connectionTaken(now: 1_000).open }
+        #expect(machine.capacity == 8)
+        #expect(opened == 8)
+        for _ in 0..<machine.opening { machine.connectionEstablished() }
+        for _ in 0..<7 { _ = machine.connectionTaken(now: 1_099) }
+        #expect(machine.capacity == 8)
+        _ = machine.connectionTaken(now: 1_100)
+        #expect(machine.capacity == 16)
+        #expect(machine.idle + machine.opening == 16)
     }
 
     @Test func shrinksWhenUnusedDownToTheMinimumWithoutClosingIdleConnections() {
         var machine = ClientPoolStateMachine(minimum: 4, maximum: 64)
         _ = machine.started()
         for _ in 0..<4 { machine.connectionEstablished() }
-        for _ in 0..<3 { _ = machine.connectionTaken() }
+        for _ in 0..<3 { _ = machine.connectionTaken(now: 0) }
         for _ in 0..<machine.opening { machine.connectionEstablished() }
         #expect(machine.capacity == 8)
         #expect(machine.idle == 8)
@@ -45,9 +62,9 @@ import Testing
         #expect(machine.capacity == 4)
         #expect(machine.idle == 8)
         // The surplus is used up without being replaced, then the pool refills to the new capacity.
-        for _ in 0..<4 { #expect(machine.connectionTaken() == .none) }
+        for _ in 0..<4 { #expect(machine.connectionTaken(now: 0) == .none) }
         #expect(machine.idle == 4)
-        let refill = machine.connectionTaken()
+        let refill = machine.connectionTaken(now: 0)
         #expect(refill == .init(open: 1))
     }
 

@@ -1,7 +1,9 @@
 /// The client's pool sizing: how many pool connections to open or close, between MIN and MAX capacity.
 ///
 /// The pool starts at the minimum capacity and refills as soon as a connection is taken. When a take leaves
-/// a quarter of the capacity or less idle, the capacity doubles (up to the maximum). Once per adaptation
+/// a quarter of the capacity or less idle, the capacity doubles (up to the maximum), at most once per
+/// `growthInterval`: during a burst every take finds the pool low, and doubling on each would open up to the
+/// maximum at once, costing both sides the CPU the burst itself needs. Once per adaptation
 /// period, a pool that served fewer than a fifth of its capacity shrinks by a quarter (down to the minimum).
 /// Shrinking never closes an idle connection (the server may be launching it at that very moment): the
 /// surplus is simply not replaced as it is used.
@@ -30,12 +32,18 @@ public struct ClientPoolStateMachine: Sendable {
     /// Connections being dialled.
     public private(set) var opening = 0
     private var takenThisPeriod = 0
+    /// The least time between two doublings, in nanoseconds.
+    public let growthInterval: UInt64
+    /// When the capacity last doubled (nanoseconds on the caller's monotonic clock).
+    private var lastGrowth: UInt64?
 
-    /// Makes a pool machine between `minimum` and `maximum` (swapped if given the wrong way round).
-    public init(minimum: Int, maximum: Int) {
+    /// Makes a pool machine between `minimum` and `maximum` (swapped if given the wrong way round) that
+    /// doubles at most once per `growthInterval` nanoseconds (100 ms by default).
+    public init(minimum: Int, maximum: Int, growthInterval: UInt64 = 100_000_000) {
         self.minimum = max(1, min(minimum, maximum))
         self.maximum = max(self.minimum, maximum)
         self.capacity = self.minimum
+        self.growthInterval = growthInterval
     }
 
     private mutating func refill() -> Adjustment {
@@ -61,12 +69,15 @@ public struct ClientPoolStateMachine: Sendable {
         self.opening = max(0, self.opening - 1)
     }
 
-    /// An idle connection was launched: refill, growing the capacity when the pool ran low.
-    public mutating func connectionTaken() -> Adjustment {
+    /// An idle connection was launched at `now` (nanoseconds, monotonic): refill, growing the capacity when
+    /// the pool ran low and the last growth is at least `growthInterval` old.
+    public mutating func connectionTaken(now: UInt64) -> Adjustment {
         self.idle = max(0, self.idle - 1)
         self.takenThisPeriod += 1
-        if self.idle <= self.capacity / 4 {
+        let mayGrow = self.lastGrowth.map { now &- $0 >= self.growthInterval } ?? true
+        if self.idle <= self.capacity / 4, self.capacity < self.maximum, mayGrow {
             self.capacity = min(self.maximum, self.capacity * 2)
+            self.lastGrowth = now
         }
         return self.refill()
     }
@@ -90,6 +101,7 @@ public struct ClientPoolStateMachine: Sendable {
     /// The control channel is gone: everything is forgotten and the capacity returns to the minimum.
     public mutating func reset() {
         self.capacity = self.minimum
+        self.lastGrowth = nil
         self.idle = 0
         self.opening = 0
         self.takenThisPeriod = 0

@@ -231,7 +231,7 @@ final class ClientPool: Sendable {
             state.claimed.insert(id)
             // In forward mode the server never writes first: the connection is broken, not launched.
             state.launcher.poolConnectionClosed(id: id)
-            return state.machine.connectionTaken()
+            return state.machine.connectionTaken(now: NIODeadline.now().uptimeNanoseconds)
         }
         self.apply(adjustment, generation: generation)
     }
@@ -261,7 +261,7 @@ final class ClientPool: Sendable {
         }
         let outcome = self.updating { state -> Outcome in
             if let channel = state.connections.removeValue(forKey: id) {
-                let adjustment = state.claimed.remove(id) != nil ? .none : state.machine.connectionTaken()
+                let adjustment = state.claimed.remove(id) != nil ? .none : state.machine.connectionTaken(now: NIODeadline.now().uptimeNanoseconds)
                 return .relay(channel, adjustment, state.generation)
             }
             guard state.poolPort != nil, state.awaitedLaunches.count < self.configuration.maxPoolCapacity else {
@@ -286,8 +286,9 @@ final class ClientPool: Sendable {
                 }
             }
         case .relay(let channel, let adjustment, let generation):
-            self.apply(adjustment, generation: generation)
+            // The user's target dial first, the pool's refill behind it.
             self.relay(id: id, pool: channel)
+            self.apply(adjustment, generation: generation)
         }
     }
 
@@ -336,7 +337,7 @@ final class ClientPool: Sendable {
             if let known = state.connections[id], known === pool {
                 state.connections[id] = nil
             }
-            return (state.forwardControl, state.machine.connectionTaken(), state.generation)
+            return (state.forwardControl, state.machine.connectionTaken(now: NIODeadline.now().uptimeNanoseconds), state.generation)
         }
         self.apply(adjustment, generation: generation)
         var handedOff = false
