@@ -7,12 +7,12 @@ import Darwin
 #endif
 import Logging
 import NodePassCore
-import Synchronization
+import NIOConcurrencyHelpers
 
 /// Prints log records in NodePass's line format to standard output:
 /// `YYYY-MM-DD HH:MM:SS.mmm  LEVEL  message key=value ...`, the level word in colour on a terminal only.
 struct NodePassLogHandler: LogHandler {
-    private static let outputLock = Mutex(())
+    private static let outputLock = NIOLock()
 
     var logLevel: Logger.Level
     var metadata: Logger.Metadata = [:]
@@ -52,7 +52,7 @@ struct NodePassLogHandler: LogHandler {
             line += " \(key)=\(all[key].map { "\($0)" } ?? "")"
         }
         line += "\n"
-        Self.outputLock.withLock { _ in
+        Self.outputLock.withLock {
             writeAll(line, to: STDOUT_FILENO)
         }
     }

@@ -3,7 +3,6 @@ import Logging
 import NIOCore
 import NIOPosix
 import NodePassCore
-import Synchronization
 
 /// The client's pool: dials pool connections to the server's pool port and keeps them by ID. In reverse
 /// mode, on `launch://ID` it dials the target and relays; in forward mode (v2) it has the users: each one
@@ -31,7 +30,7 @@ final class ClientPool: Sendable {
     /// Period of the capacity adaptation.
     static let adaptationPeriod = TimeAmount.seconds(1)
 
-    private let state: Mutex<State>
+    private let state: Locked<State>
     private let url: TunnelURL
     private let configuration: Configuration
     private let group: any EventLoopGroup
@@ -53,7 +52,7 @@ final class ClientPool: Sendable {
         self.group = group
         self.sessions = sessions
         self.logger = logger
-        self.state = Mutex(
+        self.state = Locked(
             State(
                 machine: ClientPoolStateMachine(
                     minimum: configuration.minPoolCapacity,
@@ -65,7 +64,7 @@ final class ClientPool: Sendable {
     }
 
     /// Changes the state under the lock, then publishes the pool's size, so that no change is missed.
-    private func updating<Result>(_ body: (inout State) -> sending Result) -> sending Result {
+    private func updating<Result>(_ body: (inout State) -> Result) -> Result {
         self.state.withLock { state in
             defer {
                 self.metrics.poolIdle.set(state.machine.idle)

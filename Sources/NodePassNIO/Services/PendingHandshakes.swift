@@ -1,6 +1,5 @@
 import DequeModule
 import NIOCore
-import Synchronization
 
 /// The control connections whose TLS handshake has not finished, bounded in number.
 ///
@@ -8,7 +7,7 @@ import Synchronization
 /// idle sockets left on the tunnel port then cannot lock the real client out, since a real handshake
 /// finishes in a few round trips while an idle socket only ages.
 final class PendingHandshakes: Sendable {
-    private let pending = Mutex(Deque<any Channel>())
+    private let pending = Locked(Deque<any Channel>())
     /// The most handshakes in progress at once.
     let limit: Int
 

@@ -2,7 +2,6 @@ import CoreMetrics
 import Logging
 import NIOCore
 import NodePassCore
-import Synchronization
 
 /// A user connection waiting for a pool connection on the side with the users.
 struct WaitingUser: Sendable {
@@ -50,7 +49,7 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
     /// The most v2 clients served at once.
     static let maximumClients = 64
 
-    private let state: Mutex<State>
+    private let state: Locked<State>
     private let configuration: Configuration
     private let logger: Logger
     private let metrics: TunnelMetrics
@@ -58,14 +57,14 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
     /// Whether launches go out as v2 frames (else as v1 lines).
     private let isV2: Bool
     /// Forward mode: clients launch, and the server dials `target` (with `sessions` bounding the relays).
-    private let forward = Mutex<(target: HostPort, sessions: SessionTracker)?>(nil)
+    private let forward = Locked<(target: HostPort, sessions: SessionTracker)?>(nil)
 
     init(configuration: Configuration, isV2: Bool, metrics: TunnelMetrics, logger: Logger) {
         self.isV2 = isV2
         self.configuration = configuration
         self.metrics = metrics
         self.logger = logger
-        self.state = Mutex(State(machine: ServerPoolStateMachine(maximumIdle: configuration.maxPoolCapacity)))
+        self.state = Locked(State(machine: ServerPoolStateMachine(maximumIdle: configuration.maxPoolCapacity)))
     }
 
     var idleCount: Int { self.state.withLock { $0.machine.idleCount } }
@@ -73,7 +72,7 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
     var clientCount: Int { self.state.withLock { $0.sessions.count } }
 
     /// Changes the state under the lock, then publishes the idle pool size, so that no change is missed.
-    private func updating<Result>(_ body: (inout State) -> sending Result) -> sending Result {
+    private func updating<Result>(_ body: (inout State) -> Result) -> Result {
         self.state.withLock { state in
             defer { self.metrics.poolIdle.set(state.machine.idleCount) }
             return body(&state)

@@ -1,5 +1,4 @@
 import NIOCore
-import Synchronization
 
 /// Counts live relayed sessions, bounds them, and lets a shutdown wait for them to end.
 ///
@@ -27,7 +26,7 @@ public final class SessionTracker: Sendable {
         var drained: [CheckedContinuation<Void, Never>] = []
     }
 
-    private let state = Mutex(State())
+    private let state = Locked(State())
     /// The most sessions at once.
     public let limit: Int
 

@@ -1,5 +1,4 @@
 import NIOCore
-import Synchronization
 
 /// Writes signals (launches) to one control channel from any thread, coalescing those that come while a
 /// write is on its way: a burst of users costs the control channel a few TLS records and system calls,
@@ -7,7 +6,7 @@ import Synchronization
 final class SignalWriter: Sendable {
     let channel: any Channel
     /// Signals not yet handed to the channel; non-nil while a write task is scheduled.
-    private let pending = Mutex<ByteBuffer?>(nil)
+    private let pending = Locked<ByteBuffer?>(nil)
 
     init(channel: any Channel) {
         self.channel = channel

@@ -20,7 +20,7 @@ public final class TunnelClient: Service, Sendable {
     private let metrics: TunnelMetrics
     private let connections = Atomic<Int>(0)
     /// Forward mode: the listener on TARGET where users connect, open while the server asks for forward mode.
-    private let userListener = Mutex<(any Channel)?>(nil)
+    private let userListener = Locked<(any Channel)?>(nil)
 
     /// Makes a client for `url` (role client).
     public init(

@@ -5,7 +5,6 @@ import NIOPosix
 import NIOSSL
 import NodePassCore
 import ServiceLifecycle
-import Synchronization
 
 /// The ports a running server listens on.
 public struct ServerPorts: Sendable, Hashable {

@@ -1,7 +1,6 @@
 import CoreMetrics
 import Logging
 import NIOCore
-import Synchronization
 
 /// Accepted user connections on the side with the users (the server in reverse mode, the client in forward
 /// mode): counted against SEMAPHORE_LIMIT, then handed to the pool once active.
@@ -59,7 +58,7 @@ struct UserConnections: Sendable {
 
 /// At most one limit log line a second.
 private final class LimitLogClock: Sendable {
-    private let last = Mutex<NIODeadline>(.distantPast)
+    private let last = Locked<NIODeadline>(.distantPast)
 
     func isDue() -> Bool {
         let now = NIODeadline.now()

@@ -60,7 +60,7 @@ public final class SpliceEngine: @unchecked Sendable {
 
     private let epoll: Int32
     private let wakeup: Int32
-    private let commands = Mutex<[Command]>([])
+    private let commands = Locked<[Command]>([])
     private let threadPool: NIOThreadPool
 
     // Engine thread only.
