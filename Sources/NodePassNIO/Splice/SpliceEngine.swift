@@ -67,6 +67,9 @@ public final class SpliceEngine: @unchecked Sendable {
     private var relays: [UInt64: SpliceRelay] = [:]
     private var pipes: [SplicePipe] = []
     private var pendingTurns: [UInt64] = []
+    /// The relay IDs being turned from `pendingTurns` or `waitingForPipes`; kept, with its capacity, so that a
+    /// turn of the loop allocates nothing.
+    private var turning: [UInt64] = []
     /// Relays that could not get a pipe (out of file descriptors), retried every `pipeRetryInterval`.
     private var waitingForPipes: [UInt64] = []
     private var lastPipeWarning = NIODeadline.distantPast
@@ -180,7 +183,7 @@ public final class SpliceEngine: @unchecked Sendable {
         if relay.idleTimeout != nil { self.relaysWithIdleTimeout += 1 }
         relay.lastActivity = .now()
         // Bytes may be waiting already (and the prefixes must go out): move them now.
-        self.turn(relay, directions: [0, 1])
+        self.turn(relay, 0, then: 1)
     }
 
     /// `side` 0 is the relay's first socket: readable moves direction 0 (first → second), writable moves
@@ -198,19 +201,24 @@ public final class SpliceEngine: @unchecked Sendable {
                     return
                 }
             }
-            self.turn(relay, directions: [side, 1 - side])
+            self.turn(relay, side, then: 1 - side)
             return
         }
-        var directions: [Int] = []
-        if flags & UInt32(NP_READABLE | NP_HANGUP) != 0 { directions.append(side) }
-        if flags & UInt32(NP_WRITABLE) != 0 { directions.append(1 - side) }
-        self.turn(relay, directions: directions)
+        let reading: Int? = flags & UInt32(NP_READABLE | NP_HANGUP) != 0 ? side : nil
+        let writing: Int? = flags & UInt32(NP_WRITABLE) != 0 ? 1 - side : nil
+        self.turn(relay, reading ?? writing, then: reading == nil ? nil : writing)
     }
 
-    private func turn(_ relay: SpliceRelay, directions: [Int]) {
+    /// Moves direction `first`, then `second` (either may be nil), then ends the relay if both are finished.
+    /// Two parameters rather than a list: this runs for every readiness event, and allocates nothing.
+    private func turn(_ relay: SpliceRelay, _ first: Int?, then second: Int? = nil) {
         var again = false
         var noPipe = false
-        for index in directions {
+        var next = first
+        var following = second
+        while let index = next {
+            next = following
+            following = nil
             switch relay.directions[index].move(engine: self, relay: relay) {
             case .waiting, .finished:
                 break
@@ -243,22 +251,23 @@ public final class SpliceEngine: @unchecked Sendable {
         let reading = relay.directions[0].source == socket ? 0 : 1
         relay.directions[1 - reading].abandon()
         relay.directions[reading].stopReading()
-        self.turn(relay, directions: [reading])
+        self.turn(relay, reading)
     }
 
     private func runPendingTurns() {
         guard !self.pendingTurns.isEmpty else { return }
-        let ids = self.pendingTurns
-        self.pendingTurns = []
-        self.turnBothWays(ids)
+        swap(&self.pendingTurns, &self.turning)
+        self.turnBothWays()
     }
 
-    /// Moves both directions of each relay still running among `ids`.
-    private func turnBothWays(_ ids: [UInt64]) {
-        for id in ids {
+    /// Moves both directions of each relay still running among `turning`, then empties it (keeping its
+    /// storage). Turns that need another go are queued again meanwhile.
+    private func turnBothWays() {
+        for id in self.turning {
             guard let relay = self.relays[id] else { continue }
-            self.turn(relay, directions: [0, 1])
+            self.turn(relay, 0, then: 1)
         }
+        self.turning.removeAll(keepingCapacity: true)
     }
 
     private func retryPipes() {
@@ -271,9 +280,8 @@ public final class SpliceEngine: @unchecked Sendable {
                 metadata: ["np.error": "\(self.lastPipeError)", "np.relays": "\(self.waitingForPipes.count)"]
             )
         }
-        let ids = self.waitingForPipes
-        self.waitingForPipes = []
-        self.turnBothWays(ids)
+        swap(&self.waitingForPipes, &self.turning)
+        self.turnBothWays()
     }
 
     private func sweepIdle() {
