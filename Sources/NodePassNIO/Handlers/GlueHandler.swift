@@ -69,8 +69,11 @@ public final class GlueHandler: ChannelInboundHandler {
         }
         self.flushPending()
         // A connection that lives on moves to the engine even when it carries little: its memory in the
-        // engine is a small record instead of two channels. Short connections end first.
-        self.scheduleSpliceAttempt(context: context)
+        // engine is a small record instead of two channels. Short connections end first. One half of the
+        // pair keeps the time.
+        if self.splice?.schedulesMove == true {
+            self.scheduleSpliceAttempt(context: context)
+        }
         context.read()
     }
 

@@ -174,7 +174,7 @@ final class ClientPool: Sendable {
                                 idReadTimeout: configuration.idReadTimeout,
                                 claimTimeout: configuration.poolWaitTimeout + configuration.dialTimeout
                             ),
-                            GlueHandler(bytes: bytes, splice: SpliceSetup(sessions: sessions, logger: logger)),
+                            GlueHandler(bytes: bytes, splice: SpliceSetup(sessions: sessions, logger: logger, schedulesMove: false)),
                         ])
                     }
                 }

@@ -310,7 +310,7 @@ public final class TunnelServer: Service, Sendable {
                         // What a pool connection reads goes towards the service in forward mode.
                         GlueHandler(
                             bytes: forward ? metrics.bytesUpstream : metrics.bytesDownstream,
-                            splice: SpliceSetup(sessions: sessions, logger: logger)
+                            splice: SpliceSetup(sessions: sessions, logger: logger, schedulesMove: false)
                         ),
                     ])
                 }

@@ -14,16 +14,21 @@ public struct SpliceSetup: Sendable {
     let logger: Logger
     /// A relay that carries little moves after this long (one that carries more moves sooner).
     let moveAfter: TimeAmount
+    /// Whether this half starts the `moveAfter` timer when the relay connects. One half of a pair is enough
+    /// (either half moves both): the pool connection's half leaves it to the other, sparing every relay a
+    /// timer.
+    let schedulesMove: Bool
 
-    public init(sessions: SessionTracker, idleTimeout: TimeAmount? = nil, logger: Logger) {
-        self.init(sessions: sessions, idleTimeout: idleTimeout, logger: logger, moveAfter: .seconds(1))
+    public init(sessions: SessionTracker, idleTimeout: TimeAmount? = nil, logger: Logger, schedulesMove: Bool = true) {
+        self.init(sessions: sessions, idleTimeout: idleTimeout, logger: logger, moveAfter: .seconds(1), schedulesMove: schedulesMove)
     }
 
-    init(sessions: SessionTracker, idleTimeout: TimeAmount?, logger: Logger, moveAfter: TimeAmount) {
+    init(sessions: SessionTracker, idleTimeout: TimeAmount?, logger: Logger, moveAfter: TimeAmount, schedulesMove: Bool = true) {
         self.sessions = sessions
         self.idleTimeout = idleTimeout
         self.logger = logger
         self.moveAfter = moveAfter
+        self.schedulesMove = schedulesMove
     }
 }
 
