@@ -306,6 +306,33 @@ def build_npbench(workdir: Path) -> Path:
     return out
 
 
+def build_malloccount(workdir: Path) -> Optional[Path]:
+    """bench/malloccount.c as a shared object for LD_PRELOAD, or None when it does not build."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    out = workdir / "malloccount.so"
+    if not cc:
+        return None
+    r = subprocess.run([cc, "-O2", "-Wall", "-shared", "-fPIC", "-o", str(out), str(HERE / "malloccount.c")],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        log(f"warning: compiling malloccount.c failed, no allocation figures:\n{r.stderr}")
+        return None
+    return out
+
+
+def read_counters(directory: Path) -> Optional[int]:
+    """The sum of the allocation counters in directory (one 8-byte file per process), or None if none."""
+    files = list(directory.iterdir()) if directory.is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        data = f.read_bytes()
+        if len(data) >= 8:
+            total += int.from_bytes(data[:8], sys.byteorder)
+    return total
+
+
 class Npb:
     def __init__(self, exe: Path, src_ips: int):
         self.exe = exe
@@ -421,10 +448,15 @@ class Config:
     burst_timeout: float = 60.0
     conn_timeout: float = 120.0
     hold_timeout: float = 90.0
+    alloc_size: int = GiB
+    alloc_conns: int = 200
 
 
 class Bench:
-    def __init__(self, cfg: Config, npb: Npb, target_port: int, logdir: Path, tunnel_env: Dict[str, str]):
+    def __init__(self, cfg: Config, npb: Npb, target_port: int, logdir: Path, tunnel_env: Dict[str, str],
+                 malloccount: Optional[Path] = None, workdir: Optional[Path] = None):
+        self.malloccount = malloccount
+        self.workdir = workdir or logdir
         self.cfg = cfg
         self.npb = npb
         self.target_port = target_port
@@ -682,6 +714,47 @@ class Bench:
             self.guarded(res, "hold", hold, t.procs())
         finally:
             t.stop()
+        # phase 3: heap allocations, counted by malloccount.so in both sides' processes
+        if self.malloccount:
+            self.allocations(row, res, stable)
+
+    def allocations(self, row: Row, res: dict, stable: Optional[float]) -> None:
+        c = self.cfg
+        counters = self.workdir / f"allocs-{len(list(self.workdir.glob('allocs-*')))}"
+        counters.mkdir()
+        env = {"LD_PRELOAD": str(self.malloccount), "NPBENCH_MALLOC_DIR": str(counters)}
+        t = self.start_tunnel(row, "alloc", env)
+        try:
+            def count() -> dict:
+                self.wait_warm(t, stable_s=stable)
+                before = read_counters(counters)
+                if before is None:
+                    # not an error: a statically linked program (the Go original) ignores LD_PRELOAD
+                    return {"ok": False, "note": "no allocation counter: the program does not use the C library's malloc"}
+                # Two transfers, a quarter and the whole of alloc_size: the difference is what the bytes cost,
+                # without what setting up a relayed connection costs (counted below).
+                counts, oks = [before], []
+                for size in (c.alloc_size // 4, c.alloc_size):
+                    r = self.npb.run(["stream", t.user_port, size, 1, size / (20 * MiB) + 30],
+                                     timeout=size / (20 * MiB) + 45)
+                    oks.append(bool(r.get("ok")))
+                    self.wait_warm(t, stable_s=stable)
+                    counts.append(read_counters(counters) or counts[-1])
+                lat = self.npb.run(["connlat", t.user_port, c.alloc_conns, c.conn_timeout], timeout=c.conn_timeout + 15)
+                self.wait_warm(t, stable_s=stable)  # the pool's refill belongs to the connections
+                counts.append(read_counters(counters) or counts[-1])
+                small, large, conns = (counts[i + 1] - counts[i] for i in range(3))
+                out = {"ok": all(oks) and not lat.get("failures"),
+                       "transfers_bytes": [c.alloc_size // 4, c.alloc_size], "transfer_allocations": [small, large],
+                       "connections": c.alloc_conns, "conn_allocations": conns}
+                out["per_mib"] = round(max(0, large - small) / (0.75 * c.alloc_size / MiB), 2)
+                out["per_conn"] = round(conns / c.alloc_conns, 1)
+                log(f"  heap allocations: {out['per_mib']} per MiB relayed, {out['per_conn']} per new connection")
+                return out
+
+            self.guarded(res, "alloc", count, t.procs())
+        finally:
+            t.stop()
 
 
 # ============================================================================ report
@@ -749,6 +822,10 @@ FIGS = [
         "{:,.1f}", vs_direct=False, tunnel_only=True),
     Fig("Peak RSS after perf tests (VmHWM, MiB)", "mem_after_perf",
         lambda r: _mem(r.get("mem_after_perf"), "hwm_kib"), tunnel_only=True),
+    Fig("Heap allocations per MiB relayed (1 stream, both sides)", "alloc", lambda r: _ok(r, "alloc", "per_mib"),
+        "{:,.1f}", vs_direct=False, tunnel_only=True),
+    Fig("Heap allocations per new connection (both sides)", "alloc", lambda r: _ok(r, "alloc", "per_conn"),
+        "{:,.0f}", vs_direct=False, tunnel_only=True),
 ]
 
 
@@ -920,6 +997,8 @@ def main() -> int:
     )
     if q:
         cfg.burst_timeout, cfg.hold_timeout, cfg.conn_timeout, cfg.stable_s = 5.0, 30.0, 40.0, 1.2
+        cfg.alloc_size, cfg.alloc_conns = 256 * MiB, 50
+    cfg.alloc_size = min(cfg.alloc_size, cfg.size)
 
     # ---- binaries and rows
     notes: List[str] = []
@@ -1018,7 +1097,7 @@ def main() -> int:
     try:
         npb = Npb(build_npbench(workdir), a.src_ips)
         target_port = free_port()
-        bench = Bench(cfg, npb, target_port, logdir, tunnel_env)
+        bench = Bench(cfg, npb, target_port, logdir, tunnel_env, build_malloccount(workdir), workdir)
         bench.target = Proc("target", [str(npb.exe), "target", str(target_port), str(a.target_threads)], None, logdir)
         wait_for(lambda: round_trip(target_port), 10, "the target service", [bench.target])
         log(f"target service on 127.0.0.1:{target_port} (pid {bench.target.pid}); rows: {', '.join(order)}")
