@@ -63,6 +63,9 @@ final class ClientPool: Sendable {
         )
     }
 
+    /// The monotonic clock the pool's growth is timed with, in nanoseconds.
+    private static var now: UInt64 { NIODeadline.now().uptimeNanoseconds }
+
     /// Changes the state under the lock, then publishes the pool's size, so that no change is missed.
     private func updating<Result>(_ body: (inout State) -> Result) -> Result {
         self.state.withLock { state in
@@ -174,7 +177,10 @@ final class ClientPool: Sendable {
                                 idReadTimeout: configuration.idReadTimeout,
                                 claimTimeout: configuration.poolWaitTimeout + configuration.dialTimeout
                             ),
-                            GlueHandler(bytes: bytes, splice: SpliceSetup(sessions: sessions, logger: logger, schedulesMove: false)),
+                            GlueHandler(
+                                bytes: bytes,
+                                splice: SpliceSetup(sessions: sessions, logger: logger, schedulesMove: false)
+                            ),
                         ])
                     }
                 }
@@ -230,7 +236,7 @@ final class ClientPool: Sendable {
             state.claimed.insert(id)
             // In forward mode the server never writes first: the connection is broken, not launched.
             state.launcher.poolConnectionClosed(id: id)
-            return state.machine.connectionTaken(now: NIODeadline.now().uptimeNanoseconds)
+            return state.machine.connectionTaken(now: Self.now)
         }
         self.apply(adjustment, generation: generation)
     }
@@ -260,7 +266,7 @@ final class ClientPool: Sendable {
         }
         let outcome = self.updating { state -> Outcome in
             if let channel = state.connections.removeValue(forKey: id) {
-                let adjustment = state.claimed.remove(id) != nil ? .none : state.machine.connectionTaken(now: NIODeadline.now().uptimeNanoseconds)
+                let adjustment = state.claimed.remove(id) != nil ? .none : state.machine.connectionTaken(now: Self.now)
                 return .relay(channel, adjustment, state.generation)
             }
             guard state.poolPort != nil, state.awaitedLaunches.count < self.configuration.maxPoolCapacity else {
@@ -336,7 +342,7 @@ final class ClientPool: Sendable {
             if let known = state.connections[id], known === pool {
                 state.connections[id] = nil
             }
-            return (state.forwardControl, state.machine.connectionTaken(now: NIODeadline.now().uptimeNanoseconds), state.generation)
+            return (state.forwardControl, state.machine.connectionTaken(now: Self.now), state.generation)
         }
         self.apply(adjustment, generation: generation)
         var handedOff = false

@@ -19,17 +19,21 @@ enum SocketTuning {
 
     /// The keepalive options: on, first probe after `keepaliveSeconds` idle, then every `keepaliveSeconds`,
     /// `keepaliveProbes` unanswered probes end the connection.
-    private static var keepalive: [(ChannelOptions.Types.SocketOption, SocketOptionValue)] {
+    private static let keepalive: [(ChannelOptions.Types.SocketOption, SocketOptionValue)] = {
         var options = [(ChannelOptions.Types.SocketOption.socketOption(.so_keepalive), SocketOptionValue(1))]
         #if os(Linux)
+        func tcp(_ name: Int32, _ value: Int) -> (ChannelOptions.Types.SocketOption, SocketOptionValue) {
+            let option = ChannelOptions.Types.SocketOption(level: Self.tcpLevel, name: SocketOptionName(name))
+            return (option, SocketOptionValue(value))
+        }
         options += [
-            (ChannelOptions.Types.SocketOption(level: Self.tcpLevel, name: SocketOptionName(TCP_KEEPIDLE)), SocketOptionValue(Self.keepaliveSeconds)),
-            (ChannelOptions.Types.SocketOption(level: Self.tcpLevel, name: SocketOptionName(TCP_KEEPINTVL)), SocketOptionValue(Self.keepaliveSeconds)),
-            (ChannelOptions.Types.SocketOption(level: Self.tcpLevel, name: SocketOptionName(TCP_KEEPCNT)), SocketOptionValue(Self.keepaliveProbes)),
+            tcp(TCP_KEEPIDLE, Self.keepaliveSeconds),
+            tcp(TCP_KEEPINTVL, Self.keepaliveSeconds),
+            tcp(TCP_KEEPCNT, Self.keepaliveProbes),
         ]
         #endif
         return options
-    }
+    }()
 
     /// Keepalive for a connection this side dialled. Called on the channel's event loop. (Nagle is off on
     /// every SwiftNIO TCP channel already.)

@@ -7,9 +7,9 @@ import NodePassCore
 /// The side without the users: for a launched pool connection, dial the TARGET on the pool connection's
 /// event loop and relay between the two.
 enum TargetRelay {
-    /// Starts the relay of `pool` (launched as `id`) to `target`. `handOff` runs on the pool connection's event loop once the
-    /// target is connected: it connects the pool connection's relay to the target and returns false when the
-    /// pool connection is no longer usable.
+    /// Starts the relay of `pool` (launched as `id`) to `target`. `handOff` runs on the pool connection's
+    /// event loop once the target is connected: it connects the pool connection's relay to the target and
+    /// returns false when the pool connection is no longer usable.
     static func start(
         pool: any Channel,
         id: PoolID,
@@ -25,7 +25,10 @@ enum TargetRelay {
         guard sessions.add(pool, onEnd: { metrics.active.decrement() }) else {
             metrics.active.decrement()
             metrics.failed(.limit)
-            logger.warning("SEMAPHORE_LIMIT reached; launch refused", metadata: ["np.limit": "\(sessions.limit)", "np.pool.id": "\(id)"])
+            logger.warning(
+                "SEMAPHORE_LIMIT reached; launch refused",
+                metadata: ["np.limit": "\(sessions.limit)", "np.pool.id": "\(id)"]
+            )
             pool.close(promise: nil)
             return
         }
@@ -67,7 +70,13 @@ enum TargetRelay {
                         return
                     }
                     TunnelMetrics.record(metrics.newConnectionDuration, since: launched)
-                    logger.debug("relaying", metadata: ["np.target": "\(target)", "np.pool.id": "\(id)", "np.pool.local": "\(pool.localAddress.map { "\($0)" } ?? "?")"])
+                    logger.debug(
+                        "relaying",
+                        metadata: [
+                            "np.target": "\(target)", "np.pool.id": "\(id)",
+                            "np.pool.local": "\(pool.localAddress.map { "\($0)" } ?? "?")",
+                        ]
+                    )
                 }
             }
     }

@@ -20,10 +20,22 @@ public struct SpliceSetup: Sendable {
     let schedulesMove: Bool
 
     public init(sessions: SessionTracker, idleTimeout: TimeAmount? = nil, logger: Logger, schedulesMove: Bool = true) {
-        self.init(sessions: sessions, idleTimeout: idleTimeout, logger: logger, moveAfter: .seconds(1), schedulesMove: schedulesMove)
+        self.init(
+            sessions: sessions,
+            idleTimeout: idleTimeout,
+            logger: logger,
+            moveAfter: .seconds(1),
+            schedulesMove: schedulesMove
+        )
     }
 
-    init(sessions: SessionTracker, idleTimeout: TimeAmount?, logger: Logger, moveAfter: TimeAmount, schedulesMove: Bool = true) {
+    init(
+        sessions: SessionTracker,
+        idleTimeout: TimeAmount?,
+        logger: Logger,
+        moveAfter: TimeAmount,
+        schedulesMove: Bool = true
+    ) {
         self.sessions = sessions
         self.idleTimeout = idleTimeout
         self.logger = logger
