@@ -49,7 +49,64 @@ import Testing
         #endif
 
         try await client.close()
-        try await child.close()
+        // Without half-closure the child closes by itself on the client's end of input.
+        try? await child.close()
         try await listener.close()
+    }
+
+    /// A relayed connection reads only when asked and passes a half-close on instead of closing.
+    @Test func relayOptionsAreSetBeforeRegistration() async throws {
+        let group = MultiThreadedEventLoopGroup.singleton
+        let arrived = group.next().makePromise(of: (any Channel).self)
+        let inputEnded = group.next().makePromise(of: Void.self)
+        let listener = try await Listener.bootstrap(group: group, logger: Logger(label: "test"), what: "test")
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try SocketTuning.prepareRelay(channel)
+                    try channel.pipeline.syncOperations.addHandler(InputEndRecorder(ended: inputEnded))
+                    arrived.succeed(channel)
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        let port = try #require(listener.localAddress?.port)
+        let client = try await ClientBootstrap(group: group).connect(host: "127.0.0.1", port: port).get()
+        let child = try await arrived.futureResult.get()
+        let (autoRead, halfClosure) = try await child.eventLoop.submit {
+            (
+                try child.syncOptions?.getOption(.autoRead),
+                try child.syncOptions?.getOption(.allowRemoteHalfClosure)
+            )
+        }.get()
+        #expect(autoRead == false)
+        #expect(halfClosure == true)
+        // The client's end of input reaches the child as an event, and leaves it open: a half-close to pass on.
+        try await client.close(mode: .output)
+        try await child.eventLoop.submit { child.read() }.get()
+        try await inputEnded.futureResult.get()
+        #expect(child.isActive)
+
+        try? await client.close()
+        try? await child.close()
+        try await listener.close()
+    }
+}
+
+/// Succeeds `ended` on the end of input; fails it if the channel closes without one.
+private final class InputEndRecorder: ChannelInboundHandler, Sendable {
+    typealias InboundIn = ByteBuffer
+    let ended: EventLoopPromise<Void>
+
+    init(ended: EventLoopPromise<Void>) {
+        self.ended = ended
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event { self.ended.succeed() }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.ended.fail(ChannelError.alreadyClosed)
+        context.fireChannelInactive()
     }
 }

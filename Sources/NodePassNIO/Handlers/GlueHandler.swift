@@ -142,7 +142,8 @@ public final class GlueHandler: ChannelInboundHandler {
             return
         }
         self.upgrade?.abort()
-        if let partner = self.partner {
+        // A partner that is closed already (the usual end: both halves shut) needs nothing more.
+        if let partner = self.partner, partner.isActive {
             self.flushPending()
             partner.writeAndFlush(ByteBuffer()).whenComplete { _ in
                 partner.close(promise: nil)

@@ -147,11 +147,10 @@ final class ClientPool: Sendable {
         for _ in 0..<adjustment.open {
             let bootstrap = ClientBootstrap(group: self.group)
                 .connectTimeout(self.configuration.dialTimeout)
-                .channelOption(.autoRead, value: false)
-                .channelOption(.allowRemoteHalfClosure, value: true)
                 .channelInitializer { [configuration, sessions = self.sessions, logger = self.logger] channel in
                     SocketTuning.apply(to: channel)
                     return channel.eventLoop.makeCompletedFuture {
+                        try SocketTuning.prepareRelay(channel)
                         var idReader = PoolIDReader.v1
                         if let v2 {
                             let nonce = V2PoolNonce()

@@ -6,8 +6,8 @@ import NodePassCore
 /// Binding helpers shared by the services.
 enum Listener {
     /// A listener's bootstrap: address reuse, a deep backlog, accept errors logged and followed by a pause of
-    /// a second (`AcceptPauseHandler`), half-closure allowed on accepted connections, which inherit the
-    /// keepalive options of `SocketTuning`.
+    /// a second (`AcceptPauseHandler`); accepted connections inherit the keepalive options of `SocketTuning`.
+    /// Relayed connections get their channel options from `SocketTuning.prepareRelay` in their initializer.
     static func bootstrap(group: any EventLoopGroup, logger: Logger, what: String) -> ServerBootstrap {
         SocketTuning.applyToAccepted(ServerBootstrap(group: group))
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -17,7 +17,6 @@ enum Listener {
                     try channel.pipeline.syncOperations.addHandler(AcceptPauseHandler(logger: logger, what: what))
                 }
             }
-            .childChannelOption(.allowRemoteHalfClosure, value: true)
     }
 
     /// Binds `bootstrap` on `address`; an empty host binds every interface (IPv6 and IPv4, or IPv4 only

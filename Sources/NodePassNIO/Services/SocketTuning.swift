@@ -36,12 +36,36 @@ enum SocketTuning {
     }()
 
     /// Keepalive for a connection this side dialled. Called on the channel's event loop. (Nagle is off on
-    /// every SwiftNIO TCP channel already.)
+    /// every SwiftNIO TCP channel already.) The options go straight to the socket: SwiftNIO's option path
+    /// costs a dynamic cast per option kind it knows, for each of the four.
     static func apply(to channel: any Channel) {
+        #if os(Linux)
+        let set = try? channel.pipeline.syncOperations.withUnsafeTransportIfAvailable(of: NIOBSDSocket.Handle.self) {
+            socket in
+            for (option, value) in Self.keepalive {
+                var value = CInt(value)
+                let size = socklen_t(MemoryLayout<CInt>.size)
+                guard setsockopt(socket, option.optionLevel.rawValue, option.optionName.rawValue, &value, size) == 0 else {
+                    return false
+                }
+            }
+            return true
+        }
+        if set == true { return }
+        #endif
         guard let options = channel.syncOptions else { return }
         for (option, value) in Self.keepalive {
             try? options.setOption(option, value: value)
         }
+    }
+
+    /// A relayed connection's channel options, set before it is registered: no automatic reads (the relay
+    /// reads when the far side can take the bytes) and half-closure passed on instead of closing. Set here
+    /// rather than as bootstrap options, which SwiftNIO applies one future at a time.
+    static func prepareRelay(_ channel: any Channel) throws {
+        guard let options = channel.syncOptions else { return }
+        try options.setOption(.autoRead, value: false)
+        try options.setOption(.allowRemoteHalfClosure, value: true)
     }
 
     /// Keepalive for every connection `bootstrap` accepts: set once on the listening socket, whose options

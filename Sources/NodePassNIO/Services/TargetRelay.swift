@@ -36,11 +36,10 @@ enum TargetRelay {
         metrics.accepted.increment()
         ClientBootstrap(group: pool.eventLoop)
             .connectTimeout(dialTimeout)
-            .channelOption(.autoRead, value: false)
-            .channelOption(.allowRemoteHalfClosure, value: true)
             .channelInitializer { channel in
                 SocketTuning.apply(to: channel)
                 return channel.eventLoop.makeCompletedFuture {
+                    try SocketTuning.prepareRelay(channel)
                     try channel.pipeline.syncOperations.addHandler(GlueHandler(
                             bytes: metrics.bytesDownstream,
                             splice: SpliceSetup(sessions: sessions, logger: logger)

@@ -132,7 +132,6 @@ public final class TunnelClient: Service, Sendable {
             idleTimeout: self.configuration.idleTimeout
         )
         return Listener.bootstrap(group: self.group, logger: self.logger, what: "target")
-            .childChannelOption(.autoRead, value: false)
             .childChannelInitializer { [pool] channel in
                 users.initialize(channel) { pool.userArrived($0) }
             }

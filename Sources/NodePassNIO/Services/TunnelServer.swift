@@ -208,6 +208,7 @@ public final class TunnelServer: Service, Sendable {
     private func controlBootstrap(tls: NIOSSLContext, poolPort: Int, v2: V2Setup?, fingerprint: [UInt8]) -> ServerBootstrap {
         let configuration = self.configuration
         return self.baseBootstrap(what: "tunnel")
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { [pool, logger, pendingHandshakes, metrics] channel in
                 if let evicted = pendingHandshakes.admit(channel) {
                     logger.debug(
@@ -282,9 +283,9 @@ public final class TunnelServer: Service, Sendable {
     private func poolBootstrap(v2: V2Setup?) -> ServerBootstrap {
         let configuration = self.configuration
         return self.baseBootstrap(on: self.dataLoop, what: "pool")
-            .childChannelOption(.autoRead, value: false)
             .childChannelInitializer { [pool, metrics, logger, pendingPoolOpenings, sessions] channel in
                 channel.eventLoop.makeCompletedFuture {
+                    try SocketTuning.prepareRelay(channel)
                     if let v2 {
                         if let evicted = pendingPoolOpenings.admit(channel) {
                             evicted.close(promise: nil)
@@ -319,7 +320,6 @@ public final class TunnelServer: Service, Sendable {
 
     private func userBootstrap() -> ServerBootstrap {
         self.baseBootstrap(on: self.dataLoop, what: "target")
-            .childChannelOption(.autoRead, value: false)
             .childChannelInitializer { [pool, users] channel in
                 users.initialize(channel) { pool.userArrived($0) }
             }

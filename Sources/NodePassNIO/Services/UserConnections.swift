@@ -19,7 +19,7 @@ struct UserConnections: Sendable {
         self.idleTimeout = idleTimeout
     }
 
-    /// The child channel initializer of a user listener (the listener must set `autoRead` off).
+    /// The child channel initializer of a user listener (it sets the relay options of `SocketTuning`).
     func initialize(_ channel: any Channel, arrived: @escaping @Sendable (any Channel) -> Void) -> EventLoopFuture<Void> {
         let metrics = self.metrics
         // Counted before the session exists: its end may be reported at once (a channel already closed).
@@ -39,6 +39,7 @@ struct UserConnections: Sendable {
         let idleTimeout = self.idleTimeout
         let logger = self.logger
         return channel.eventLoop.makeCompletedFuture {
+            try SocketTuning.prepareRelay(channel)
             if let idleTimeout {
                 // Reads from the user and writes to the user both count as activity.
                 try channel.pipeline.syncOperations.addHandlers([
