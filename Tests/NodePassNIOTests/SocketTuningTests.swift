@@ -71,14 +71,16 @@ import Testing
         let port = try #require(listener.localAddress?.port)
         let client = try await ClientBootstrap(group: group).connect(host: "127.0.0.1", port: port).get()
         let child = try await arrived.futureResult.get()
-        let (autoRead, halfClosure) = try await child.eventLoop.submit {
+        let (autoRead, halfClosure, allocator) = try await child.eventLoop.submit {
             (
                 try child.syncOptions?.getOption(.autoRead),
-                try child.syncOptions?.getOption(.allowRemoteHalfClosure)
+                try child.syncOptions?.getOption(.allowRemoteHalfClosure),
+                try child.syncOptions?.getOption(.recvAllocator)
             )
         }.get()
         #expect(autoRead == false)
         #expect(halfClosure == true)
+        #expect((allocator as? AdaptiveRecvByteBufferAllocator)?.maximum == SocketTuning.maximumRead)
         // The client's end of input reaches the child as an event, and leaves it open: a half-close to pass on.
         try await client.close(mode: .output)
         try await child.eventLoop.submit { child.read() }.get()
