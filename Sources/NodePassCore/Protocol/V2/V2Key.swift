@@ -102,44 +102,69 @@ public struct V2Key: Sendable {
 }
 
 /// The secret a client and the server share for one control session; it authenticates pool connections.
+///
+/// Every pool connection takes three MACs under this secret on each side, so the HMAC is keyed once: each
+/// MAC starts from a copy of the keyed state instead of hashing the key again.
 public struct V2SessionSecret: Sendable {
     /// The secret's bytes.
     public let bytes: [UInt8]
-    private var key: SymmetricKey { SymmetricKey(data: self.bytes) }
+    private let keyed: KeyedHMAC
+
+    private static let poolClient = Array("pool client".utf8)
+    private static let poolServer = Array("pool server".utf8)
+    private static let poolConfirm = Array("pool confirm".utf8)
 
     /// Makes the secret from its 32 bytes.
     public init(bytes: [UInt8]) {
         self.bytes = bytes
+        self.keyed = KeyedHMAC(key: SymmetricKey(data: bytes))
     }
 
     /// The client's pool-connection proof: HMAC(secret, "pool client" || server nonce).
     public func poolClientProof(nonce: [UInt8]) -> [UInt8] {
-        V2Key.mac(self.key, "pool client", nonce)
+        self.keyed.mac(Self.poolClient, nonce)
     }
 
     /// Checks a client's pool-connection proof in constant time.
     public func isValidPoolClientProof(_ proof: [UInt8], nonce: [UInt8]) -> Bool {
-        V2Key.isValid(proof, self.key, "pool client", nonce)
+        V2Key.constantTimeEquals(proof, self.poolClientProof(nonce: nonce))
     }
 
     /// The server's pool-connection proof: HMAC(secret, "pool server" || server nonce || ID, 4 bytes big-endian).
     public func poolServerProof(nonce: [UInt8], id: PoolID) -> [UInt8] {
-        V2Key.mac(self.key, "pool server", nonce + Self.bytes(of: id))
+        self.keyed.mac(Self.poolServer, nonce, Self.bytes(of: id))
     }
 
     /// Checks the server's pool-connection proof in constant time.
     public func isValidPoolServerProof(_ proof: [UInt8], nonce: [UInt8], id: PoolID) -> Bool {
-        V2Key.isValid(proof, self.key, "pool server", nonce + Self.bytes(of: id))
+        V2Key.constantTimeEquals(proof, self.poolServerProof(nonce: nonce, id: id))
     }
 
     /// The client's confirmation, sent inside TLS (if any) after the server's message:
     /// HMAC(secret, "pool confirm" || server nonce || ID). It binds the connection to the client that holds
     /// the session secret at the far end of this very TLS session.
     public func poolConfirmation(nonce: [UInt8], id: PoolID) -> [UInt8] {
-        V2Key.mac(self.key, "pool confirm", nonce + Self.bytes(of: id))
+        self.keyed.mac(Self.poolConfirm, nonce, Self.bytes(of: id))
     }
 
     static func bytes(of id: PoolID) -> [UInt8] {
         [UInt8(id.value >> 24), UInt8(truncatingIfNeeded: id.value >> 16), UInt8(truncatingIfNeeded: id.value >> 8), UInt8(truncatingIfNeeded: id.value)]
+    }
+}
+
+/// An HMAC-SHA256 keyed once. Immutable after `init`: every MAC works on its own copy of the keyed state
+/// (the hash contexts are copied on first write), so one instance serves every thread.
+private final class KeyedHMAC: @unchecked Sendable {
+    private let keyed: HMAC<SHA256>
+
+    init(key: SymmetricKey) {
+        self.keyed = HMAC<SHA256>(key: key)
+    }
+
+    /// HMAC over the concatenation of `parts`.
+    func mac(_ parts: [UInt8]...) -> [UInt8] {
+        var hmac = self.keyed
+        for part in parts { hmac.update(data: part) }
+        return Array(hmac.finalize())
     }
 }
