@@ -227,7 +227,8 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
     // MARK: pool connections (ServerPoolConnectionDelegate)
 
     func poolConnectionAccepted(_ channel: any Channel, authentication: V2PoolAuthenticated?) -> PoolAdmission? {
-        let peerIP = Self.normalizedIP(channel.remoteAddress)
+        // Only v1 checks the address (v2 connections prove their session instead).
+        let peerIP = authentication == nil ? Self.normalizedIP(channel.remoteAddress) : nil
         let isForward = self.forward.withLock { $0 != nil }
         var refusal: (reason: Logger.Message, warn: Bool)?
         let admitted = self.state.withLock { state -> (PoolID, UInt64, V2SessionSecret?)? in
@@ -273,7 +274,7 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, S
             return nil
         }
         if let refusal {
-            let metadata: Logger.Metadata = ["np.peer": "\(peerIP ?? "?")"]
+            let metadata: Logger.Metadata = ["np.peer": "\(peerIP ?? Self.normalizedIP(channel.remoteAddress) ?? "?")"]
             if refusal.warn {
                 self.logger.warning(refusal.reason, metadata: metadata)
             } else {

@@ -161,10 +161,14 @@ private final class KeyedHMAC: @unchecked Sendable {
         self.keyed = HMAC<SHA256>(key: key)
     }
 
-    /// HMAC over the concatenation of `parts`.
+    /// HMAC over the concatenation of `parts` (joined first: each `update` of swift-crypto's generic HMAC
+    /// costs more than copying a few dozen bytes).
     func mac(_ parts: [UInt8]...) -> [UInt8] {
+        var message: [UInt8] = []
+        message.reserveCapacity(parts.reduce(0) { $0 + $1.count })
+        for part in parts { message += part }
         var hmac = self.keyed
-        for part in parts { hmac.update(data: part) }
-        return Array(hmac.finalize())
+        hmac.update(data: message)
+        return hmac.finalize().withUnsafeBytes { Array($0) }
     }
 }
