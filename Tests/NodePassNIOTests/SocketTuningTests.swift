@@ -23,10 +23,13 @@ import Testing
     @Test func acceptedConnectionsInheritTheListenersOptions() async throws {
         let group = MultiThreadedEventLoopGroup.singleton
         let arrived = group.next().makePromise(of: (any Channel).self)
+        let inputEnded = group.next().makePromise(of: Void.self)
         let listener = try await Listener.bootstrap(group: group, logger: Logger(label: "test"), what: "test")
             .childChannelInitializer { channel in
-                arrived.succeed(channel)
-                return channel.eventLoop.makeSucceededVoidFuture()
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(InputEndRecorder(ended: inputEnded))
+                    arrived.succeed(channel)
+                }
             }
             .bind(host: "127.0.0.1", port: 0).get()
         let port = try #require(listener.localAddress?.port)
@@ -49,8 +52,10 @@ import Testing
         #endif
 
         try await client.close()
-        // Without half-closure the child closes by itself on the client's end of input.
-        try? await child.close()
+        // The listener leaves half-closure off (relays set it themselves): the child closes on the client's
+        // end of input instead of passing it on.
+        await #expect(throws: ChannelError.self) { try await inputEnded.futureResult.get() }
+        try? await child.close()  // closed already, unless the expectation above failed
         try await listener.close()
     }
 
