@@ -31,6 +31,11 @@ final class ClientPool: Sendable {
     static let adaptationPeriod = TimeAmount.seconds(1)
 
     private let state: Locked<State>
+    /// Forward mode: the event loop of every pool connection and of every user, so that both halves of a
+    /// relay share a thread (a buffer passes by a direct call, and a plain relay can move to the splice
+    /// engine, which needs both halves on one loop). Reverse mode spreads pool connections over the group;
+    /// each target connection is dialled on its pool connection's loop.
+    let forwardLoop: any EventLoop
     private let url: TunnelURL
     private let configuration: Configuration
     private let group: any EventLoopGroup
@@ -50,6 +55,7 @@ final class ClientPool: Sendable {
         self.url = url
         self.configuration = configuration
         self.group = group
+        self.forwardLoop = group.next()
         self.sessions = sessions
         self.logger = logger
         self.state = Locked(
@@ -145,7 +151,7 @@ final class ClientPool: Sendable {
         let host = poolHost ?? self.url.tunnel.dialHost
         let delegate = GenerationDelegate(pool: self, generation: generation)
         for _ in 0..<adjustment.open {
-            let bootstrap = ClientBootstrap(group: self.group)
+            let bootstrap = ClientBootstrap(group: forward ? self.forwardLoop : self.group)
                 .connectTimeout(self.configuration.dialTimeout)
                 .channelInitializer { [configuration, sessions = self.sessions, logger = self.logger] channel in
                     SocketTuning.apply(to: channel)

@@ -131,7 +131,8 @@ public final class TunnelClient: Service, Sendable {
             logger: self.logger,
             idleTimeout: self.configuration.idleTimeout
         )
-        return Listener.bootstrap(group: self.group, logger: self.logger, what: "target")
+        // On the pool's forward loop: each user and its pool connection share a thread.
+        return Listener.bootstrap(group: self.pool.forwardLoop, logger: self.logger, what: "target")
             .childChannelInitializer { [pool] channel in
                 users.initialize(channel) { pool.userArrived($0) }
             }
