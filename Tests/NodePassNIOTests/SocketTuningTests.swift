@@ -18,15 +18,18 @@ import Testing
         }.get()
     }
 
-    /// An accepted connection has keepalive, its timings and TCP_NODELAY without a system call of its own:
-    /// it inherits them from the listener.
-    @Test func acceptedConnectionsInheritTheListenersOptions() async throws {
+    /// A listener from `Listener.bootstrap`, a client connected to it and the accepted child (with the relay
+    /// options when `relay`), whose end of input `inputEnded` reports.
+    private static func acceptOne(relay: Bool) async throws -> (
+        listener: any Channel, client: any Channel, child: any Channel, inputEnded: EventLoopPromise<Void>
+    ) {
         let group = MultiThreadedEventLoopGroup.singleton
         let arrived = group.next().makePromise(of: (any Channel).self)
         let inputEnded = group.next().makePromise(of: Void.self)
         let listener = try await Listener.bootstrap(group: group, logger: Logger(label: "test"), what: "test")
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if relay { try SocketTuning.prepareRelay(channel) }
                     try channel.pipeline.syncOperations.addHandler(InputEndRecorder(ended: inputEnded))
                     arrived.succeed(channel)
                 }
@@ -34,7 +37,13 @@ import Testing
             .bind(host: "127.0.0.1", port: 0).get()
         let port = try #require(listener.localAddress?.port)
         let client = try await ClientBootstrap(group: group).connect(host: "127.0.0.1", port: port).get()
-        let child = try await arrived.futureResult.get()
+        return (listener, client, try await arrived.futureResult.get(), inputEnded)
+    }
+
+    /// An accepted connection has keepalive, its timings and TCP_NODELAY without a system call of its own:
+    /// it inherits them from the listener.
+    @Test func acceptedConnectionsInheritTheListenersOptions() async throws {
+        let (listener, client, child, inputEnded) = try await Self.acceptOne(relay: false)
 
         #expect(try await Self.value(SOL_SOCKET, SO_KEEPALIVE, of: child) != 0)
         #expect(try await Self.value(Int32(IPPROTO_TCP), TCP_NODELAY, of: child) != 0)
@@ -61,21 +70,7 @@ import Testing
 
     /// A relayed connection reads only when asked and passes a half-close on instead of closing.
     @Test func relayOptionsAreSetBeforeRegistration() async throws {
-        let group = MultiThreadedEventLoopGroup.singleton
-        let arrived = group.next().makePromise(of: (any Channel).self)
-        let inputEnded = group.next().makePromise(of: Void.self)
-        let listener = try await Listener.bootstrap(group: group, logger: Logger(label: "test"), what: "test")
-            .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try SocketTuning.prepareRelay(channel)
-                    try channel.pipeline.syncOperations.addHandler(InputEndRecorder(ended: inputEnded))
-                    arrived.succeed(channel)
-                }
-            }
-            .bind(host: "127.0.0.1", port: 0).get()
-        let port = try #require(listener.localAddress?.port)
-        let client = try await ClientBootstrap(group: group).connect(host: "127.0.0.1", port: port).get()
-        let child = try await arrived.futureResult.get()
+        let (listener, client, child, inputEnded) = try await Self.acceptOne(relay: true)
         let (autoRead, halfClosure, allocator) = try await child.eventLoop.submit {
             (
                 try child.syncOptions?.getOption(.autoRead),
