@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from e2e_support import ProcessManager, Service, register_go_binary
+from support.go_original import register_go_binary
+from support.processes import ProcessManager, Service
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BIN = REPO / ".build" / "debug" / "nodepass"

@@ -20,8 +20,13 @@ from typing import List, Optional
 
 import pytest
 
-from e2e_support import (MiB, PatternStream, ProcessManager, Tunnel, connect, free_port, http_probe,
-                         recv_all, recv_exact, url_host, wait_for)
+from support.data import MiB, PatternStream
+from support.ports import free_port, url_host
+from support.probes import http_probe
+from support.processes import ProcessManager
+from support.sockets import connect, recv_all, recv_exact
+from support.tunnel import Tunnel
+from support.waiting import wait_for
 
 # --------------------------------------------------------------------------- HTTP
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from e2e_support import free_port
+from support.ports import free_port
 
 pytestmark = pytest.mark.ours_only
 

@@ -12,7 +12,11 @@ import time
 
 import pytest
 
-from e2e_support import TCP_ESTABLISHED, Tunnel, connect, echo_probe, recv_exact, tcp_sockets, wait_for
+from support.probes import echo_probe
+from support.procfs import TCP_ESTABLISHED, tcp_sockets
+from support.sockets import connect, recv_exact
+from support.tunnel import Tunnel
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.ours_only
 

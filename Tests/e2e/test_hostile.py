@@ -14,16 +14,11 @@ import time
 
 import pytest
 
-from e2e_support import (
-    DEFAULT_ENV,
-    TCP_LISTEN,
-    Tunnel,
-    connect,
-    echo_probe,
-    recv_exact,
-    tcp_sockets,
-    wait_for,
-)
+from support.probes import echo_probe
+from support.procfs import TCP_LISTEN, tcp_sockets
+from support.sockets import connect, recv_exact
+from support.tunnel import DEFAULT_ENV, Tunnel
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.ours_only
 

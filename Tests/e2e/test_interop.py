@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 
 import scenarios
-from e2e_support import MiB, Tunnel, http_probe
+from support.data import MiB
+from support.probes import http_probe
+from support.tunnel import Tunnel
 
 pytestmark = pytest.mark.interop
 

@@ -10,8 +10,11 @@ import time
 
 import pytest
 
-from e2e_support import SHUTDOWN_TIMEOUT_S, TCP_ESTABLISHED, Tunnel, connect, echo_probe, recv_exact, tcp_sockets, \
-    wait_for
+from support.probes import echo_probe
+from support.procfs import TCP_ESTABLISHED, tcp_sockets
+from support.sockets import connect, recv_exact
+from support.tunnel import SHUTDOWN_TIMEOUT_S, Tunnel
+from support.waiting import wait_for
 
 
 def test_client_reconnects_after_server_is_killed_and_restarted(procs, nodepass_bin, echo_service):

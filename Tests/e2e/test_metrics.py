@@ -7,7 +7,10 @@ import urllib.request
 
 import pytest
 
-from e2e_support import Tunnel, connect, free_port, recv_all, wait_for
+from support.ports import free_port
+from support.sockets import connect, recv_all
+from support.tunnel import Tunnel
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.ours_only
 

@@ -9,8 +9,11 @@ import subprocess
 import pytest
 
 import scenarios
-from e2e_support import MiB, Tunnel, echo_probe, free_port, http_probe, ipv6_loopback_available, redis_probe, \
-    wait_for
+from support.data import MiB
+from support.ports import free_port, ipv6_loopback_available
+from support.probes import echo_probe, http_probe, redis_probe
+from support.tunnel import Tunnel
+from support.waiting import wait_for
 
 
 def test_http_download_through_tunnel_with_curl(procs, nodepass_bin, tmp_path):

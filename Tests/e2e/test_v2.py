@@ -18,7 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from e2e_support import Tunnel, connect, echo_probe, free_port, recv_exact, tcp_sockets, TCP_ESTABLISHED, wait_for
+from support.ports import free_port
+from support.probes import echo_probe
+from support.procfs import TCP_ESTABLISHED, tcp_sockets
+from support.sockets import connect, recv_exact
+from support.tunnel import Tunnel
+from support.waiting import wait_for
 from scenarios import burst, integrity
 import v2_peer
 
