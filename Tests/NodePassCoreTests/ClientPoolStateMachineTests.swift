@@ -12,6 +12,17 @@ import Testing
         #expect(machine.opening == 4)
     }
 
+    @Test func aRefusedConnectionIsNotIdleAndIsReplacedOnTheNextPeriod() {
+        var machine = ClientPoolStateMachine(minimum: 2, maximum: 64)
+        _ = machine.started()
+        machine.connectionEstablished()
+        machine.connectionEstablished()
+        machine.connectionRefused()
+        #expect(machine.idle == 1 && machine.opening == 0)
+        let replaced = machine.periodElapsed()
+        #expect(replaced == .init(open: 1))
+    }
+
     @Test func refillsAsSoonAsAConnectionIsTaken() {
         var machine = ClientPoolStateMachine(minimum: 8, maximum: 64)
         _ = machine.started()

@@ -20,17 +20,19 @@ private final class RecordingServerDelegate: ServerPoolConnectionDelegate {
         id.write(to: &opening)
         return PoolAdmission(id: id, opening: opening, owner: 1)
     }
-    func poolConnectionReady(_ channel: any Channel, admission: PoolAdmission) {
-        self.events.withLock { $0.append("ready \(admission.id)") }
+    func poolConnectionReady(_ connection: PoolConnection) {
+        self.events.withLock { $0.append("ready \(connection.id)") }
     }
-    func poolConnectionClosed(id: PoolID, protocolViolation: Bool) {
+    func poolConnectionClosed(id: PoolID, channel: any Channel, protocolViolation: Bool) {
         self.events.withLock { $0.append("closed \(id) \(protocolViolation)") }
     }
 }
 
 private final class RecordingClientDelegate: ClientPoolConnectionDelegate {
     let events = Mutex<[String]>([])
-    func poolConnectionEstablished(_ channel: any Channel, id: PoolID) { self.events.withLock { $0.append("id \(id)") } }
+    func poolConnectionEstablished(_ connection: PoolConnection) {
+        self.events.withLock { $0.append("id \(connection.id)") }
+    }
     func poolConnectionClaimed(id: PoolID) { self.events.withLock { $0.append("claimed \(id)") } }
     func poolConnectionClosed(_ channel: any Channel, id: PoolID?) {
         self.events.withLock { $0.append("closed \(id.map { "\($0)" } ?? "-")") }
@@ -91,13 +93,12 @@ private final class RecordingClientDelegate: ClientPoolConnectionDelegate {
         let partner = EmbeddedChannel(loop: channel.embeddedEventLoop)
         try partner.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 2)).wait()
         let handler = try channel.pipeline.syncOperations.handler(type: ServerPoolConnectionHandler.self)
-        let context = try channel.pipeline.syncOperations.context(handler: handler)
-        #expect(handler.handOff(context: context, to: partner))
+        #expect(handler.handOff(to: partner))
         channel.embeddedEventLoop.run()
         var relayed = ByteBuffer()
         while var part = try partner.readOutbound(as: ByteBuffer.self) { relayed.writeBuffer(&part) }
         #expect(relayed == ByteBuffer(string: "GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
-        #expect(!handler.handOff(context: context, to: partner), "a connection is handed off once")
+        #expect(!handler.handOff(to: partner), "a connection is handed off once")
         _ = try? partner.finish()
         _ = try? channel.finish()
     }

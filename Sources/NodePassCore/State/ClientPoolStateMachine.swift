@@ -64,6 +64,12 @@ public struct ClientPoolStateMachine: Sendable {
         self.idle += 1
     }
 
+    /// A connection that had received its ID was closed at once (its ID was taken, or there was no room); the
+    /// next period refills.
+    public mutating func connectionRefused() {
+        self.idle = max(0, self.idle - 1)
+    }
+
     /// A dial or an ID read failed; the next period refills.
     public mutating func connectionFailed() {
         self.opening = max(0, self.opening - 1)

@@ -2,9 +2,9 @@ import NIOCore
 import NodePassCore
 
 /// What a client pool connection reports to its pool. Called on the connection's event loop.
-public protocol ClientPoolConnectionDelegate: AnyObject, Sendable {
+protocol ClientPoolConnectionDelegate: AnyObject, Sendable {
     /// The server sent this connection's ID; it is idle now.
-    func poolConnectionEstablished(_ channel: any Channel, id: PoolID)
+    func poolConnectionEstablished(_ connection: PoolConnection)
     /// Bytes or an end of input came before the launch: the server took the connection; it is no longer idle.
     func poolConnectionClaimed(id: PoolID)
     /// The connection closed before it was handed off (or failed to give an ID).
@@ -37,11 +37,11 @@ public struct PoolIDReader {
 /// relays early (user bytes may come before the `launch://` line) until the connection is handed off.
 ///
 /// The channel must have `autoRead` off; the handler reads while it holds less than `maximumEarlyBytes`.
-public final class ClientPoolConnectionHandler: ChannelInboundHandler {
-    public typealias InboundIn = ByteBuffer
+final class ClientPoolConnectionHandler: ChannelInboundHandler, PoolConnectionHolder {
+    typealias InboundIn = ByteBuffer
 
     /// The most bytes held before the launch; reading pauses above it.
-    public static let maximumEarlyBytes = EarlyBytes.maximum
+    static let maximumEarlyBytes = EarlyBytes.maximum
 
     private enum State {
         case awaitingID(ByteBuffer)
@@ -53,13 +53,14 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
     private var state: State = .awaitingID(ByteBuffer())
     private var early = EarlyBytes()
     private var timeout: Scheduled<Void>?
+    private var context: ChannelHandlerContext?
     private let idReadTimeout: TimeAmount
     private let claimTimeout: TimeAmount
     private let delegate: any ClientPoolConnectionDelegate
     private let idReader: PoolIDReader
 
     /// Makes the handler; `claimTimeout` bounds the wait for a launch once the server used the connection.
-    public init(
+    init(
         delegate: any ClientPoolConnectionDelegate,
         idReader: PoolIDReader = .v1,
         idReadTimeout: TimeAmount,
@@ -78,7 +79,15 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
         }
     }
 
-    public func channelActive(context: ChannelHandlerContext) {
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
         let channel = context.channel
         self.timeout = context.eventLoop.scheduleTask(in: self.idReadTimeout) {
             channel.close(promise: nil)
@@ -87,7 +96,7 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
         context.fireChannelActive()
     }
 
-    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = self.unwrapInboundIn(data)
         switch self.state {
         case .awaitingID(var pending):
@@ -110,7 +119,7 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
                 buffer.writeBytes(reply)
                 context.writeAndFlush(NIOAny(buffer), promise: nil)
             }
-            self.delegate.poolConnectionEstablished(context.channel, id: id)
+            self.delegate.poolConnectionEstablished(PoolConnection(channel: context.channel, id: id, owner: 0, holder: self))
             if pending.readableBytes > 0 {
                 self.early.hold(&pending)
                 self.claim(context: context, id: id)
@@ -125,7 +134,7 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
         }
     }
 
-    public func channelReadComplete(context: ChannelHandlerContext) {
+    func channelReadComplete(context: ChannelHandlerContext) {
         switch self.state {
         case .awaitingID, .idle, .claimed:
             if self.early.wantsMoreReads {
@@ -136,7 +145,7 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
         }
     }
 
-    public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         guard case ChannelEvent.inputClosed = event else {
             context.fireUserInboundEventTriggered(event)
             return
@@ -154,7 +163,7 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
         }
     }
 
-    public func channelInactive(context: ChannelHandlerContext) {
+    func channelInactive(context: ChannelHandlerContext) {
         self.timeout?.cancel()
         self.timeout = nil
         switch self.state {
@@ -170,7 +179,7 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
         context.fireChannelInactive()
     }
 
-    public func errorCaught(context: ChannelHandlerContext, error: any Error) {
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
     }
 
@@ -187,8 +196,8 @@ public final class ClientPoolConnectionHandler: ChannelInboundHandler {
     /// Ends the waiting phase: connects the `GlueHandler` behind this handler to `partner` and passes on the
     /// bytes and the end of input received so far; from now on every event passes through.
     /// Must run on the channel's event loop. Returns false when the connection is no longer usable.
-    public func handOff(context: ChannelHandlerContext, to partner: any Channel) -> Bool {
-        guard self.id != nil else { return false }
+    func handOff(to partner: any Channel) -> Bool {
+        guard self.id != nil, let context = self.context else { return false }
         self.timeout?.cancel()
         self.timeout = nil
         self.state = .handedOff

@@ -21,12 +21,9 @@ struct EarlyBytes {
     }
 
     /// Connects the `GlueHandler` after `context` to `partner` and passes on what was held. Returns false
-    /// when the pipeline has no `GlueHandler` or the channel is closed.
+    /// when the channel is closed.
     mutating func handOff(context: ChannelHandlerContext, to partner: any Channel) -> Bool {
-        guard context.channel.isActive,
-            let glue = try? context.pipeline.syncOperations.handler(type: GlueHandler.self),
-            let glueContext = try? context.pipeline.syncOperations.context(handler: glue)
-        else { return false }
+        guard context.channel.isActive else { return false }
         // The held bytes and end of input reach the glue before its partner is known: it passes them on
         // first when it connects, before any move to the splice engine can start.
         if self.buffer.readableBytes > 0 {
@@ -38,7 +35,7 @@ struct EarlyBytes {
         if self.inputEnded {
             context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
         }
-        glue.connect(to: partner, context: glueContext)
+        context.fireUserInboundEventTriggered(GlueHandler.Connect(partner: partner))
         return true
     }
 }

@@ -117,7 +117,11 @@ public final class GlueHandler: ChannelInboundHandler {
 
     public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         guard case ChannelEvent.inputClosed = event else {
-            context.fireUserInboundEventTriggered(event)
+            if let connect = event as? Connect {
+                self.connect(to: connect.partner, context: context)
+            } else {
+                context.fireUserInboundEventTriggered(event)
+            }
             return
         }
         self.inputEnded = true
@@ -229,17 +233,16 @@ public final class GlueHandler: ChannelInboundHandler {
 extension GlueHandler: Sendable {}
 
 extension GlueHandler {
+    /// The inbound user event that connects the `GlueHandler` of a pipeline to `partner`: whoever sets up a
+    /// relay names the partner without looking the handler up.
+    struct Connect {
+        let partner: any Channel
+    }
+
     /// Connects the `GlueHandler` already in `channel`'s pipeline to `partner`, on `channel`'s event loop.
-    /// Closes both channels when `channel` has no such handler.
     public static func connect(_ channel: any Channel, to partner: any Channel) {
         channel.eventLoop.execute {
-            do {
-                let handler = try channel.pipeline.syncOperations.handler(type: GlueHandler.self)
-                handler.connect(to: partner, context: try channel.pipeline.syncOperations.context(handler: handler))
-            } catch {
-                channel.close(promise: nil)
-                partner.close(promise: nil)
-            }
+            channel.pipeline.syncOperations.fireUserInboundEventTriggered(Connect(partner: partner))
         }
     }
 }

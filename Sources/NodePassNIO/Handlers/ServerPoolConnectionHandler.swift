@@ -32,13 +32,13 @@ public struct V2PoolAuthenticated: Sendable {
 }
 
 /// What a server pool connection reports to its pool. Called on the connection's event loop.
-public protocol ServerPoolConnectionDelegate: AnyObject, Sendable {
+protocol ServerPoolConnectionDelegate: AnyObject, Sendable {
     /// A pool connection was accepted (v1) or authenticated (v2): returns its admission, or nil to refuse it.
     func poolConnectionAccepted(_ channel: any Channel, authentication: V2PoolAuthenticated?) -> PoolAdmission?
-    /// The opening was written: the connection is idle.
-    func poolConnectionReady(_ channel: any Channel, admission: PoolAdmission)
+    /// The opening was written (and, in v2, confirmed): the connection is idle.
+    func poolConnectionReady(_ connection: PoolConnection)
     /// An idle connection closed or broke the protocol (sent bytes before its launch).
-    func poolConnectionClosed(id: PoolID, protocolViolation: Bool)
+    func poolConnectionClosed(id: PoolID, channel: any Channel, protocolViolation: Bool)
 }
 
 /// The server side of a pool connection before its launch: writes the opening in a single write, then
@@ -49,8 +49,8 @@ public protocol ServerPoolConnectionDelegate: AnyObject, Sendable {
 /// server has read the launch: early bytes are held (up to a bound, for at most `claimTimeout`) and passed
 /// on at the handoff. v1 starts when the connection is active; v2 starts on `V2PoolAuthenticated`. The
 /// channel must have `autoRead` off.
-public final class ServerPoolConnectionHandler: ChannelInboundHandler {
-    public typealias InboundIn = ByteBuffer
+final class ServerPoolConnectionHandler: ChannelInboundHandler, PoolConnectionHolder {
+    typealias InboundIn = ByteBuffer
 
     private enum State {
         case opening
@@ -67,11 +67,12 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
     private let confirmationTimeout: TimeAmount
     private var early = EarlyBytes()
     private var timeout: Scheduled<Void>?
+    private var context: ChannelHandlerContext?
 
     /// Makes the handler; with `waitsForAuthentication` it starts on `V2PoolAuthenticated` instead of
     /// `channelActive`; with a `claimTimeout` it holds early bytes (forward mode) for at most that long. A v2
     /// client has `confirmationTimeout` to confirm the opening.
-    public init(
+    init(
         delegate: any ServerPoolConnectionDelegate,
         waitsForAuthentication: Bool = false,
         claimTimeout: TimeAmount? = nil,
@@ -83,7 +84,15 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
         self.confirmationTimeout = confirmationTimeout
     }
 
-    public func channelActive(context: ChannelHandlerContext) {
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
         context.fireChannelActive()
         if !self.waitsForAuthentication {
             self.start(context: context, authentication: nil)
@@ -111,7 +120,9 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
 
     private func becomeIdle(context: ChannelHandlerContext, admission: PoolAdmission) {
         self.state = .idle(admission.id)
-        self.delegate.poolConnectionReady(context.channel, admission: admission)
+        self.delegate.poolConnectionReady(
+            PoolConnection(channel: context.channel, id: admission.id, owner: admission.owner, holder: self)
+        )
         context.read()
     }
 
@@ -135,7 +146,7 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
         }
     }
 
-    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch self.state {
         case .confirming(let admission, var received):
             var buffer = self.unwrapInboundIn(data)
@@ -143,7 +154,7 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
             self.confirm(context: context, admission: admission, received: &received)
         case .idle(let id) where self.claimTimeout == nil:
             self.state = .done
-            self.delegate.poolConnectionClosed(id: id, protocolViolation: true)
+            self.delegate.poolConnectionClosed(id: id, channel: context.channel, protocolViolation: true)
             context.close(promise: nil)
         case .idle(let id):
             var buffer = self.unwrapInboundIn(data)
@@ -159,7 +170,7 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
         }
     }
 
-    public func channelReadComplete(context: ChannelHandlerContext) {
+    func channelReadComplete(context: ChannelHandlerContext) {
         switch self.state {
         case .confirming:
             context.read()
@@ -172,7 +183,7 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
         }
     }
 
-    public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let authenticated = event as? V2PoolAuthenticated {
             self.start(context: context, authentication: authenticated)
             return
@@ -192,34 +203,27 @@ public final class ServerPoolConnectionHandler: ChannelInboundHandler {
         context.fireUserInboundEventTriggered(event)
     }
 
-    public func channelInactive(context: ChannelHandlerContext) {
+    func channelInactive(context: ChannelHandlerContext) {
         self.timeout?.cancel()
         self.timeout = nil
         switch self.state {
         case .idle(let id), .claimed(let id):
             self.state = .done
-            self.delegate.poolConnectionClosed(id: id, protocolViolation: false)
+            self.delegate.poolConnectionClosed(id: id, channel: context.channel, protocolViolation: false)
         case .opening, .confirming, .done:
             break
         }
         context.fireChannelInactive()
     }
 
-    public func errorCaught(context: ChannelHandlerContext, error: any Error) {
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
     }
 
-    /// Ends the idle phase: from now on every event passes through to the `GlueHandler` after this one.
-    /// Must run on the channel's event loop. Returns false when the connection is no longer usable.
-    public func handOff(context: ChannelHandlerContext) -> Bool {
-        guard case .idle = self.state, context.channel.isActive else { return false }
-        self.state = .done
-        return true
-    }
-
-    /// Forward mode: ends the waiting phase, connects the `GlueHandler` behind this handler to `partner`
-    /// (the dialled target) and passes on what was held. Returns false when the connection is no longer usable.
-    public func handOff(context: ChannelHandlerContext, to partner: any Channel) -> Bool {
+    /// Ends the waiting phase, connects the `GlueHandler` behind this handler to `partner` and passes on
+    /// what was held (forward mode). Returns false when the connection is no longer usable.
+    func handOff(to partner: any Channel) -> Bool {
+        guard let context = self.context else { return false }
         switch self.state {
         case .idle, .claimed:
             self.timeout?.cancel()

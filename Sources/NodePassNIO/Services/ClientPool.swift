@@ -4,11 +4,14 @@ import NIOCore
 import NIOPosix
 import NodePassCore
 
-/// The client's pool: dials pool connections to the server's pool port and keeps them by ID. In reverse
-/// mode, on `launch://ID` it dials the target and relays; in forward mode (v2) it has the users: each one
-/// takes the oldest idle pool connection and the pool sends the launch. Sizing comes from
-/// `ClientPoolStateMachine`.
-final class ClientPool: Sendable {
+/// The client's pool: dials pool connections to the server's pool port, sizes the pool with a
+/// `ClientPoolStateMachine`, and hands each connection that received its ID to its role: the `TargetDialer`
+/// in reverse mode (the server launches, this side dials TARGET), the `Launcher` in forward mode (v2: users
+/// connect to this side, which launches).
+///
+/// Each start of the pool is a generation; a connection's owner is its generation, and events of an ended
+/// generation are dropped.
+final class ClientPool: PoolConnectionOwners {
     private struct State {
         var machine: ClientPoolStateMachine
         var generation: UInt64 = 0
@@ -17,12 +20,6 @@ final class ClientPool: Sendable {
         var v2: V2PoolSettings?
         /// Forward mode: writes this side's launches on the control channel.
         var forwardControl: SignalWriter?
-        /// Forward mode: idle connections in the order they came, and users waiting for one.
-        var launcher: ServerPoolStateMachine<any Channel, WaitingUser>
-        var nextTicket: UInt64 = 0
-        var connections: [PoolID: any Channel] = [:]
-        var claimed: Set<PoolID> = []
-        var awaitedLaunches: Set<PoolID> = []
         var ticker: RepeatedTask?
         var lastDialFailureLog = NIODeadline.distantPast
     }
@@ -42,6 +39,10 @@ final class ClientPool: Sendable {
     private let sessions: SessionTracker
     private let logger: Logger
     private let metrics: TunnelMetrics
+    /// Reverse mode's role.
+    private let dialer: TargetDialer
+    /// Forward mode's role.
+    private let launcher: Launcher
 
     init(
         url: TunnelURL,
@@ -63,10 +64,30 @@ final class ClientPool: Sendable {
                 machine: ClientPoolStateMachine(
                     minimum: configuration.minPoolCapacity,
                     maximum: configuration.maxPoolCapacity
-                ),
-                launcher: ServerPoolStateMachine(maximumIdle: configuration.maxPoolCapacity)
+                )
             )
         )
+        self.dialer = TargetDialer(
+            target: url.target,
+            // The sizing bounds the pool; claimed connections wait here for their launch on top of it.
+            maximumIdle: .max,
+            maximumAwaited: configuration.maxPoolCapacity,
+            launchWait: configuration.idReadTimeout,
+            dialTimeout: configuration.dialTimeout,
+            sessions: sessions,
+            metrics: metrics,
+            idleGauge: nil,
+            logger: logger
+        )
+        self.launcher = Launcher(
+            maximumIdle: configuration.maxPoolCapacity,
+            waitTimeout: configuration.poolWaitTimeout,
+            metrics: metrics,
+            idleGauge: nil,
+            logger: logger
+        )
+        self.dialer.owners = self
+        self.launcher.owners = self
     }
 
     /// The monotonic clock the pool's growth is timed with, in nanoseconds.
@@ -100,7 +121,7 @@ final class ClientPool: Sendable {
             state.poolPort = port
             state.poolHost = host
             state.v2 = v2
-            state.forwardControl = forwardControl.map { SignalWriter(channel: $0) }
+            state.forwardControl = forwardControl.map { SignalWriter(channel: $0, isV2: true) }
             state.machine.reset()
             let generation = state.generation
             state.ticker = loop.scheduleRepeatedTask(
@@ -117,20 +138,18 @@ final class ClientPool: Sendable {
 
     /// The control channel is gone: close the idle pool (relayed sessions go on).
     func stop() {
-        let idle = self.updating { state -> [any Channel] in
-            state.generation &+= 1
+        let ended = self.updating { state -> UInt64 in
+            defer { state.generation &+= 1 }
             state.poolPort = nil
             state.forwardControl = nil
-            _ = state.launcher.controlLost()
             state.ticker?.cancel()
             state.ticker = nil
             state.machine.reset()
-            state.claimed.removeAll()
-            state.awaitedLaunches.removeAll()
-            defer { state.connections.removeAll() }
-            return Array(state.connections.values)
+            return state.generation
         }
-        for channel in idle { channel.close(promise: nil) }
+        // Users waiting in forward mode stay: they take a connection of the next generation (or time out).
+        self.dialer.ownerLost(ended)
+        self.launcher.ownerLost(ended)
     }
 
     private func periodElapsed(generation: UInt64) {
@@ -209,184 +228,83 @@ final class ClientPool: Sendable {
         }
     }
 
-    fileprivate func established(_ channel: any Channel, id: PoolID, generation: UInt64) {
-        enum Next {
-            case close, launch, keep
-            case forward(ServerPoolStateMachine<any Channel, WaitingUser>.Action)
-        }
-        let next = self.updating { state -> Next in
-            guard state.generation == generation else { return .close }
-            guard state.connections[id] == nil else {
-                state.machine.connectionFailed()
-                return .close
-            }
+    fileprivate func established(_ connection: PoolConnection, generation: UInt64) {
+        var connection = connection
+        connection.owner = generation
+        let role = self.updating { state -> (any PoolConnectionRole)? in
+            guard state.generation == generation else { return nil }
             state.machine.connectionEstablished()
-            state.connections[id] = channel
-            if state.forwardControl != nil {
-                return .forward(state.launcher.poolConnectionReady(id: id, connection: channel))
-            }
-            return state.awaitedLaunches.remove(id) != nil ? .launch : .keep
+            return state.forwardControl == nil ? self.dialer : self.launcher
         }
-        switch next {
-        case .close: channel.close(promise: nil)
-        case .launch: self.launch(id)
-        case .keep: break
-        case .forward(let action): self.perform(action)
+        guard let role else {
+            connection.channel.close(promise: nil)
+            return
+        }
+        if !role.connectionReady(connection) {
+            self.updating { $0.machine.connectionRefused() }
         }
     }
 
     fileprivate func claimed(id: PoolID, generation: UInt64) {
+        guard let role = self.role(generation: generation), role.connectionClaimed(id) else { return }
+        self.connectionTaken(generation: generation)
+    }
+
+    fileprivate func closed(_ channel: any Channel, id: PoolID?, generation: UInt64) {
+        guard let role = self.role(generation: generation) else { return }
+        guard let id else {
+            self.updating { $0.machine.connectionFailed() }
+            return
+        }
+        guard role.connectionClosed(id: id, channel: channel) else { return }
         let adjustment = self.updating { state -> ClientPoolStateMachine.Adjustment in
-            guard state.generation == generation, state.connections[id] != nil else { return .none }
-            state.claimed.insert(id)
-            // In forward mode the server never writes first: the connection is broken, not launched.
-            state.launcher.poolConnectionClosed(id: id)
-            return state.machine.connectionTaken(now: Self.now)
+            guard state.generation == generation else { return .none }
+            return state.machine.connectionLost()
         }
         self.apply(adjustment, generation: generation)
     }
 
-    fileprivate func closed(_ channel: any Channel, id: PoolID?, generation: UInt64) {
+    /// The role of the pool generation `generation`, nil when that generation has ended.
+    private func role(generation: UInt64) -> (any PoolConnectionRole)? {
+        self.state.withLock { state in
+            guard state.generation == generation else { return nil }
+            return state.forwardControl == nil ? self.dialer : self.launcher
+        }
+    }
+
+    private func connectionTaken(generation: UInt64) {
         let adjustment = self.updating { state -> ClientPoolStateMachine.Adjustment in
             guard state.generation == generation else { return .none }
-            guard let id else {
-                state.machine.connectionFailed()
-                return .none
-            }
-            guard let known = state.connections[id], known === channel else { return .none }
-            state.connections[id] = nil
-            state.launcher.poolConnectionClosed(id: id)
-            if state.claimed.remove(id) != nil { return .none }
-            return state.machine.connectionLost()
+            return state.machine.connectionTaken(now: Self.now)
         }
         self.apply(adjustment, generation: generation)
     }
 
     /// The server sent `launch://ID`: dial the target and relay over that pool connection.
     func launch(_ id: PoolID) {
-        enum Outcome {
-            case relay(any Channel, ClientPoolStateMachine.Adjustment, UInt64)
-            case awaitID(UInt64)
-            case unknown
-        }
-        let outcome = self.updating { state -> Outcome in
-            if let channel = state.connections.removeValue(forKey: id) {
-                let adjustment = state.claimed.remove(id) != nil ? .none : state.machine.connectionTaken(now: Self.now)
-                return .relay(channel, adjustment, state.generation)
-            }
-            guard state.poolPort != nil, state.awaitedLaunches.count < self.configuration.maxPoolCapacity else {
-                return .unknown
-            }
-            state.awaitedLaunches.insert(id)
-            return .awaitID(state.generation)
-        }
-        switch outcome {
-        case .unknown:
+        guard let generation = self.state.withLock({ $0.poolPort == nil ? nil : $0.generation }) else {
             self.logger.warning("launch for an unknown pool connection ignored", metadata: ["np.pool.id": "\(id)"])
-        case .awaitID(let generation):
-            // The ID may still be in flight on its pool connection: give it a moment.
-            // Every pool connection reads its ID within idReadTimeout of connecting (or is closed), and the
-            // server can only launch it after it connected: that bound is long enough.
-            self.group.next().scheduleTask(in: self.configuration.idReadTimeout) {
-                let expired = self.state.withLock { state in
-                    state.generation == generation && state.awaitedLaunches.remove(id) != nil
-                }
-                if expired {
-                    self.logger.warning("launch for an unknown pool connection ignored", metadata: ["np.pool.id": "\(id)"])
-                }
-            }
-        case .relay(let channel, let adjustment, let generation):
-            // The user's target dial first, the pool's refill behind it.
-            self.relay(id: id, pool: channel)
-            self.apply(adjustment, generation: generation)
+            return
         }
+        self.dialer.launchReceived(id, owner: generation, on: self.group.next())
     }
-
-    // MARK: forward mode: this side has the users
 
     /// A user connected to this side's TARGET (forward mode): relay it now, or let it wait for a pool
     /// connection.
     func userArrived(_ channel: any Channel) {
-        let (ticket, action) = self.updating { state -> (UInt64, ServerPoolStateMachine<any Channel, WaitingUser>.Action) in
-            state.nextTicket += 1
-            let user = WaitingUser(ticket: state.nextTicket, channel: channel, arrived: .now())
-            return (state.nextTicket, state.launcher.userArrived(ticket: user.ticket, user: user))
-        }
-        if case .wait = action {
-            self.scheduleWaitTimeout(ticket: ticket, on: channel.eventLoop)
-        }
-        self.perform(action)
+        self.launcher.userArrived(channel)
     }
 
-    private func scheduleWaitTimeout(ticket: UInt64, on loop: any EventLoop) {
-        loop.scheduleTask(in: self.configuration.poolWaitTimeout) {
-            guard let user = self.updating({ $0.launcher.userLeft(ticket: ticket) }) else { return }
-            self.metrics.failed(.poolWait)
-            self.logger.warning(
-                "no pool connection in time; user connection closed",
-                metadata: ["np.wait": "\(DurationParser.format(self.configuration.poolWaitTimeout))"]
-            )
-            user.channel.close(promise: nil)
-        }
+    // MARK: the roles' owners (PoolConnectionOwners)
+
+    func launchWriter(for owner: UInt64) -> SignalWriter? {
+        self.state.withLock { $0.generation == owner ? $0.forwardControl : nil }
     }
 
-    private func perform(_ action: ServerPoolStateMachine<any Channel, WaitingUser>.Action) {
-        switch action {
-        case .keep, .wait:
-            break
-        case .close(let connection):
-            connection.close(promise: nil)
-        case .relay(let id, let pool, let user):
-            pool.eventLoop.execute { self.relayForward(id: id, pool: pool, user: user) }
-        }
-    }
-
-    /// On the pool connection's event loop: hands the pool connection to the user, sends the launch, relays.
-    private func relayForward(id: PoolID, pool: any Channel, user: WaitingUser) {
-        let (control, adjustment, generation) = self.updating { state in
-            if let known = state.connections[id], known === pool {
-                state.connections[id] = nil
-            }
-            return (state.forwardControl, state.machine.connectionTaken(now: Self.now), state.generation)
-        }
-        self.apply(adjustment, generation: generation)
-        var handedOff = false
-        if control != nil, let handler = try? pool.pipeline.syncOperations.handler(type: ClientPoolConnectionHandler.self),
-            let context = try? pool.pipeline.syncOperations.context(handler: handler)
-        {
-            handedOff = handler.handOff(context: context, to: user.channel)
-        }
-        guard handedOff, let control else {
-            pool.close(promise: nil)
-            // The user takes the next pool connection, first in line.
-            let action = self.updating { $0.launcher.userArrived(ticket: user.ticket, user: user, retry: true) }
-            if case .wait = action {
-                self.scheduleWaitTimeout(ticket: user.ticket, on: user.channel.eventLoop)
-            }
-            self.perform(action)
-            return
-        }
-        control.send { V2Message.launch(id).write(to: &$0) }
-        self.logger.debug("launch sent", metadata: ["np.pool.id": "\(id)"])
-        TunnelMetrics.record(self.metrics.newConnectionDuration, since: user.arrived)
-        GlueHandler.connect(user.channel, to: pool)
-    }
-
-    private func relay(id: PoolID, pool: any Channel) {
-        TargetRelay.start(
-            pool: pool,
-            id: id,
-            target: self.url.target,
-            dialTimeout: self.configuration.dialTimeout,
-            sessions: self.sessions,
-            metrics: self.metrics,
-            logger: self.logger
-        ) { target in
-            guard let handler = try? pool.pipeline.syncOperations.handler(type: ClientPoolConnectionHandler.self),
-                let context = try? pool.pipeline.syncOperations.context(handler: handler)
-            else { return false }
-            return handler.handOff(context: context, to: target)
-        }
+    func connectionTaken(_ connection: PoolConnection, wasClaimed: Bool) {
+        // A claimed connection was counted when the server used it.
+        guard !wasClaimed else { return }
+        self.connectionTaken(generation: connection.owner)
     }
 }
 
@@ -400,8 +318,8 @@ private final class GenerationDelegate: ClientPoolConnectionDelegate {
         self.generation = generation
     }
 
-    func poolConnectionEstablished(_ channel: any Channel, id: PoolID) {
-        self.pool.established(channel, id: id, generation: self.generation)
+    func poolConnectionEstablished(_ connection: PoolConnection) {
+        self.pool.established(connection, generation: self.generation)
     }
 
     func poolConnectionClaimed(id: PoolID) {

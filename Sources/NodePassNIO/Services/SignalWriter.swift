@@ -1,15 +1,28 @@
 import NIOCore
+import NodePassCore
 
 /// Writes signals (launches) to one control channel from any thread, coalescing those that come while a
 /// write is on its way: a burst of users costs the control channel a few TLS records and system calls,
 /// not one of each per user. Order is kept.
 final class SignalWriter: Sendable {
     let channel: any Channel
+    /// Whether launches go out as v2 frames (else as v1 `launch://` lines).
+    private let isV2: Bool
     /// Signals not yet handed to the channel; non-nil while a write task is scheduled.
     private let pending = Locked<ByteBuffer?>(nil)
 
-    init(channel: any Channel) {
+    init(channel: any Channel, isV2: Bool = false) {
         self.channel = channel
+        self.isV2 = isV2
+    }
+
+    /// Sends the launch of the pool connection `id`, in the channel's protocol.
+    func sendLaunch(_ id: PoolID) {
+        if self.isV2 {
+            self.send { V2Message.launch(id).write(to: &$0) }
+        } else {
+            self.send { Signal.launch(id).write(to: &$0) }
+        }
     }
 
     /// Appends a signal that `encode` writes; it goes out with the others pending.

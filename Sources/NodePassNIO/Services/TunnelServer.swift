@@ -180,7 +180,7 @@ public final class TunnelServer: Service, Sendable {
         }
         do {
             let listener = try await Listener.bind(
-                self.userBootstrap(),
+                self.userBootstrap(launcher: self.pool.serveReverse()),
                 host: self.url.target.host,
                 port: self.url.target.port,
                 what: "target address"
@@ -318,10 +318,10 @@ public final class TunnelServer: Service, Sendable {
             }
     }
 
-    private func userBootstrap() -> ServerBootstrap {
+    private func userBootstrap(launcher: Launcher) -> ServerBootstrap {
         self.baseBootstrap(on: self.dataLoop, what: "target")
-            .childChannelInitializer { [pool, users] channel in
-                users.initialize(channel) { pool.userArrived($0) }
+            .childChannelInitializer { [users] channel in
+                users.initialize(channel) { launcher.userArrived($0) }
             }
     }
 }

@@ -1,0 +1,128 @@
+/// The side that dials the target (the client in reverse mode, the server in forward mode): idle pool
+/// connections kept by ID until the other side launches them, and launches that came before their
+/// connection was ready.
+///
+/// A launch and the connection it names travel on different TCP connections, so either may come first: a
+/// launch for an ID not yet ready waits (a bounded number of them, each until `launchExpired`). Every
+/// connection and launch has an owner (a client session on the server, a pool generation on the client):
+/// a launch takes only a connection of its own owner. Pure bookkeeping, generic over what a connection is.
+public struct DialQueueStateMachine<Connection> {
+    /// What the caller must do with a connection that became ready.
+    public enum ReadyAction {
+        /// Keep it idle until its launch.
+        case keep
+        /// Its launch came first: dial the target for it now.
+        case dial(Connection)
+        /// Close it: its ID is taken by another idle connection, or the pool is full.
+        case close(Connection)
+    }
+
+    /// What the caller must do after a launch.
+    public enum LaunchAction {
+        /// Dial the target for this connection. `wasClaimed`: it had already been counted as used.
+        case dial(Connection, wasClaimed: Bool)
+        /// Not ready yet: wait for it until the launch expires.
+        case awaitConnection
+        /// No such connection and no room to wait: ignore the launch (and log).
+        case unknown
+    }
+
+    fileprivate struct Entry {
+        var connection: Connection
+        var owner: UInt64
+        /// The other side already used it (bytes came before the launch).
+        var claimed = false
+    }
+
+    private var idle: [PoolID: Entry] = [:]
+    private var awaited: [PoolID: UInt64] = [:]
+    /// The most idle connections kept.
+    public let maximumIdle: Int
+    /// The most launches waiting for their connection.
+    public let maximumAwaited: Int
+
+    /// Makes an empty queue keeping at most `maximumIdle` idle connections and `maximumAwaited` early launches.
+    public init(maximumIdle: Int, maximumAwaited: Int) {
+        self.maximumIdle = max(1, maximumIdle)
+        self.maximumAwaited = max(0, maximumAwaited)
+    }
+
+    /// The number of idle connections (claimed ones included).
+    public var idleCount: Int { self.idle.count }
+    /// The number of idle connections of `owner`.
+    public func idleCount(owner: UInt64) -> Int {
+        self.idle.values.reduce(0) { $0 + ($1.owner == owner ? 1 : 0) }
+    }
+    /// The number of launches waiting for their connection.
+    public var awaitedCount: Int { self.awaited.count }
+    /// True when a new connection would be closed at once.
+    public var isFull: Bool { self.idle.count >= self.maximumIdle }
+    /// True when an idle connection already has this ID.
+    public func isInUse(_ id: PoolID) -> Bool { self.idle[id] != nil }
+
+    /// The connection `id` of `owner` is ready (it has its ID and, in v2, its confirmation).
+    public mutating func connectionReady(id: PoolID, owner: UInt64, connection: Connection) -> ReadyAction {
+        if self.awaited[id] == owner {
+            self.awaited[id] = nil
+            return .dial(connection)
+        }
+        guard self.idle[id] == nil, self.idle.count < self.maximumIdle else { return .close(connection) }
+        self.idle[id] = Entry(connection: connection, owner: owner)
+        return .keep
+    }
+
+    /// `owner` launched `id`.
+    public mutating func launchReceived(id: PoolID, owner: UInt64) -> LaunchAction {
+        if let entry = self.idle[id], entry.owner == owner {
+            self.idle[id] = nil
+            return .dial(entry.connection, wasClaimed: entry.claimed)
+        }
+        guard self.idle[id] == nil, self.awaited[id] == nil, self.awaited.count < self.maximumAwaited else {
+            return .unknown
+        }
+        self.awaited[id] = owner
+        return .awaitConnection
+    }
+
+    /// The wait of `owner`'s launch of `id` is over; true when it was still waiting (it is dropped).
+    public mutating func launchExpired(id: PoolID, owner: UInt64) -> Bool {
+        guard self.awaited[id] == owner else { return false }
+        self.awaited[id] = nil
+        return true
+    }
+
+    /// Bytes came on the idle connection `id` before its launch: true the first time (count it as used).
+    public mutating func connectionClaimed(id: PoolID) -> Bool {
+        guard let entry = self.idle[id], !entry.claimed else { return false }
+        self.idle[id]?.claimed = true
+        return true
+    }
+
+    /// The idle connection `id` closed, if `matches` it (another connection may have drawn the same ID and
+    /// been refused). Returns nil when it was not idle, else whether it had been claimed.
+    public mutating func connectionClosed(id: PoolID, where matches: (Connection) -> Bool) -> Bool? {
+        guard let entry = self.idle[id], matches(entry.connection) else { return nil }
+        self.idle[id] = nil
+        return entry.claimed
+    }
+
+    /// `owner` is gone: its idle connections are returned to be closed and its launches forgotten.
+    public mutating func ownerLost(_ owner: UInt64) -> [Connection] {
+        self.awaited = self.awaited.filter { $0.value != owner }
+        let lost = self.idle.filter { $0.value.owner == owner }
+        for id in lost.keys { self.idle[id] = nil }
+        return lost.values.map(\.connection)
+    }
+
+    /// Shutting down or restarting: every idle connection is returned to be closed.
+    public mutating func drain() -> [Connection] {
+        defer {
+            self.idle.removeAll()
+            self.awaited.removeAll()
+        }
+        return self.idle.values.map(\.connection)
+    }
+}
+
+extension DialQueueStateMachine: Sendable where Connection: Sendable {}
+extension DialQueueStateMachine.Entry: Sendable where Connection: Sendable {}

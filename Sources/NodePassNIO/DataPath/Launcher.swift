@@ -1,0 +1,167 @@
+import CoreMetrics
+import Logging
+import NIOCore
+import NodePassCore
+
+/// The side with the users (the server in reverse mode, the client in forward mode): each user takes the
+/// oldest idle pool connection or waits for one (at most POOL_WAIT), and the launch goes out on the
+/// connection owner's control channel as the relay starts.
+///
+/// Called from any thread; the bookkeeping is a `LaunchQueueStateMachine` under a lock, and each relay starts
+/// on its pool connection's event loop (which is also its user's).
+final class Launcher: PoolConnectionRole {
+    /// A user connection waiting for a pool connection.
+    struct WaitingUser: Sendable {
+        var ticket: UInt64
+        var channel: any Channel
+        var arrived: NIODeadline
+    }
+
+    private struct State {
+        var queue: LaunchQueueStateMachine<PoolConnection, WaitingUser>
+        var nextTicket: UInt64 = 0
+    }
+
+    private let state: Locked<State>
+    /// Set once, by the pool that makes this role, before the role is reachable from another thread.
+    nonisolated(unsafe) weak var owners: (any PoolConnectionOwners)?
+    private let waitTimeout: TimeAmount
+    private let metrics: TunnelMetrics
+    /// The gauge of idle pool connections, when this queue is what it shows (the server's).
+    private let idleGauge: Meter?
+    private let logger: Logger
+
+    init(
+        maximumIdle: Int,
+        waitTimeout: TimeAmount,
+        owners: (any PoolConnectionOwners)? = nil,
+        metrics: TunnelMetrics,
+        idleGauge: Meter?,
+        logger: Logger
+    ) {
+        self.state = Locked(State(queue: LaunchQueueStateMachine(maximumIdle: maximumIdle)))
+        self.owners = owners
+        self.waitTimeout = waitTimeout
+        self.metrics = metrics
+        self.idleGauge = idleGauge
+        self.logger = logger
+    }
+
+    /// Changes the state under the lock, then publishes the idle pool size, so that no change is missed.
+    private func updating<Result>(_ body: (inout State) -> Result) -> Result {
+        self.state.withLock { state in
+            defer { self.idleGauge?.set(state.queue.idleCount) }
+            return body(&state)
+        }
+    }
+
+    // MARK: pool connections (PoolConnectionRole)
+
+    var idleCount: Int { self.state.withLock { $0.queue.idleCount } }
+    var isFull: Bool { self.state.withLock { $0.queue.isFull } }
+
+    func idleCount(owner: UInt64) -> Int {
+        self.state.withLock { $0.queue.idleCount { $0.owner == owner } }
+    }
+
+    func isInUse(_ id: PoolID) -> Bool {
+        self.state.withLock { $0.queue.isInUse(id) }
+    }
+
+    func connectionReady(_ connection: PoolConnection) -> Bool {
+        let action = self.updating { $0.queue.poolConnectionReady(id: connection.id, connection: connection) }
+        self.perform(action)
+        if case .close = action { return false }
+        return true
+    }
+
+    func connectionClaimed(_ id: PoolID) -> Bool {
+        // The server never writes first on a connection that this side launches: it is broken, not used.
+        self.updating { $0.queue.poolConnectionClosed(id: id) }
+    }
+
+    func connectionClosed(id: PoolID, channel: any Channel) -> Bool {
+        self.updating { $0.queue.poolConnectionClosed(id: id) }
+    }
+
+    @discardableResult
+    func ownerLost(_ owner: UInt64) -> Int {
+        let lost = self.updating { $0.queue.controlLost { $0.owner == owner } }
+        for connection in lost { connection.channel.close(promise: nil) }
+        return lost.count
+    }
+
+    func closeAll() {
+        let drained = self.updating { $0.queue.drain() }
+        for connection in drained.connections { connection.channel.close(promise: nil) }
+        for user in drained.users { user.channel.close(promise: nil) }
+    }
+
+    // MARK: users
+
+    /// A user connected: relay it now, or let it wait for a pool connection.
+    func userArrived(_ channel: any Channel) {
+        let (user, action) = self.updating { state in
+            state.nextTicket += 1
+            let user = WaitingUser(ticket: state.nextTicket, channel: channel, arrived: .now())
+            return (user, state.queue.userArrived(ticket: user.ticket, user: user))
+        }
+        if case .wait = action {
+            self.logger.debug("user waits for a pool connection", metadata: ["np.peer": "\(channel.peerDescription)"])
+        }
+        self.queued(user, action: action)
+    }
+
+    /// Puts a user whose pool connection failed first in line for the next one.
+    private func retry(_ user: WaitingUser) {
+        let action = self.updating { $0.queue.userArrived(ticket: user.ticket, user: user, retry: true) }
+        self.queued(user, action: action)
+    }
+
+    private func queued(_ user: WaitingUser, action: LaunchQueueStateMachine<PoolConnection, WaitingUser>.Action) {
+        if case .wait = action {
+            self.scheduleWaitTimeout(ticket: user.ticket, on: user.channel.eventLoop)
+        }
+        self.perform(action)
+    }
+
+    /// Closes the user with this ticket if it is still waiting when the pool-wait timeout ends.
+    private func scheduleWaitTimeout(ticket: UInt64, on loop: any EventLoop) {
+        loop.scheduleTask(in: self.waitTimeout) {
+            guard let user = self.updating({ $0.queue.userLeft(ticket: ticket) }) else { return }
+            self.metrics.failed(.poolWait)
+            self.logger.warning(
+                "no pool connection in time; user connection closed",
+                metadata: ["np.wait": "\(DurationParser.format(self.waitTimeout))"]
+            )
+            user.channel.close(promise: nil)
+        }
+    }
+
+    private func perform(_ action: LaunchQueueStateMachine<PoolConnection, WaitingUser>.Action) {
+        switch action {
+        case .keep, .wait:
+            break
+        case .close(let connection):
+            connection.channel.close(promise: nil)
+        case .relay(_, let connection, let user):
+            connection.channel.eventLoop.execute { self.relay(connection, user: user) }
+        }
+    }
+
+    /// On the pool connection's event loop: hands the pool connection to the user, sends the launch, relays.
+    private func relay(_ connection: PoolConnection, user: WaitingUser) {
+        let owners = self.owners
+        owners?.connectionTaken(connection, wasClaimed: false)
+        // The owner may have left meanwhile, or the connection died: the user takes the next one.
+        guard let signals = owners?.launchWriter(for: connection.owner), connection.handOff(to: user.channel) else {
+            connection.channel.close(promise: nil)
+            self.retry(user)
+            return
+        }
+        signals.sendLaunch(connection.id)
+        self.logger.debug("launch sent", metadata: ["np.pool.id": "\(connection.id)"])
+        TunnelMetrics.record(self.metrics.newConnectionDuration, since: user.arrived)
+        GlueHandler.connect(user.channel, to: connection.channel)
+    }
+}

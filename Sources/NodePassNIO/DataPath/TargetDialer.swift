@@ -1,0 +1,187 @@
+import CoreMetrics
+import Logging
+import NIOCore
+import NIOPosix
+import NodePassCore
+
+/// The side that dials the target (the client in reverse mode, the server in forward mode): keeps idle pool
+/// connections by ID, and for each launch dials TARGET on the launched connection's event loop and relays.
+///
+/// A launch may come before its connection is ready (they travel on different TCP connections): it waits
+/// for it for at most `launchWait`. Called from any thread; the bookkeeping is a `DialQueueStateMachine`
+/// under a lock.
+final class TargetDialer: PoolConnectionRole {
+    private let state: Locked<DialQueueStateMachine<PoolConnection>>
+    /// Set once, by the pool that makes this role, before the role is reachable from another thread.
+    nonisolated(unsafe) weak var owners: (any PoolConnectionOwners)?
+    private let target: HostPort
+    private let dialTimeout: TimeAmount
+    private let launchWait: TimeAmount
+    private let sessions: SessionTracker
+    private let metrics: TunnelMetrics
+    /// The gauge of idle pool connections, when this queue is what it shows (the server's).
+    private let idleGauge: Meter?
+    private let logger: Logger
+
+    init(
+        target: HostPort,
+        maximumIdle: Int,
+        maximumAwaited: Int,
+        launchWait: TimeAmount,
+        dialTimeout: TimeAmount,
+        owners: (any PoolConnectionOwners)? = nil,
+        sessions: SessionTracker,
+        metrics: TunnelMetrics,
+        idleGauge: Meter?,
+        logger: Logger
+    ) {
+        self.state = Locked(DialQueueStateMachine(maximumIdle: maximumIdle, maximumAwaited: maximumAwaited))
+        self.target = target
+        self.launchWait = launchWait
+        self.dialTimeout = dialTimeout
+        self.owners = owners
+        self.sessions = sessions
+        self.metrics = metrics
+        self.idleGauge = idleGauge
+        self.logger = logger
+    }
+
+    /// Changes the state under the lock, then publishes the idle pool size, so that no change is missed.
+    private func updating<Result>(_ body: (inout DialQueueStateMachine<PoolConnection>) -> Result) -> Result {
+        self.state.withLock { machine in
+            defer { self.idleGauge?.set(machine.idleCount) }
+            return body(&machine)
+        }
+    }
+
+    // MARK: pool connections (PoolConnectionRole)
+
+    var idleCount: Int { self.state.withLock { $0.idleCount } }
+    var isFull: Bool { self.state.withLock { $0.isFull } }
+
+    func idleCount(owner: UInt64) -> Int {
+        self.state.withLock { $0.idleCount(owner: owner) }
+    }
+
+    func isInUse(_ id: PoolID) -> Bool {
+        self.state.withLock { $0.isInUse(id) }
+    }
+
+    func connectionReady(_ connection: PoolConnection) -> Bool {
+        let action = self.updating { $0.connectionReady(id: connection.id, owner: connection.owner, connection: connection) }
+        switch action {
+        case .keep:
+            return true
+        case .dial(let connection):
+            self.owners?.connectionTaken(connection, wasClaimed: false)
+            self.dial(connection)
+            return true
+        case .close(let connection):
+            connection.channel.close(promise: nil)
+            return false
+        }
+    }
+
+    func connectionClaimed(_ id: PoolID) -> Bool {
+        self.updating { $0.connectionClaimed(id: id) }
+    }
+
+    func connectionClosed(id: PoolID, channel: any Channel) -> Bool {
+        self.updating { $0.connectionClosed(id: id) { $0.channel === channel } } == false
+    }
+
+    @discardableResult
+    func ownerLost(_ owner: UInt64) -> Int {
+        let lost = self.updating { $0.ownerLost(owner) }
+        for connection in lost { connection.channel.close(promise: nil) }
+        return lost.count
+    }
+
+    func closeAll() {
+        for connection in self.updating({ $0.drain() }) { connection.channel.close(promise: nil) }
+    }
+
+    // MARK: launches
+
+    /// `owner` launched its pool connection `id`: dial the target for it now, or once it is ready.
+    func launchReceived(_ id: PoolID, owner: UInt64, on loop: any EventLoop) {
+        switch self.updating({ $0.launchReceived(id: id, owner: owner) }) {
+        case .dial(let connection, let wasClaimed):
+            self.owners?.connectionTaken(connection, wasClaimed: wasClaimed)
+            self.dial(connection)
+        case .awaitConnection:
+            // Every pool connection is ready within `launchWait` of connecting (or is closed), and the other
+            // side can only launch it after it connected: that bound is long enough.
+            loop.scheduleTask(in: self.launchWait) {
+                if self.state.withLock({ $0.launchExpired(id: id, owner: owner) }) {
+                    self.logger.warning("launch for an unknown pool connection ignored", metadata: ["np.pool.id": "\(id)"])
+                }
+            }
+        case .unknown:
+            self.logger.warning("launch for an unknown pool connection ignored", metadata: ["np.pool.id": "\(id)"])
+        }
+    }
+
+    /// Dials the target on the pool connection's event loop and relays between the two.
+    private func dial(_ pool: PoolConnection) {
+        let (metrics, logger, sessions, target) = (self.metrics, self.logger, self.sessions, self.target)
+        // Counted before the session exists: its end may be reported at once (a channel already closed).
+        metrics.active.increment()
+        guard sessions.add(pool.channel, onEnd: { metrics.active.decrement() }) else {
+            metrics.active.decrement()
+            metrics.failed(.limit)
+            logger.warning(
+                "SEMAPHORE_LIMIT reached; launch refused",
+                metadata: ["np.limit": "\(sessions.limit)", "np.pool.id": "\(pool.id)"]
+            )
+            pool.channel.close(promise: nil)
+            return
+        }
+        let launched = NIODeadline.now()
+        metrics.accepted.increment()
+        ClientBootstrap(group: pool.channel.eventLoop)
+            .connectTimeout(self.dialTimeout)
+            .channelInitializer { channel in
+                SocketTuning.apply(to: channel)
+                return channel.eventLoop.makeCompletedFuture {
+                    try SocketTuning.prepareRelay(channel)
+                    try channel.pipeline.syncOperations.addHandler(
+                        GlueHandler(
+                            bytes: metrics.bytesDownstream,
+                            splice: SpliceSetup(sessions: sessions, logger: logger)
+                        )
+                    )
+                }
+            }
+            .dial(host: target.dialHost, port: target.port)
+            .whenComplete { result in
+                switch result {
+                case .failure(let error):
+                    metrics.failed(.target)
+                    logger.warning(
+                        "cannot reach the target",
+                        metadata: ["np.target": "\(target)", "np.error": "\(error)", "np.pool.id": "\(pool.id)"]
+                    )
+                    pool.channel.close(promise: nil)
+                case .success(let targetChannel):
+                    // Same event loop as the pool connection: both halves are set up before any byte moves.
+                    guard pool.handOff(to: targetChannel) else {
+                        targetChannel.close(promise: nil)
+                        pool.channel.close(promise: nil)
+                        return
+                    }
+                    targetChannel.pipeline.syncOperations.fireUserInboundEventTriggered(
+                        GlueHandler.Connect(partner: pool.channel)
+                    )
+                    TunnelMetrics.record(metrics.newConnectionDuration, since: launched)
+                    logger.debug(
+                        "relaying",
+                        metadata: [
+                            "np.target": "\(target)", "np.pool.id": "\(pool.id)",
+                            "np.pool.local": "\(pool.channel.localAddress.map { "\($0)" } ?? "?")",
+                        ]
+                    )
+                }
+            }
+    }
+}
