@@ -67,6 +67,8 @@ struct NodePassCommand: AsyncParsableCommand {
               SHUTDOWN_TIMEOUT   5s    grace for live connections on exit
               IDLE_TIMEOUT       1h    close a user connection idle this long
                                        both ways (0: never)
+              NODEPASS_SPLICE    1     0: relay plain connections in user space
+                                       only, never with splice(2)
 
             EXAMPLES (make a key with: openssl rand -hex 16):
               nodepass "server://KEY@:10101/127.0.0.1:8080"

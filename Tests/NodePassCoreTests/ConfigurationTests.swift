@@ -19,6 +19,12 @@ import Testing
         #expect(try Configuration(environment: ["IDLE_TIMEOUT": "0"]).idleTimeout == nil)
     }
 
+    @Test func spliceIsOnUnlessTurnedOff() throws {
+        #expect(try Configuration(environment: [:]).splice)
+        #expect(try Configuration(environment: ["NODEPASS_SPLICE": "1"]).splice)
+        #expect(try !Configuration(environment: ["NODEPASS_SPLICE": "0"]).splice)
+    }
+
     @Test func readsEveryVariable() throws {
         let configuration = try Configuration(environment: [
             "SEMAPHORE_LIMIT": "10", "MIN_POOL_CAPACITY": "2", "MAX_POOL_CAPACITY": "8",
@@ -39,7 +45,7 @@ import Testing
         ("SEMAPHORE_LIMIT", "1e3"), ("SEMAPHORE_LIMIT", "99999999999999999999"), ("MAX_POOL_CAPACITY", " 5"),
         ("REPORT_INTERVAL", "-1s"), ("REPORT_INTERVAL", "5"), ("REPORT_INTERVAL", "0s"),
         ("SERVICE_COOLDOWN", "5x"), ("SHUTDOWN_TIMEOUT", "25h"), ("SHUTDOWN_TIMEOUT", "1s2"),
-        ("IDLE_TIMEOUT", "00"), ("IDLE_TIMEOUT", "-5m"),
+        ("IDLE_TIMEOUT", "00"), ("IDLE_TIMEOUT", "-5m"), ("NODEPASS_SPLICE", "2"), ("NODEPASS_SPLICE", "off"),
     ])
     func refusesBadValuesNamingTheVariable(_ name: String, _ value: String) {
         do {

@@ -79,6 +79,16 @@ def test_integrity_256mib_over_16_streams(procs, nodepass_bin, echo_service):
         assert "relay moved to the kernel (splice)" in proc.output(), f"{proc.name} did not splice"
 
 
+@pytest.mark.ours_only
+def test_splice_off_keeps_every_relay_in_user_space(procs, nodepass_bin, echo_service):
+    """NODEPASS_SPLICE=0: the same integrity run relays every byte in SwiftNIO, on both sides."""
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port, env={"NODEPASS_SPLICE": "0"})
+    tunnel.start()
+    scenarios.integrity(tunnel, streams=4, mib_per_stream=16, deadline_s=200)
+    for proc in (tunnel.server, tunnel.client):
+        assert "relay moved to the kernel (splice)" not in proc.output(), f"{proc.name} spliced with NODEPASS_SPLICE=0"
+
+
 def test_burst_of_200_connections(procs, nodepass_bin, echo_service):
     tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port)
     tunnel.start()

@@ -16,6 +16,9 @@ public struct Configuration: Hashable, Sendable {
     public var shutdownTimeout: TimeAmount = .seconds(5)
     /// A user connection on which no byte moved either way for this long is closed; nil: never.
     public var idleTimeout: TimeAmount? = .hours(1)
+    /// Whether plain relays may move to the kernel (splice(2) on Linux); `NODEPASS_SPLICE=0` keeps every
+    /// relay in SwiftNIO.
+    public var splice: Bool = true
 
     /// Bound on the TLS handshake of the control channel.
     public var handshakeTimeout: TimeAmount = .seconds(10)
@@ -34,7 +37,7 @@ public struct Configuration: Hashable, Sendable {
     /// The names of the variables read, in the order of the documentation.
     public static let variableNames = [
         "SEMAPHORE_LIMIT", "MIN_POOL_CAPACITY", "MAX_POOL_CAPACITY",
-        "REPORT_INTERVAL", "SERVICE_COOLDOWN", "SHUTDOWN_TIMEOUT", "IDLE_TIMEOUT",
+        "REPORT_INTERVAL", "SERVICE_COOLDOWN", "SHUTDOWN_TIMEOUT", "IDLE_TIMEOUT", "NODEPASS_SPLICE",
     ]
 
     /// Reads the variables from `environment`; an unset or empty variable keeps its default.
@@ -53,6 +56,7 @@ public struct Configuration: Hashable, Sendable {
         } else if let idle = self.idleTimeout {
             self.idleTimeout = try Self.duration("IDLE_TIMEOUT", environment, default: idle)
         }
+        self.splice = try Self.integer("NODEPASS_SPLICE", environment, default: 1, range: 0...1) == 1
         guard self.minPoolCapacity <= self.maxPoolCapacity else {
             throw NodePassError(
                 .invalidEnvironment,

@@ -17,8 +17,7 @@ final class TargetDialer: PoolConnectionRole {
     private let target: HostPort
     private let dialTimeout: TimeAmount
     private let launchWait: TimeAmount
-    private let sessions: SessionTracker
-    private let metrics: TunnelMetrics
+    private let relays: Relays
     /// The gauge of idle pool connections, when this queue is what it shows (the server's).
     private let idleGauge: Meter?
     private let logger: Logger
@@ -30,20 +29,17 @@ final class TargetDialer: PoolConnectionRole {
         launchWait: TimeAmount,
         dialTimeout: TimeAmount,
         owners: (any PoolConnectionOwners)? = nil,
-        sessions: SessionTracker,
-        metrics: TunnelMetrics,
-        idleGauge: Meter?,
-        logger: Logger
+        relays: Relays,
+        idleGauge: Meter?
     ) {
         self.state = Locked(DialQueueStateMachine(maximumIdle: maximumIdle, maximumAwaited: maximumAwaited))
         self.target = target
         self.launchWait = launchWait
         self.dialTimeout = dialTimeout
         self.owners = owners
-        self.sessions = sessions
-        self.metrics = metrics
+        self.relays = relays
         self.idleGauge = idleGauge
-        self.logger = logger
+        self.logger = relays.logger
     }
 
     /// Changes the state under the lock, then publishes the idle pool size, so that no change is missed.
@@ -124,7 +120,8 @@ final class TargetDialer: PoolConnectionRole {
 
     /// Dials the target on the pool connection's event loop and relays between the two.
     private func dial(_ pool: PoolConnection) {
-        let (metrics, logger, sessions, target) = (self.metrics, self.logger, self.sessions, self.target)
+        let (relays, logger, target) = (self.relays, self.logger, self.target)
+        let (metrics, sessions) = (relays.metrics, relays.sessions)
         // Counted before the session exists: its end may be reported at once (a channel already closed).
         metrics.active.increment()
         guard sessions.add(pool.channel, onEnd: { metrics.active.decrement() }) else {
@@ -145,12 +142,7 @@ final class TargetDialer: PoolConnectionRole {
                 SocketTuning.apply(to: channel)
                 return channel.eventLoop.makeCompletedFuture {
                     try SocketTuning.prepareRelay(channel)
-                    try channel.pipeline.syncOperations.addHandler(
-                        GlueHandler(
-                            bytes: metrics.bytesDownstream,
-                            splice: SpliceSetup(sessions: sessions, logger: logger)
-                        )
-                    )
+                    try channel.pipeline.syncOperations.addHandler(relays.glue(.target))
                 }
             }
             .dial(host: target.dialHost, port: target.port)

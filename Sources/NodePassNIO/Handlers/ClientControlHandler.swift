@@ -1,82 +1,107 @@
-import Logging
 import CoreMetrics
+import Crypto
+import Logging
 import NIOCore
+import NIOSSL
 import NIOTLS
 import NodePassCore
 
-/// The client end of a control channel, after `NIOSSLClientHandler` and the `SignalLineDecoder`:
-/// parses each line, skips what it cannot understand, drives the `ControlStateMachine` and the pool,
-/// and closes the channel when the heartbeat stops.
-final class ClientControlHandler: ChannelInboundHandler {
-    typealias InboundIn = SignalLineDecoder.Line
+/// What a client control channel asks of the client's pool (`ClientPool`).
+protocol ClientControlDelegate: AnyObject, Sendable {
+    /// The server named its pool port: (re)start the pool towards it (see `ClientPool.start`).
+    func start(port: Int, host: String?, v2: V2PoolSettings?, forwardControl: (any Channel)?)
+    /// The server launched the pool connection `id`.
+    func launch(_ id: PoolID)
+}
 
-    private var machine: ControlStateMachine
-    private let pool: ClientPool
-    private let reportInterval: TimeAmount
+/// The client end of a control channel (v1 and v2), after `NIOSSLClientHandler` and the decoder of its
+/// protocol: performs what its `ClientControlStateMachine` decides. It bounds the handshake, starts the pool
+/// when the server names its pool port (v1) or accepts the client (v2), passes launches to the pool, and
+/// closes the channel when the server falls silent.
+final class ClientControlHandler: ChannelInboundHandler {
+    typealias InboundIn = ControlInput
+
+    private var machine: ClientControlStateMachine
+    private var timers = ControlTimers()
+    private let isV2: Bool
+    private let pool: any ClientControlDelegate
     private let handshakeTimeout: TimeAmount
-    private let logger: Logger
+    /// v1: the period of the server's `remote://`, and of the check that it still comes.
+    private let reportInterval: TimeAmount
     private let connected: EventLoopPromise<Void>
-    private var timer: Scheduled<Void>?
-    private var heartbeatCheck: RepeatedTask?
+    private let handshakeDuration: Timer
+    /// v2: the TLS client context of data connections (used unless the server says `tls=0`).
+    private let dataTLS: NIOSSLContext?
+    private let logger: Logger
+    /// The SHA-256 fingerprint of the server's certificate (from the TLS handler; tests pass their own).
+    private let peerFingerprint: (ChannelHandlerContext) -> [UInt8]?
     private var serverIP: String?
     private let started = NIODeadline.now()
-    private let handshakeDuration: Timer
 
+    /// Makes the handler; `key` selects v2 (with `dataTLS` for its data connections), else v1.
     init(
-        pool: ClientPool,
+        key: V2Key?,
+        dataTLS: NIOSSLContext?,
+        pool: any ClientControlDelegate,
         reportInterval: TimeAmount,
         handshakeTimeout: TimeAmount,
         connected: EventLoopPromise<Void>,
         handshakeDuration: Timer,
-        logger: Logger
+        logger: Logger,
+        peerFingerprint: @escaping (ChannelHandlerContext) -> [UInt8]? = ClientControlHandler.tlsPeerFingerprint(context:)
     ) {
-        self.handshakeDuration = handshakeDuration
-        self.machine = ControlStateMachine(reportInterval: reportInterval)
+        self.peerFingerprint = peerFingerprint
+        self.machine = ClientControlStateMachine(version: key.map { .v2(key: $0) } ?? .v1(reportInterval: reportInterval))
+        self.isV2 = key != nil
+        self.dataTLS = dataTLS
         self.pool = pool
         self.reportInterval = reportInterval
         self.handshakeTimeout = handshakeTimeout
         self.connected = connected
+        self.handshakeDuration = handshakeDuration
         self.logger = logger
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
-        let channel = context.channel
-        self.timer = context.eventLoop.scheduleTask(in: self.handshakeTimeout) {
-            channel.close(promise: nil)
+        self.timers.startHandshakeDeadline(context: context, timeout: self.handshakeTimeout) { context in
+            self.perform(self.machine.handshakeTimedOut(), context: context)
         }
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case TLSUserEvent.handshakeCompleted = event {
-            self.timer?.cancel()
-            self.timer = nil
-            self.machine.connected(now: .now())
+        if case TLSUserEvent.handshakeCompleted(let negotiated) = event {
             self.serverIP = context.channel.remoteAddress?.ipAddress
-            TunnelMetrics.record(self.handshakeDuration, since: self.started)
-            self.connected.succeed()
-            let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
-            let channel = context.channel
-            self.heartbeatCheck = context.eventLoop.scheduleRepeatedTask(
-                initialDelay: self.reportInterval,
-                delay: self.reportInterval
-            ) { _ in
-                if loopBound.value.machine.heartbeatCheckFired(now: .now()) == .closeDeadChannel {
-                    loopBound.value.logger.error(
-                        "no heartbeat from the server; control channel considered dead",
-                        metadata: ["np.silence": "\(DurationParser.format(loopBound.value.machine.deadAfter))"]
-                    )
-                    channel.close(promise: nil)
-                }
-            }
+            let action = self.machine.tlsHandshakeCompleted(
+                alpn: negotiated,
+                fingerprint: self.peerFingerprint(context),
+                nonce: SecureRandom.bytes(V2Message.nonceLength),
+                now: context.eventLoop.now
+            )
+            self.perform(action, context: context)
         }
         context.fireUserInboundEventTriggered(event)
     }
 
+    /// The SHA-256 fingerprint of the certificate the server presented, nil when there is none.
+    static func tlsPeerFingerprint(context: ChannelHandlerContext) -> [UInt8]? {
+        let certificate = try? context.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self).peerCertificate
+        guard let der = try? certificate?.toDERBytes() else { return nil }
+        return Array(SHA256.hash(data: der))
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch self.unwrapInboundIn(data) {
-        case .overlong:
+        case .frame(let frame):
+            let action: ClientControlStateMachine.Action
+            do {
+                action = self.machine.messageReceived(try V2Message(frame: frame), now: context.eventLoop.now)
+            } catch {
+                action = self.machine.malformedMessageReceived(error)
+            }
+            self.perform(action, context: context)
+        case .line(.overlong):
             self.logger.warning("malformed signal skipped", metadata: ["np.error": "line too long"])
-        case .line(let line):
+        case .line(.line(let line)):
             do {
                 switch try Signal.parse(line) {
                 case .empty:
@@ -84,7 +109,7 @@ final class ClientControlHandler: ChannelInboundHandler {
                 case .unknown(let scheme):
                     self.logger.debug("unknown signal ignored", metadata: ["np.scheme": "\(scheme)"])
                 case .signal(let signal):
-                    self.perform(self.machine.signalReceived(signal, now: .now()))
+                    self.perform(self.machine.signalReceived(signal, now: context.eventLoop.now), context: context)
                 }
             } catch {
                 self.logger.warning("malformed signal skipped", metadata: ["np.error": "\(error)"])
@@ -92,43 +117,100 @@ final class ClientControlHandler: ChannelInboundHandler {
         }
     }
 
-    private func perform(_ action: ControlStateMachine.Action) {
+    private func perform(_ action: ClientControlStateMachine.Action, context: ChannelHandlerContext) {
         switch action {
-        case .none, .closeDeadChannel:
+        case .none:
             break
-        case .startPool(let port):
-            self.logger.info("connected to the server; pool port announced", metadata: ["np.pool.port": "\(port)"])
-            self.pool.start(port: port, host: self.serverIP)
-        case .restartPool(let port):
-            self.logger.info("server announced a new pool port", metadata: ["np.pool.port": "\(port)"])
-            self.pool.start(port: port, host: self.serverIP)
+        case .connected:
+            self.handshakeSucceeded()
+            self.connected.succeed()
+            self.startHeartbeat(interval: self.reportInterval, context: context)
+        case .send(let message):
+            context.writeV2(message)
+        case .established(let parameters, let secret):
+            self.handshakeSucceeded()
+            self.logger.info(
+                "connected to the server; authenticated",
+                metadata: [
+                    "np.pool.port": "\(parameters.poolPort)", "np.mode": "\(parameters.mode)",
+                    "np.tls": "\(parameters.tls.rawValue)",
+                ]
+            )
+            self.pool.start(
+                port: parameters.poolPort,
+                host: self.serverIP,
+                v2: V2PoolSettings(
+                    sessionID: parameters.sessionID,
+                    secret: secret,
+                    tls: parameters.tls == .plain ? nil : self.dataTLS,
+                    fingerprint: parameters.dataFingerprint
+                ),
+                forwardControl: parameters.mode == .forward ? context.channel : nil
+            )
+            // After the pool's start: the client opens its user listener if the pool is in forward mode.
+            self.connected.succeed()
+            self.startHeartbeat(interval: .milliseconds(Int64(parameters.heartbeatMilliseconds)), context: context)
+        case .fail(let message, let error):
+            self.timers.handshakeEnded()
+            self.connected.fail(error)
+            if let message {
+                context.writeV2(message, thenClose: true)
+            } else {
+                context.close(promise: nil)
+            }
+        case .startPool(let port, let restart):
+            let message: Logger.Message = restart
+                ? "server announced a new pool port" : "connected to the server; pool port announced"
+            self.logger.info(message, metadata: ["np.pool.port": "\(port)"])
+            self.pool.start(port: port, host: self.serverIP, v2: nil, forwardControl: nil)
         case .launch(let id):
             self.logger.debug("launch received", metadata: ["np.pool.id": "\(id)"])
             self.pool.launch(id)
-        case .ignoreLaunch(let id):
+        case .ignoreLaunch(let id, .beforePoolPort):
             self.logger.warning("launch before the pool port was announced; ignored", metadata: ["np.pool.id": "\(id)"])
+        case .ignoreLaunch(let id, .forwardMode):
+            self.logger.warning(
+                "launch from the server ignored: this side has the users (forward mode)",
+                metadata: ["np.pool.id": "\(id)"]
+            )
+        case .sendHeartbeat:
+            context.writeV2(.heartbeat)
+        case .close(let closure):
+            // v1's message predates v2's (operators may match on either).
+            closure.log(to: self.logger, peer: self.isV2 ? "peer" : "server")
+            context.close(promise: nil)
+        case .handshakeTimedOut, .closeQuietly:
+            context.close(promise: nil)
+        }
+    }
+
+    private func handshakeSucceeded() {
+        self.timers.handshakeEnded()
+        TunnelMetrics.record(self.handshakeDuration, since: self.started)
+    }
+
+    private func startHeartbeat(interval: TimeAmount, context: ChannelHandlerContext) {
+        self.timers.startHeartbeat(context: context, interval: interval) { context in
+            self.perform(self.machine.heartbeatDue(now: context.eventLoop.now), context: context)
         }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        if case .awaitingRemote = self.machine.state {
+        if self.machine.isAwaitingPoolPort {
             self.logger.error(
                 "the server closed the control channel before announcing its pool port (a server with a key, protocol v2, refuses clients without one)"
             )
         }
-        self.timer?.cancel()
-        self.timer = nil
-        self.heartbeatCheck?.cancel()
-        self.heartbeatCheck = nil
-        self.machine.disconnected()
-        self.connected.fail(NodePassError(.controlChannelLost, "the server closed the connection during the TLS handshake"))
+        self.timers.cancelAll()
+        self.machine.channelClosed()
+        let during = self.isV2 ? "the handshake" : "the TLS handshake"
+        self.connected.fail(NodePassError(.controlChannelLost, "the server closed the connection during \(during)"))
         context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         self.logger.debug("control channel error", metadata: ["np.error": "\(error)"])
-        self.connected.fail(NodePassError(.tls, "TLS handshake with the server failed: \(error)"))
-        context.close(promise: nil)
+        self.perform(self.machine.errorCaught(error), context: context)
     }
 }
 

@@ -1,129 +1,194 @@
-import Logging
 import CoreMetrics
+import Logging
 import NIOCore
-import NIOSSL
 import NIOTLS
 import NodePassCore
 
-/// The server end of a control channel, after `NIOSSLServerHandler`: bounds the TLS handshake, then
-/// announces the pool port at once and every report interval (the heartbeat). v1 clients send nothing;
-/// anything they send is dropped.
-final class ServerControlHandler: ChannelInboundHandler {
-    typealias InboundIn = ByteBuffer
+/// What a server control channel asks of the server.
+protocol ServerControlDelegate: AnyObject, Sendable {
+    /// v1: a client is connected (it replaces any other).
+    func controlConnected(_ channel: any Channel)
+    /// v2: a client proved the key: register its session; false when no more clients are accepted.
+    func v2SessionStarted(_ channel: any Channel, sessionID: [UInt8], secret: V2SessionSecret) -> Bool
+    /// A connected client's control channel closed.
+    func controlClosed(_ channel: any Channel)
+    /// The client launched one of its pool connections (forward mode).
+    func launchReceived(_ id: PoolID, from channel: any Channel)
+}
 
-    private let poolPort: Int
-    private let reportInterval: TimeAmount
+/// The server end of a control channel (v1 and v2), after `NIOSSLServerHandler` and the decoder of its
+/// protocol: performs what its `ServerControlStateMachine` decides. It bounds the handshake, announces the
+/// pool port (v1) or runs the v2 handshake, keeps the heartbeat, and passes launches on.
+final class ServerControlHandler: ChannelInboundHandler {
+    typealias InboundIn = ControlInput
+
+    private var machine: ServerControlStateMachine
+    private var timers = ControlTimers()
+    private let delegate: any ServerControlDelegate
     private let handshakeTimeout: TimeAmount
-    private let onHandshakeEnded: @Sendable (_ succeeded: Bool, _ channel: any Channel) -> Void
-    private let onClosed: @Sendable (_ channel: any Channel) -> Void
-    private let logger: Logger
-    private var handshakeTimer: Scheduled<Void>?
-    private var heartbeat: RepeatedTask?
-    private var handshakeDone = false
-    private var refused = false
+    private let metrics: TunnelMetrics
+    /// v2: the session's parameters for a session ID.
+    private let makeParameters: @Sendable (_ sessionID: [UInt8]) -> V2SessionParameters
+    private let onHandshakeEnded: @Sendable (_ channel: any Channel) -> Void
+    private var logger: Logger
     private let started = NIODeadline.now()
-    private let handshakeDuration: Timer
 
     init(
-        poolPort: Int,
+        version: ServerControlStateMachine.Version,
         reportInterval: TimeAmount,
         handshakeTimeout: TimeAmount,
-        handshakeDuration: Timer,
+        delegate: any ServerControlDelegate,
+        metrics: TunnelMetrics,
         logger: Logger,
-        onHandshakeEnded: @escaping @Sendable (_ succeeded: Bool, _ channel: any Channel) -> Void,
-        onClosed: @escaping @Sendable (_ channel: any Channel) -> Void
+        makeParameters: @escaping @Sendable (_ sessionID: [UInt8]) -> V2SessionParameters,
+        onHandshakeEnded: @escaping @Sendable (_ channel: any Channel) -> Void
     ) {
-        self.poolPort = poolPort
-        self.reportInterval = reportInterval
+        self.machine = ServerControlStateMachine(version: version, heartbeatInterval: reportInterval)
         self.handshakeTimeout = handshakeTimeout
-        self.handshakeDuration = handshakeDuration
+        self.delegate = delegate
+        self.metrics = metrics
         self.logger = logger
+        self.makeParameters = makeParameters
         self.onHandshakeEnded = onHandshakeEnded
-        self.onClosed = onClosed
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
-        let channel = context.channel
-        let logger = self.logger
-        self.handshakeTimer = context.eventLoop.scheduleTask(in: self.handshakeTimeout) {
-            logger.debug("TLS handshake timed out", metadata: ["np.peer": "\(channel.peerDescription)"])
-            channel.close(promise: nil)
+        self.logger[metadataKey: "np.peer"] = "\(context.channel.peerDescription)"
+        self.timers.startHandshakeDeadline(context: context, timeout: self.handshakeTimeout) { context in
+            self.perform(self.machine.handshakeTimedOut(), context: context)
         }
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case TLSUserEvent.handshakeCompleted(let negotiated) = event, !self.handshakeDone {
-            self.handshakeDone = true
-            if negotiated == ServerControlV2Handler.alpn {
-                self.refuseV2Client(context: context)
-                return
-            }
-            self.handshakeTimer?.cancel()
-            self.handshakeTimer = nil
-            TunnelMetrics.record(self.handshakeDuration, since: self.started)
-            self.onHandshakeEnded(true, context.channel)
-            self.sendRemote(context: context)
-            let channel = context.channel
-            let port = self.poolPort
-            self.heartbeat = context.eventLoop.scheduleRepeatedTask(
-                initialDelay: self.reportInterval,
-                delay: self.reportInterval
-            ) { _ in
-                var line = channel.allocator.buffer(capacity: 16)
-                Signal.remote(port: port).write(to: &line)
-                channel.writeAndFlush(line, promise: nil)
-            }
+        if case TLSUserEvent.handshakeCompleted(let negotiated) = event {
+            let nonce = SecureRandom.bytes(V2Message.nonceLength)
+            self.perform(self.machine.tlsHandshakeCompleted(alpn: negotiated, nonce: nonce), context: context)
         }
         context.fireUserInboundEventTriggered(event)
     }
 
-    /// A client with a key offered v2: tell it in v2's own terms that this server has none, and close.
-    private func refuseV2Client(context: ChannelHandlerContext) {
-        self.handshakeTimer?.cancel()
-        self.handshakeTimer = nil
-        self.logger.warning(
-            "client refused: it has a key (protocol v2) and this server has none",
-            metadata: ["np.peer": "\(context.channel.peerDescription)"]
-        )
-        self.onHandshakeEnded(false, context.channel)
-        self.refused = true
-        context.writeV2(.failure(.noKey, text: "this server has no key (protocol v1): give it the same key"), thenClose: true)
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        // v1 clients send nothing after the handshake: their lines are dropped.
+        guard case .frame(let frame) = self.unwrapInboundIn(data) else { return }
+        let action: ServerControlStateMachine.Action
+        do {
+            action = self.machine.messageReceived(try V2Message(frame: frame), now: context.eventLoop.now)
+        } catch {
+            action = self.machine.malformedMessageReceived(error)
+        }
+        self.perform(action, context: context)
     }
 
-    private func sendRemote(context: ChannelHandlerContext) {
+    private func perform(_ action: ServerControlStateMachine.Action, context: ChannelHandlerContext) {
+        switch action {
+        case .none:
+            break
+        case .startV1(let poolPort):
+            self.handshakeSucceeded(context: context)
+            self.logger.info("client connected")
+            self.delegate.controlConnected(context.channel)
+            self.sendRemote(poolPort, context: context)
+            self.startHeartbeat(context: context)
+        case .refuseV2Client(let message):
+            self.timers.handshakeEnded()
+            self.logger.warning("client refused: it has a key (protocol v2) and this server has none")
+            self.onHandshakeEnded(context.channel)
+            context.writeV2(message, thenClose: true)
+        case .send(let message):
+            context.writeV2(message)
+        case .registerSession:
+            self.registerSession(context: context)
+        case .refuse(let message, let error):
+            self.timers.handshakeEnded()
+            self.metrics.authenticationFailures.increment()
+            self.logger.warning("client refused", metadata: ["np.error": "\(error)"])
+            self.onHandshakeEnded(context.channel)
+            if let message {
+                context.writeV2(message, thenClose: true)
+            } else {
+                context.close(promise: nil)
+            }
+        case .sendRemote(let poolPort):
+            self.sendRemote(poolPort, context: context)
+        case .sendHeartbeat:
+            context.writeV2(.heartbeat)
+        case .launch(let id):
+            self.delegate.launchReceived(id, from: context.channel)
+        case .close(let closure):
+            closure.log(to: self.logger, peer: "peer")
+            context.close(promise: nil)
+        case .handshakeTimedOut:
+            self.logger.debug("handshake timed out")
+            context.close(promise: nil)
+        case .closeQuietly:
+            context.close(promise: nil)
+        }
+    }
+
+    private func handshakeSucceeded(context: ChannelHandlerContext) {
+        self.timers.handshakeEnded()
+        TunnelMetrics.record(self.metrics.handshakeDuration, since: self.started)
+        self.onHandshakeEnded(context.channel)
+    }
+
+    private func registerSession(context: ChannelHandlerContext) {
+        let sessionID = SecureRandom.bytes(V2SessionParameters.sessionIDLength)
+        guard let (welcome, secret) = self.machine.welcome(parameters: self.makeParameters(sessionID)) else { return }
+        guard self.delegate.v2SessionStarted(context.channel, sessionID: sessionID, secret: secret) else {
+            self.perform(self.machine.sessionRefused(), context: context)
+            return
+        }
+        self.machine.sessionRegistered(now: context.eventLoop.now)
+        self.handshakeSucceeded(context: context)
+        self.logger.info("client authenticated")
+        context.writeV2(welcome)
+        self.startHeartbeat(context: context)
+    }
+
+    private func startHeartbeat(context: ChannelHandlerContext) {
+        self.timers.startHeartbeat(context: context, interval: self.machine.heartbeatInterval) { context in
+            self.perform(self.machine.heartbeatDue(now: context.eventLoop.now), context: context)
+        }
+    }
+
+    private func sendRemote(_ poolPort: Int, context: ChannelHandlerContext) {
         var line = context.channel.allocator.buffer(capacity: 16)
-        Signal.remote(port: self.poolPort).write(to: &line)
+        Signal.remote(port: poolPort).write(to: &line)
         context.writeAndFlush(NIOAny(line), promise: nil)
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        // v1 clients send nothing after the handshake: drop whatever comes.
-    }
-
     func channelInactive(context: ChannelHandlerContext) {
-        self.handshakeTimer?.cancel()
-        self.handshakeTimer = nil
-        self.heartbeat?.cancel()
-        self.heartbeat = nil
-        if self.refused {
-            // Already reported as a failed handshake.
-        } else if self.handshakeDone {
-            self.onClosed(context.channel)
-        } else {
-            self.handshakeDone = true
-            self.onHandshakeEnded(false, context.channel)
+        self.timers.cancelAll()
+        switch self.machine.channelClosed() {
+        case .sessionEnded: self.delegate.controlClosed(context.channel)
+        case .handshakeEnded: self.onHandshakeEnded(context.channel)
+        case .none: break
         }
         context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        self.logger.debug(
-            "control connection error",
-            metadata: ["np.peer": "\(context.channel.peerDescription)", "np.error": "\(error)"]
-        )
-        context.close(promise: nil)
+        self.logger.debug("control connection error", metadata: ["np.error": "\(error)"])
+        self.perform(self.machine.errorCaught(error), context: context)
     }
 }
 
 @available(*, unavailable)
 extension ServerControlHandler: Sendable {}
+
+extension ControlClosure {
+    /// Logs why the control channel to `peer` (how the log names the other side) closes.
+    func log(to logger: Logger, peer: String) {
+        switch self {
+        case .peerGaveUp(let reason, let text):
+            logger.error("the peer closed the session", metadata: ["np.reason": "\(reason)", "np.text": "\(text)"])
+        case .handshakeMessageAfterHandshake:
+            logger.error("handshake message after the handshake; control channel closed")
+        case .silent(let silence):
+            logger.error(
+                "no heartbeat from the \(peer); control channel considered dead",
+                metadata: ["np.silence": "\(DurationParser.format(silence))"]
+            )
+        }
+    }
+}

@@ -5,32 +5,32 @@ import NodePassCore
 ///
 /// A line longer than `maximumLineLength` is not buffered: its bytes are dropped up to the next `\n` and
 /// a single `.overlong` is emitted, so a hostile peer cannot grow the buffer and the stream stays in sync.
-public struct SignalLineDecoder: ByteToMessageDecoder {
+struct SignalLineDecoder: ControlDecoder {
     /// One decoded unit.
-    public enum Line: Equatable, Sendable {
+    enum Line: Hashable, Sendable {
         /// A complete line.
         case line(ByteBuffer)
         /// A line that was too long and was dropped.
         case overlong
     }
 
-    public typealias InboundOut = Line
+    typealias InboundOut = ControlInput
 
     private let maximumLineLength: Int
     private var discarding = false
 
     /// Makes a decoder accepting lines of at most `maximumLineLength` bytes.
-    public init(maximumLineLength: Int = Signal.maximumLineLength) {
+    init(maximumLineLength: Int = Signal.maximumLineLength) {
         self.maximumLineLength = maximumLineLength
     }
 
-    public mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
         let view = buffer.readableBytesView
         guard let newline = view.firstIndex(of: UInt8(ascii: "\n")) else {
             if buffer.readableBytes > self.maximumLineLength {
                 if !self.discarding {
                     self.discarding = true
-                    context.fireChannelRead(NIOAny(Line.overlong))
+                    context.fireChannelRead(NIOAny(ControlInput.line(.overlong)))
                 }
                 buffer.moveReaderIndex(forwardBy: buffer.readableBytes)
             }
@@ -42,20 +42,10 @@ public struct SignalLineDecoder: ByteToMessageDecoder {
         if self.discarding {
             self.discarding = false
         } else if length > self.maximumLineLength {
-            context.fireChannelRead(NIOAny(Line.overlong))
+            context.fireChannelRead(NIOAny(ControlInput.line(.overlong)))
         } else {
-            context.fireChannelRead(NIOAny(Line.line(line)))
+            context.fireChannelRead(NIOAny(ControlInput.line(.line(line))))
         }
         return .continue
-    }
-
-    public mutating func decodeLast(
-        context: ChannelHandlerContext,
-        buffer: inout ByteBuffer,
-        seenEOF: Bool
-    ) throws -> DecodingState {
-        while try self.decode(context: context, buffer: &buffer) == .continue {}
-        buffer.moveReaderIndex(forwardBy: buffer.readableBytes)
-        return .needMoreData
     }
 }

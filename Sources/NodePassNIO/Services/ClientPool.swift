@@ -11,7 +11,7 @@ import NodePassCore
 ///
 /// Each start of the pool is a generation; a connection's owner is its generation, and events of an ended
 /// generation are dropped.
-final class ClientPool: PoolConnectionOwners {
+final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
     private struct State {
         var machine: ClientPoolStateMachine
         var generation: UInt64 = 0
@@ -36,7 +36,7 @@ final class ClientPool: PoolConnectionOwners {
     private let url: TunnelURL
     private let configuration: Configuration
     private let group: any EventLoopGroup
-    private let sessions: SessionTracker
+    private let relays: Relays
     private let logger: Logger
     private let metrics: TunnelMetrics
     /// Reverse mode's role.
@@ -48,17 +48,15 @@ final class ClientPool: PoolConnectionOwners {
         url: TunnelURL,
         configuration: Configuration,
         group: any EventLoopGroup,
-        sessions: SessionTracker,
-        metrics: TunnelMetrics,
-        logger: Logger
+        relays: Relays
     ) {
-        self.metrics = metrics
+        self.metrics = relays.metrics
         self.url = url
         self.configuration = configuration
         self.group = group
         self.forwardLoop = group.next()
-        self.sessions = sessions
-        self.logger = logger
+        self.relays = relays
+        self.logger = relays.logger
         self.state = Locked(
             State(
                 machine: ClientPoolStateMachine(
@@ -74,17 +72,15 @@ final class ClientPool: PoolConnectionOwners {
             maximumAwaited: configuration.maxPoolCapacity,
             launchWait: configuration.idReadTimeout,
             dialTimeout: configuration.dialTimeout,
-            sessions: sessions,
-            metrics: metrics,
-            idleGauge: nil,
-            logger: logger
+            relays: relays,
+            idleGauge: nil
         )
         self.launcher = Launcher(
             maximumIdle: configuration.maxPoolCapacity,
             waitTimeout: configuration.poolWaitTimeout,
-            metrics: metrics,
+            metrics: relays.metrics,
             idleGauge: nil,
-            logger: logger
+            logger: relays.logger
         )
         self.dialer.owners = self
         self.launcher.owners = self
@@ -164,15 +160,13 @@ final class ClientPool: PoolConnectionOwners {
         let (poolPort, poolHost, v2, forward) = self.state.withLock {
             ($0.poolPort, $0.poolHost, $0.v2, $0.forwardControl != nil)
         }
-        // What a pool connection reads goes towards the service in reverse mode, back to the user in forward mode.
-        let bytes = forward ? self.metrics.bytesDownstream : self.metrics.bytesUpstream
         guard adjustment.open > 0, let port = poolPort else { return }
         let host = poolHost ?? self.url.tunnel.dialHost
         let delegate = GenerationDelegate(pool: self, generation: generation)
         for _ in 0..<adjustment.open {
             let bootstrap = ClientBootstrap(group: forward ? self.forwardLoop : self.group)
                 .connectTimeout(self.configuration.dialTimeout)
-                .channelInitializer { [configuration, sessions = self.sessions, logger = self.logger] channel in
+                .channelInitializer { [configuration, relays] channel in
                     SocketTuning.apply(to: channel)
                     return channel.eventLoop.makeCompletedFuture {
                         try SocketTuning.prepareRelay(channel)
@@ -201,10 +195,7 @@ final class ClientPool: PoolConnectionOwners {
                                 idReadTimeout: configuration.idReadTimeout,
                                 claimTimeout: configuration.poolWaitTimeout + configuration.dialTimeout
                             ),
-                            GlueHandler(
-                                bytes: bytes,
-                                splice: SpliceSetup(sessions: sessions, logger: logger, schedulesMove: false)
-                            ),
+                            relays.glue(forward ? .poolWithUsers : .poolThatDials),
                         ])
                     }
                 }

@@ -10,7 +10,7 @@ import NodePassCore
 /// Called from every event loop; the sessions are a `ServerSessionsStateMachine` under a lock. v1 has one
 /// client at a time (a newer one replaces it); v2 has up to `maximumClients`, each owning its idle pool
 /// connections.
-final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, PoolConnectionOwners {
+final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, PoolConnectionOwners {
     /// A client's control channel and the writer of its launches.
     struct Control: Sendable {
         var channel: any Channel
@@ -24,13 +24,10 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, P
     private let configuration: Configuration
     private let logger: Logger
     private let metrics: TunnelMetrics
-    /// Whether launches go out as v2 frames (else as v1 lines).
-    private let isV2: Bool
     /// What the pool connections are for; set once by `serve`, before any client connects.
     private let role = Locked<(any PoolConnectionRole)?>(nil)
 
-    init(configuration: Configuration, isV2: Bool, metrics: TunnelMetrics, logger: Logger) {
-        self.isV2 = isV2
+    init(configuration: Configuration, metrics: TunnelMetrics, logger: Logger) {
         self.configuration = configuration
         self.metrics = metrics
         self.logger = logger
@@ -51,8 +48,8 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, P
         return launcher
     }
 
-    /// Forward mode: clients launch, and the server dials `target` (with `sessions` bounding the relays).
-    func serveForward(target: HostPort, sessions: SessionTracker) {
+    /// Forward mode: clients launch, and the server dials `target`, relaying as `relays` says.
+    func serveForward(target: HostPort, relays: Relays) {
         let dialer = TargetDialer(
             target: target,
             // Each client keeps up to MAX_POOL_CAPACITY idle connections of its own.
@@ -61,10 +58,8 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerV2SessionRegistry, P
             launchWait: self.configuration.idReadTimeout,
             dialTimeout: self.configuration.dialTimeout,
             owners: self,
-            sessions: sessions,
-            metrics: self.metrics,
-            idleGauge: self.metrics.poolIdle,
-            logger: self.logger
+            relays: relays,
+            idleGauge: self.metrics.poolIdle
         )
         self.role.withLock { $0 = dialer }
     }

@@ -16,6 +16,7 @@ public final class TunnelClient: Service, Sendable {
     private let group: any EventLoopGroup
     private let logger: Logger
     private let sessions: SessionTracker
+    private let relays: Relays
     private let pool: ClientPool
     private let metrics: TunnelMetrics
     private let connections = Atomic<Int>(0)
@@ -36,14 +37,8 @@ public final class TunnelClient: Service, Sendable {
         self.group = group
         self.logger = logger
         self.sessions = SessionTracker(limit: configuration.semaphoreLimit)
-        self.pool = ClientPool(
-            url: url,
-            configuration: configuration,
-            group: group,
-            sessions: self.sessions,
-            metrics: metrics,
-            logger: logger
-        )
+        self.relays = Relays(sessions: self.sessions, metrics: metrics, logger: logger, configuration: configuration)
+        self.pool = ClientPool(url: url, configuration: configuration, group: group, relays: self.relays)
     }
 
     /// The number of live relayed sessions.
@@ -62,7 +57,7 @@ public final class TunnelClient: Service, Sendable {
         } else {
             v2 = nil
         }
-        let tls = try TLSClientContext.makeUnverified(applicationProtocols: v2 == nil ? [] : [ServerControlV2Handler.alpn])
+        let tls = try TLSClientContext.makeUnverified(applicationProtocols: v2 == nil ? [] : [V2Message.alpn])
         self.logger.info(
             "client started",
             metadata: ["np.url": "\(self.url.redacted)", "np.version": "\(NodePassVersion.current)", "np.protocols": "\(NodePassVersion.protocols)"]
@@ -125,12 +120,7 @@ public final class TunnelClient: Service, Sendable {
     }
 
     private func userBootstrap() -> ServerBootstrap {
-        let users = UserConnections(
-            sessions: self.sessions,
-            metrics: self.metrics,
-            logger: self.logger,
-            idleTimeout: self.configuration.idleTimeout
-        )
+        let users = UserConnections(relays: self.relays)
         // On the pool's forward loop: each user and its pool connection share a thread.
         return Listener.bootstrap(group: self.pool.forwardLoop, logger: self.logger, what: "target")
             .childChannelInitializer { [pool] channel in
@@ -152,28 +142,15 @@ public final class TunnelClient: Service, Sendable {
                 .connectTimeout(self.configuration.dialTimeout)
                 .channelInitializer { [pool, configuration, logger, metrics] channel in
                     SocketTuning.apply(to: channel)
-                    if let v2 {
-                        return channel.eventLoop.makeCompletedFuture {
-                            try channel.pipeline.syncOperations.addHandlers([
-                                try NIOSSLClientHandler(context: tls, serverHostname: nil),
-                                ByteToMessageHandler(V2FrameDecoder()),
-                                ClientControlV2Handler(
-                                    key: v2.key,
-                                    pool: pool,
-                                    handshakeTimeout: configuration.handshakeTimeout,
-                                    connected: connected,
-                                    handshakeDuration: metrics.handshakeDuration,
-                                    logger: logger,
-                                    dataTLS: v2.dataTLS
-                                ),
-                            ])
-                        }
-                    }
                     return channel.eventLoop.makeCompletedFuture {
+                        let decoder: any ChannelHandler =
+                            v2 == nil ? ByteToMessageHandler(SignalLineDecoder()) : ByteToMessageHandler(V2FrameDecoder())
                         try channel.pipeline.syncOperations.addHandlers([
                             try NIOSSLClientHandler(context: tls, serverHostname: nil),
-                            ByteToMessageHandler(SignalLineDecoder()),
+                            decoder,
                             ClientControlHandler(
+                                key: v2?.key,
+                                dataTLS: v2?.dataTLS,
                                 pool: pool,
                                 reportInterval: configuration.reportInterval,
                                 handshakeTimeout: configuration.handshakeTimeout,

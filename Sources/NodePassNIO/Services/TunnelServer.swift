@@ -32,6 +32,7 @@ public final class TunnelServer: Service, Sendable {
     private let pendingHandshakes: PendingHandshakes
     /// v2 pool connections whose opening has not been authenticated yet.
     private let pendingPoolOpenings: PendingHandshakes
+    private let relays: Relays
     private let users: UserConnections
     private let metrics: TunnelMetrics
     /// The event loop of every pool and user connection: both halves of a relay on one thread, so that
@@ -54,14 +55,10 @@ public final class TunnelServer: Service, Sendable {
         self.group = group
         self.logger = logger
         self.onListening = onListening
-        self.pool = ServerPool(configuration: configuration, isV2: url.key != nil, metrics: metrics, logger: logger)
+        self.pool = ServerPool(configuration: configuration, metrics: metrics, logger: logger)
         self.sessions = SessionTracker(limit: configuration.semaphoreLimit)
-        self.users = UserConnections(
-            sessions: self.sessions,
-            metrics: metrics,
-            logger: logger,
-            idleTimeout: configuration.idleTimeout
-        )
+        self.relays = Relays(sessions: self.sessions, metrics: metrics, logger: logger, configuration: configuration)
+        self.users = UserConnections(relays: self.relays)
         self.pendingHandshakes = PendingHandshakes(limit: configuration.maxPendingHandshakes)
         self.pendingPoolOpenings = PendingHandshakes(limit: configuration.maxPendingHandshakes * 4)
     }
@@ -103,7 +100,7 @@ public final class TunnelServer: Service, Sendable {
     /// Runs until graceful shutdown: binds, serves, then drains within SHUTDOWN_TIMEOUT.
     public func run() async throws {
         let certificate = try InMemoryCertificate.generate()
-        let tls = try certificate.makeServerContext(applicationProtocols: [ServerControlV2Handler.alpn])
+        let tls = try certificate.makeServerContext(applicationProtocols: [V2Message.alpn])
         var v2 = try self.url.key.map { try self.makeV2Setup(keyText: $0, certificate: certificate) }
 
         let userListener = try await self.bindUsers(v2: &v2)
@@ -174,7 +171,7 @@ public final class TunnelServer: Service, Sendable {
     private func bindUsers(v2: inout V2Setup?) async throws -> (any Channel)? {
         let requested = v2 == nil ? .reverse : self.url.mode
         if requested == .forward {
-            self.pool.serveForward(target: self.url.target, sessions: self.sessions)
+            self.pool.serveForward(target: self.url.target, relays: self.relays)
             v2?.mode = .forward
             return nil
         }
@@ -195,7 +192,7 @@ public final class TunnelServer: Service, Sendable {
                 "mode=0 chose forward mode: users connect to the client, the server dials its TARGET",
                 metadata: ["np.target": "\(self.url.target)", "np.reason": "\(error.message)"]
             )
-            self.pool.serveForward(target: self.url.target, sessions: self.sessions)
+            self.pool.serveForward(target: self.url.target, relays: self.relays)
             v2?.mode = .forward
             return nil
         }
@@ -218,64 +215,41 @@ public final class TunnelServer: Service, Sendable {
                     evicted.close(promise: nil)
                 }
                 SocketTuning.setUserTimeout(configuration.reportInterval * 3, on: channel)
-                if let v2 {
-                    return channel.eventLoop.makeCompletedFuture {
-                        let parameters: @Sendable ([UInt8]) -> V2SessionParameters = { sessionID in
-                            V2SessionParameters(
-                                mode: v2.mode,
-                                tls: v2.tls,
-                                poolPort: poolPort,
-                                heartbeatMilliseconds: UInt32(clamping: configuration.reportInterval.nanoseconds / 1_000_000),
-                                sessionID: sessionID,
-                                dataFingerprint: v2.dataFingerprint
-                            )
-                        }
-                        do {
-                            try channel.pipeline.syncOperations.addHandlers([
-                                NIOSSLServerHandler(context: tls),
-                                ByteToMessageHandler(V2FrameDecoder()),
-                                ServerControlV2Handler(
-                                    key: v2.key,
-                                    fingerprint: fingerprint,
-                                    reportInterval: configuration.reportInterval,
-                                    handshakeTimeout: configuration.handshakeTimeout,
-                                    registry: pool,
-                                    metrics: metrics,
-                                    logger: logger,
-                                    makeParameters: parameters,
-                                    onHandshakeEnded: { pendingHandshakes.finish($0) }
-                                ),
-                            ])
-                        } catch {
-                            pendingHandshakes.finish(channel)
-                            throw error
-                        }
-                    }
-                }
-                do {
-                    let control = ServerControlHandler(
+                let version: ServerControlStateMachine.Version =
+                    v2.map { .v2(key: $0.key, fingerprint: fingerprint) } ?? .v1(poolPort: poolPort)
+                let parameters: @Sendable ([UInt8]) -> V2SessionParameters = { sessionID in
+                    V2SessionParameters(
+                        mode: v2?.mode ?? .reverse,
+                        tls: v2?.tls ?? .plain,
                         poolPort: poolPort,
-                        reportInterval: configuration.reportInterval,
-                        handshakeTimeout: configuration.handshakeTimeout,
-                        handshakeDuration: metrics.handshakeDuration,
-                        logger: logger,
-                        onHandshakeEnded: { succeeded, channel in
-                            pendingHandshakes.finish(channel)
-                            if succeeded {
-                                logger.info(
-                                    "client connected",
-                                    metadata: ["np.peer": "\(channel.peerDescription)"]
-                                )
-                                pool.controlConnected(channel)
-                            }
-                        },
-                        onClosed: { channel in pool.controlClosed(channel) }
+                        heartbeatMilliseconds: UInt32(clamping: configuration.reportInterval.nanoseconds / 1_000_000),
+                        sessionID: sessionID,
+                        dataFingerprint: v2?.dataFingerprint ?? []
                     )
-                    try channel.pipeline.syncOperations.addHandlers([NIOSSLServerHandler(context: tls), control])
-                    return channel.eventLoop.makeSucceededVoidFuture()
-                } catch {
-                    pendingHandshakes.finish(channel)
-                    return channel.eventLoop.makeFailedFuture(error)
+                }
+                return channel.eventLoop.makeCompletedFuture {
+                    // v1 clients send nothing; what a stranger sends is split into bounded lines and dropped.
+                    let decoder: any ChannelHandler =
+                        v2 == nil ? ByteToMessageHandler(SignalLineDecoder()) : ByteToMessageHandler(V2FrameDecoder())
+                    do {
+                        try channel.pipeline.syncOperations.addHandlers([
+                            NIOSSLServerHandler(context: tls),
+                            decoder,
+                            ServerControlHandler(
+                                version: version,
+                                reportInterval: configuration.reportInterval,
+                                handshakeTimeout: configuration.handshakeTimeout,
+                                delegate: pool,
+                                metrics: metrics,
+                                logger: logger,
+                                makeParameters: parameters,
+                                onHandshakeEnded: { pendingHandshakes.finish($0) }
+                            ),
+                        ])
+                    } catch {
+                        pendingHandshakes.finish(channel)
+                        throw error
+                    }
                 }
             }
     }
@@ -283,7 +257,7 @@ public final class TunnelServer: Service, Sendable {
     private func poolBootstrap(v2: V2Setup?) -> ServerBootstrap {
         let configuration = self.configuration
         return self.baseBootstrap(on: self.dataLoop, what: "pool")
-            .childChannelInitializer { [pool, metrics, logger, pendingPoolOpenings, sessions] channel in
+            .childChannelInitializer { [pool, metrics, logger, pendingPoolOpenings, relays] channel in
                 channel.eventLoop.makeCompletedFuture {
                     try SocketTuning.prepareRelay(channel)
                     if let v2 {
@@ -308,11 +282,7 @@ public final class TunnelServer: Service, Sendable {
                             waitsForAuthentication: v2 != nil,
                             claimTimeout: forward ? configuration.poolWaitTimeout + configuration.dialTimeout : nil
                         ),
-                        // What a pool connection reads goes towards the service in forward mode.
-                        GlueHandler(
-                            bytes: forward ? metrics.bytesUpstream : metrics.bytesDownstream,
-                            splice: SpliceSetup(sessions: sessions, logger: logger, schedulesMove: false)
-                        ),
+                        relays.glue(forward ? .poolThatDials : .poolWithUsers),
                     ])
                 }
             }

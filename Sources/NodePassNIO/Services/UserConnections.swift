@@ -5,18 +5,14 @@ import NIOCore
 /// Accepted user connections on the side with the users (the server in reverse mode, the client in forward
 /// mode): counted against SEMAPHORE_LIMIT, then handed to the pool once active.
 struct UserConnections: Sendable {
-    let sessions: SessionTracker
-    let metrics: TunnelMetrics
-    let logger: Logger
-    /// A user connection on which nothing moved for this long is closed (nil: never).
-    let idleTimeout: TimeAmount?
+    let relays: Relays
+    private var sessions: SessionTracker { self.relays.sessions }
+    private var metrics: TunnelMetrics { self.relays.metrics }
+    private var logger: Logger { self.relays.logger }
     private let lastLimitLog = LimitLogClock()
 
-    init(sessions: SessionTracker, metrics: TunnelMetrics, logger: Logger, idleTimeout: TimeAmount?) {
-        self.sessions = sessions
-        self.metrics = metrics
-        self.logger = logger
-        self.idleTimeout = idleTimeout
+    init(relays: Relays) {
+        self.relays = relays
     }
 
     /// The child channel initializer of a user listener (it sets the relay options of `SocketTuning`).
@@ -36,7 +32,7 @@ struct UserConnections: Sendable {
             return channel.close()
         }
         metrics.accepted.increment()
-        let idleTimeout = self.idleTimeout
+        let idleTimeout = self.relays.idleTimeout
         let logger = self.logger
         return channel.eventLoop.makeCompletedFuture {
             try SocketTuning.prepareRelay(channel)
@@ -48,10 +44,7 @@ struct UserConnections: Sendable {
             }
             try channel.pipeline.syncOperations.addHandlers([
                 ChannelActiveHandler(onActive: arrived),
-                GlueHandler(
-                    bytes: metrics.bytesUpstream,
-                    splice: SpliceSetup(sessions: self.sessions, idleTimeout: idleTimeout, logger: logger)
-                ),
+                self.relays.glue(.user),
             ])
         }
     }

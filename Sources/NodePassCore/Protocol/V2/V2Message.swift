@@ -20,6 +20,8 @@ public enum V2FailureReason: UInt8, Hashable, Sendable {
 public enum V2Message: Hashable, Sendable {
     /// The only protocol version this implementation speaks.
     public static let version: UInt8 = 2
+    /// The ALPN protocol name a v2 client offers on the control channel's TLS handshake.
+    public static let alpn = "nodepass/2"
     /// Length of a handshake nonce in bytes.
     public static let nonceLength = 32
     /// Length of a proof (HMAC-SHA256) in bytes.

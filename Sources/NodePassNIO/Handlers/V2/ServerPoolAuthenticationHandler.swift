@@ -34,7 +34,7 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
         secretForSession: @escaping @Sendable ([UInt8]) -> V2SessionSecret?,
         onEnded: @escaping @Sendable (any Channel) -> Void
     ) {
-        self.state = .awaitingProof(nonce: ServerControlV2Handler.randomBytes(V2PoolOpening.nonceLength), received: ByteBuffer())
+        self.state = .awaitingProof(nonce: SecureRandom.bytes(V2PoolOpening.nonceLength), received: ByteBuffer())
         self.tls = tls
         self.timeout = timeout
         self.metrics = metrics
