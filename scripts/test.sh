@@ -28,6 +28,8 @@ if ! python3 -c 'import pytest, pytest_timeout' 2>/dev/null; then
         || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages pytest pytest-timeout
 fi
 
+say "format (swift-format, swift-nio's settings in .swift-format)"
+swift format lint --strict -r Sources Tests
 say "building"
 swift build -Xswiftc -warnings-as-errors
 say "unit and loopback tests"

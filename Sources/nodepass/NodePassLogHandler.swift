@@ -1,3 +1,7 @@
+import Logging
+import NIOConcurrencyHelpers
+import NodePassCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -5,9 +9,6 @@ import Musl
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import Logging
-import NodePassCore
-import NIOConcurrencyHelpers
 
 /// Prints log records in NodePass's line format to standard output:
 /// `YYYY-MM-DD HH:MM:SS.mmm  LEVEL  message key=value ...`, the level word in colour on a terminal only.

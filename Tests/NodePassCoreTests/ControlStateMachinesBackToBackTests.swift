@@ -56,7 +56,10 @@ import Testing
 
     @Test func v2EstablishesThenCarriesLaunchesAndHeartbeats() {
         var client = ClientControlStateMachine(version: .v2(key: Self.key))
-        var server = ServerControlStateMachine(version: .v2(key: Self.key, fingerprint: Self.fingerprint), heartbeatInterval: .seconds(1))
+        var server = ServerControlStateMachine(
+            version: .v2(key: Self.key, fingerprint: Self.fingerprint),
+            heartbeatInterval: .seconds(1)
+        )
         let parameters = self.establish(&client, &server, mode: .forward)
         #expect(parameters?.poolPort == 4000 && server.isEstablished)
         // Forward mode: the client launches, the server dials; a launch from the server is ignored.
@@ -88,13 +91,20 @@ import Testing
 
     @Test func v2ReverseModeClientRelaysLaunchesAndEndsOnAFailure() {
         var client = ClientControlStateMachine(version: .v2(key: Self.key))
-        var server = ServerControlStateMachine(version: .v2(key: Self.key, fingerprint: Self.fingerprint), heartbeatInterval: .seconds(1))
+        var server = ServerControlStateMachine(
+            version: .v2(key: Self.key, fingerprint: Self.fingerprint),
+            heartbeatInterval: .seconds(1)
+        )
         _ = self.establish(&client, &server)
         guard case .launch(PoolID(3)) = client.messageReceived(.launch(PoolID(3)), now: Self.start) else {
             Issue.record("a reverse-mode client relays launches")
             return
         }
-        guard case .close(.peerGaveUp(.other, text: "bye")) = server.messageReceived(.failure(.other, text: "bye"), now: Self.start)
+        guard
+            case .close(.peerGaveUp(.other, text: "bye")) = server.messageReceived(
+                .failure(.other, text: "bye"),
+                now: Self.start
+            )
         else {
             Issue.record("a failure from the client ends the session")
             return
@@ -104,10 +114,21 @@ import Testing
     }
 
     @Test func aWrongKeyIsRefusedAndEndsOnlyTheHandshake() {
-        var client = ClientControlStateMachine(version: .v2(key: V2Key(derivedBytes: Array(repeating: 0x22, count: 32))))
-        var server = ServerControlStateMachine(version: .v2(key: Self.key, fingerprint: Self.fingerprint), heartbeatInterval: .seconds(1))
+        var client = ClientControlStateMachine(
+            version: .v2(key: V2Key(derivedBytes: Array(repeating: 0x22, count: 32)))
+        )
+        var server = ServerControlStateMachine(
+            version: .v2(key: Self.key, fingerprint: Self.fingerprint),
+            heartbeatInterval: .seconds(1)
+        )
         _ = server.tlsHandshakeCompleted(alpn: V2Message.alpn, nonce: Array(repeating: 2, count: 32))
-        guard case .send(let hello) = client.tlsHandshakeCompleted(alpn: V2Message.alpn, fingerprint: Self.fingerprint, nonce: [1], now: Self.start),
+        guard
+            case .send(let hello) = client.tlsHandshakeCompleted(
+                alpn: V2Message.alpn,
+                fingerprint: Self.fingerprint,
+                nonce: [1],
+                now: Self.start
+            ),
             case .send(let challenge) = server.messageReceived(hello, now: Self.start),
             case .send(let proof) = client.messageReceived(challenge, now: Self.start),
             case .refuse(let failure?, let error) = server.messageReceived(proof, now: Self.start),
@@ -122,9 +143,18 @@ import Testing
 
     @Test func aTooBusyServerRefusesTheSession() {
         var client = ClientControlStateMachine(version: .v2(key: Self.key))
-        var server = ServerControlStateMachine(version: .v2(key: Self.key, fingerprint: Self.fingerprint), heartbeatInterval: .seconds(1))
+        var server = ServerControlStateMachine(
+            version: .v2(key: Self.key, fingerprint: Self.fingerprint),
+            heartbeatInterval: .seconds(1)
+        )
         _ = server.tlsHandshakeCompleted(alpn: V2Message.alpn, nonce: Array(repeating: 2, count: 32))
-        guard case .send(let hello) = client.tlsHandshakeCompleted(alpn: V2Message.alpn, fingerprint: Self.fingerprint, nonce: [1], now: Self.start),
+        guard
+            case .send(let hello) = client.tlsHandshakeCompleted(
+                alpn: V2Message.alpn,
+                fingerprint: Self.fingerprint,
+                nonce: [1],
+                now: Self.start
+            ),
             case .send(let challenge) = server.messageReceived(hello, now: Self.start),
             case .send(let proof) = client.messageReceived(challenge, now: Self.start),
             case .registerSession = server.messageReceived(proof, now: Self.start),
@@ -138,7 +168,10 @@ import Testing
 
     @Test func versionMismatchesFailAtOnceOnTheSideThatKnows() {
         // A v1 client (no ALPN) at a v2 server.
-        var v2Server = ServerControlStateMachine(version: .v2(key: Self.key, fingerprint: Self.fingerprint), heartbeatInterval: .seconds(1))
+        var v2Server = ServerControlStateMachine(
+            version: .v2(key: Self.key, fingerprint: Self.fingerprint),
+            heartbeatInterval: .seconds(1)
+        )
         guard case .refuse(nil, let error) = v2Server.tlsHandshakeCompleted(alpn: nil, nonce: []) else {
             Issue.record("a v2 server refuses a client without a key")
             return
@@ -146,7 +179,8 @@ import Testing
         #expect(error.code == .versionMismatch)
         // A v2 client at a v1 server of this implementation: refused with v2's own failure.
         var v1Server = ServerControlStateMachine(version: .v1(poolPort: 4000), heartbeatInterval: .seconds(1))
-        guard case .refuseV2Client(.failure(.noKey, _)) = v1Server.tlsHandshakeCompleted(alpn: V2Message.alpn, nonce: [])
+        guard
+            case .refuseV2Client(.failure(.noKey, _)) = v1Server.tlsHandshakeCompleted(alpn: V2Message.alpn, nonce: [])
         else {
             Issue.record("a v1 server refuses a client with a key")
             return
@@ -154,14 +188,26 @@ import Testing
         #expect(v1Server.channelClosed() == .none)
         // A v2 client at a server that negotiated no `nodepass/2` (another v1 implementation).
         var client = ClientControlStateMachine(version: .v2(key: Self.key))
-        guard case .fail(nil, let clientError) = client.tlsHandshakeCompleted(alpn: nil, fingerprint: Self.fingerprint, nonce: [], now: Self.start)
+        guard
+            case .fail(nil, let clientError) = client.tlsHandshakeCompleted(
+                alpn: nil,
+                fingerprint: Self.fingerprint,
+                nonce: [],
+                now: Self.start
+            )
         else {
             Issue.record("a v2 client stops at a v1 server")
             return
         }
         #expect(clientError.code == .versionMismatch)
         var noCertificate = ClientControlStateMachine(version: .v2(key: Self.key))
-        guard case .fail(nil, let tlsError) = noCertificate.tlsHandshakeCompleted(alpn: V2Message.alpn, fingerprint: nil, nonce: [], now: Self.start)
+        guard
+            case .fail(nil, let tlsError) = noCertificate.tlsHandshakeCompleted(
+                alpn: V2Message.alpn,
+                fingerprint: nil,
+                nonce: [],
+                now: Self.start
+            )
         else {
             Issue.record("a v2 client needs the server's certificate")
             return
@@ -179,11 +225,15 @@ import Testing
             return
         }
         #expect(client.isAwaitingPoolPort)
-        guard case .ignoreLaunch(PoolID(1), .beforePoolPort) = client.signalReceived(.launch(PoolID(1)), now: Self.start),
+        guard
+            case .ignoreLaunch(PoolID(1), .beforePoolPort) = client.signalReceived(.launch(PoolID(1)), now: Self.start),
             case .startPool(port: 4000, restart: false) = client.signalReceived(.remote(port: 4000), now: Self.start),
             case .sendRemote(poolPort: 4000) = server.heartbeatDue(now: Self.start + .seconds(1)),
             case .none = client.signalReceived(.remote(port: 4000), now: Self.start + .seconds(1)),
-            case .startPool(port: 4001, restart: true) = client.signalReceived(.remote(port: 4001), now: Self.start + .seconds(2)),
+            case .startPool(port: 4001, restart: true) = client.signalReceived(
+                .remote(port: 4001),
+                now: Self.start + .seconds(2)
+            ),
             case .launch(PoolID(2)) = client.signalReceived(.launch(PoolID(2)), now: Self.start + .seconds(2))
         else {
             Issue.record("the client follows the announced pool port")
@@ -200,7 +250,10 @@ import Testing
     }
 
     @Test func handshakesThatTakeTooLongAreClosed() {
-        var server = ServerControlStateMachine(version: .v2(key: Self.key, fingerprint: Self.fingerprint), heartbeatInterval: .seconds(1))
+        var server = ServerControlStateMachine(
+            version: .v2(key: Self.key, fingerprint: Self.fingerprint),
+            heartbeatInterval: .seconds(1)
+        )
         guard case .handshakeTimedOut = server.handshakeTimedOut() else {
             Issue.record("the server closes a slow handshake")
             return
@@ -215,15 +268,24 @@ import Testing
     }
 
     @Test func aMalformedMessageIsAProtocolViolation() {
-        var server = ServerControlStateMachine(version: .v2(key: Self.key, fingerprint: Self.fingerprint), heartbeatInterval: .seconds(1))
+        var server = ServerControlStateMachine(
+            version: .v2(key: Self.key, fingerprint: Self.fingerprint),
+            heartbeatInterval: .seconds(1)
+        )
         _ = server.tlsHandshakeCompleted(alpn: V2Message.alpn, nonce: [])
-        guard case .refuse(.failure(.protocolViolation, _)?, _) = server.malformedMessageReceived(NodePassError(.protocolViolation, "x"))
+        guard
+            case .refuse(.failure(.protocolViolation, _)?, _) = server.malformedMessageReceived(
+                NodePassError(.protocolViolation, "x")
+            )
         else {
             Issue.record("the server refuses a malformed message")
             return
         }
         var client = ClientControlStateMachine(version: .v2(key: Self.key))
-        guard case .fail(.failure(.protocolViolation, _)?, _) = client.malformedMessageReceived(NodePassError(.protocolViolation, "x"))
+        guard
+            case .fail(.failure(.protocolViolation, _)?, _) = client.malformedMessageReceived(
+                NodePassError(.protocolViolation, "x")
+            )
         else {
             Issue.record("the client fails on a malformed message")
             return

@@ -1,12 +1,13 @@
+import NIOCore
+import Testing
+
+@testable import NodePassCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import NIOCore
-import Testing
-
-@testable import NodePassCore
 
 /// A small, seeded generator (SplitMix64), so that a failing input can be reproduced from its seed.
 struct SeededGenerator: RandomNumberGenerator {

@@ -65,7 +65,11 @@ private final class RecordingPool: ClientControlDelegate {
             try self.server.pipeline.syncOperations.addHandlers([
                 v2 ? ByteToMessageHandler(V2FrameDecoder()) : ByteToMessageHandler(SignalLineDecoder()),
                 ServerControlHandler(
-                    version: v2 ? .v2(key: ControlHandlersBackToBackTests.key, fingerprint: ControlHandlersBackToBackTests.fingerprint)
+                    version: v2
+                        ? .v2(
+                            key: ControlHandlersBackToBackTests.key,
+                            fingerprint: ControlHandlersBackToBackTests.fingerprint
+                        )
                         : .v1(poolPort: 4000),
                     reportInterval: .seconds(1),
                     handshakeTimeout: .seconds(10),
@@ -89,8 +93,12 @@ private final class RecordingPool: ClientControlDelegate {
             try self.client.connect(to: address).wait()
             try self.server.connect(to: address).wait()
             let alpn = v2 ? V2Message.alpn : nil
-            self.server.pipeline.fireUserInboundEventTriggered(TLSUserEvent.handshakeCompleted(negotiatedProtocol: alpn))
-            self.client.pipeline.fireUserInboundEventTriggered(TLSUserEvent.handshakeCompleted(negotiatedProtocol: alpn))
+            self.server.pipeline.fireUserInboundEventTriggered(
+                TLSUserEvent.handshakeCompleted(negotiatedProtocol: alpn)
+            )
+            self.client.pipeline.fireUserInboundEventTriggered(
+                TLSUserEvent.handshakeCompleted(negotiatedProtocol: alpn)
+            )
             try self.exchange()
         }
 

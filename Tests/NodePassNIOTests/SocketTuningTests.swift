@@ -1,8 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import Logging
 import NIOCore
 import NIOPosix
@@ -10,17 +5,28 @@ import Testing
 
 @testable import NodePassNIO
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
 @Suite struct SocketTuningTests {
     private static func value(_ level: Int32, _ name: Int32, of channel: any Channel) async throws -> Int {
         try await channel.eventLoop.submit {
-            let option = ChannelOptions.Types.SocketOption(level: SocketOptionLevel(level), name: SocketOptionName(name))
+            let option = ChannelOptions.Types.SocketOption(
+                level: SocketOptionLevel(level),
+                name: SocketOptionName(name)
+            )
             return try channel.syncOptions?.getOption(option) ?? -1
         }.get()
     }
 
     /// A listener from `Listener.bootstrap`, a client connected to it and the accepted child (with the relay
     /// options when `relay`), whose end of input `inputEnded` reports.
-    private static func acceptOne(relay: Bool) async throws -> (
+    private static func acceptOne(
+        relay: Bool
+    ) async throws -> (
         listener: any Channel, client: any Channel, child: any Channel, inputEnded: EventLoopPromise<Void>
     ) {
         let group = MultiThreadedEventLoopGroup.singleton

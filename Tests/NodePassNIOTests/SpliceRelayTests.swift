@@ -28,7 +28,8 @@ private struct SplicedRelay {
         service: Service = .echo,
         userSendBuffer: Int? = nil
     ) async throws -> SplicedRelay {
-        try #require(!SpliceEngine.engines.isEmpty, "splice(2) is available on Linux")
+        SpliceEngines.shared.acquire()
+        try #require(SpliceEngines.shared.isRunning, "splice(2) is available on Linux")
         let group = MultiThreadedEventLoopGroup.singleton
         let logger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
         let echo: any Channel
@@ -62,12 +63,18 @@ private struct SplicedRelay {
         if let userSendBuffer {
             bootstrap = bootstrap.childChannelOption(.socketOption(.so_sndbuf), value: userSendBuffer)
         }
-        let listener = try await bootstrap
+        let listener =
+            try await bootstrap
             .childChannelOption(.autoRead, value: false)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { user in
                 guard sessions.add(user) else { return user.close() }
-                let setup = SpliceSetup(sessions: sessions, idleTimeout: idleTimeout, logger: logger, moveAfter: moveAfter)
+                let setup = SpliceSetup(
+                    sessions: sessions,
+                    idleTimeout: idleTimeout,
+                    logger: logger,
+                    moveAfter: moveAfter
+                )
                 // Relaying starts once the user's channel is active (as in the tunnel).
                 let dial: @Sendable (any Channel) -> Void = { user in
                     ClientBootstrap(group: user.eventLoop)
@@ -102,7 +109,8 @@ private struct SplicedRelay {
         if let receiveBuffer {
             bootstrap = bootstrap.channelOption(.socketOption(.so_rcvbuf), value: receiveBuffer)
         }
-        return try await bootstrap
+        return
+            try await bootstrap
             .channelOption(.allowRemoteHalfClosure, value: true)
             .connect(host: "127.0.0.1", port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -123,15 +131,17 @@ private struct SplicedRelay {
         Issue.record("timed out waiting for \(what)")
     }
 
-    /// Waits for the relay's session to end, then stops the relay and the service.
+    /// Waits for the relay's session to end (under the suite's time limit), then stops the relay and the service.
     func finish() async throws {
-        try await self.wait(for: "the session to end") { self.sessions.count == 0 }
+        await self.sessions.waitUntilEmpty()
         try await self.stop()
     }
 
+    /// Stops the relay and the service, and lets the splice engines go.
     func stop() async throws {
         try await self.listener.close()
         try await self.echo.close()
+        await SpliceEngines.shared.release()
     }
 }
 
@@ -143,7 +153,9 @@ private struct SplicedRelay {
         // 2 MiB of a pattern that shows reordering or loss, written in uneven pieces.
         let payload = {
             var payload = ByteBuffer()
-            for index in 0..<(2 * 1024 * 1024 / 4) { payload.writeInteger(UInt32(truncatingIfNeeded: index &* 2_654_435_761)) }
+            for index in 0..<(2 * 1024 * 1024 / 4) {
+                payload.writeInteger(UInt32(truncatingIfNeeded: index &* 2_654_435_761))
+            }
             return payload
         }()
         let user = try await relay.connectUser()
@@ -154,7 +166,9 @@ private struct SplicedRelay {
             var rest = payload
             let first = rest.readSlice(length: 4) ?? ByteBuffer()
             try await outbound.write(first)
-            while received.readableBytes < 4, let chunk = try await iterator.next() { received.writeImmutableBuffer(chunk) }
+            while received.readableBytes < 4, let chunk = try await iterator.next() {
+                received.writeImmutableBuffer(chunk)
+            }
             try await relay.wait(for: "the relay to be spliced") { relay.sessions.splicedCount == 1 }
             try await withThrowingTaskGroup(of: Void.self) { io in
                 io.addTask { [rest] in
@@ -215,14 +229,18 @@ private struct SplicedRelay {
             .channelOption(.allowRemoteHalfClosure, value: true)
             .connect(host: "127.0.0.1", port: port).get()
         let options = try #require(user as? any SocketOptionProvider)
-        try await options.unsafeSetSocketOption(level: .socket, name: .so_linger, value: linger(l_onoff: 1, l_linger: 0)).get()
+        try await options.unsafeSetSocketOption(
+            level: .socket,
+            name: .so_linger,
+            value: linger(l_onoff: 1, l_linger: 0)
+        ).get()
         try await relay.wait(for: "the relay to be spliced") { relay.sessions.splicedCount == 1 }
         // The user half-closes (the relay's reading of it is done), then resets.
         try await user.close(mode: .output).get()
         try await Task.sleep(for: .milliseconds(100))
         try await user.close().get()
         // The silent service never writes: only the reset can end the relay.
-        try await relay.wait(for: "the reset to end the relay") { relay.sessions.count == 0 }
+        await relay.sessions.waitUntilEmpty()
         try await relay.stop()
     }
 
@@ -251,7 +269,11 @@ private struct SplicedRelay {
         let size = 4 * 1024 * 1024
         // The service sends 4 MiB at once; the user reads nothing yet, with small socket buffers on the way,
         // so the relay's output towards the user queues up in NIO.
-        let relay = try await SplicedRelay.start(moveAfter: .milliseconds(100), service: .flood(size), userSendBuffer: 16384)
+        let relay = try await SplicedRelay.start(
+            moveAfter: .milliseconds(100),
+            service: .flood(size),
+            userSendBuffer: 16384
+        )
         let user = try await relay.connectUser(receiveBuffer: 16384)
         try await user.executeThenClose { inbound, _ in
             var iterator = inbound.makeAsyncIterator()

@@ -21,7 +21,11 @@ import Testing
 
         let (portsStream, portsContinuation) = AsyncStream.makeStream(of: ServerPorts.self)
         let server = TunnelServer(
-            url: TunnelURL(role: .server, tunnel: HostPort(host: "127.0.0.1", port: 0), target: HostPort(host: "127.0.0.1", port: 0)),
+            url: TunnelURL(
+                role: .server,
+                tunnel: HostPort(host: "127.0.0.1", port: 0),
+                target: HostPort(host: "127.0.0.1", port: 0)
+            ),
             configuration: configuration,
             group: group,
             logger: logger,

@@ -45,9 +45,24 @@ public struct Configuration: Hashable, Sendable {
     /// Throws an `.invalidEnvironment` error naming the variable and its value when a value cannot be used.
     public init(environment: [String: String]) throws(NodePassError) {
         self.init()
-        self.semaphoreLimit = try Self.integer("SEMAPHORE_LIMIT", environment, default: self.semaphoreLimit, range: 1...1_000_000)
-        self.minPoolCapacity = try Self.integer("MIN_POOL_CAPACITY", environment, default: self.minPoolCapacity, range: 1...65_536)
-        self.maxPoolCapacity = try Self.integer("MAX_POOL_CAPACITY", environment, default: self.maxPoolCapacity, range: 1...65_536)
+        self.semaphoreLimit = try Self.integer(
+            "SEMAPHORE_LIMIT",
+            environment,
+            default: self.semaphoreLimit,
+            range: 1...1_000_000
+        )
+        self.minPoolCapacity = try Self.integer(
+            "MIN_POOL_CAPACITY",
+            environment,
+            default: self.minPoolCapacity,
+            range: 1...65_536
+        )
+        self.maxPoolCapacity = try Self.integer(
+            "MAX_POOL_CAPACITY",
+            environment,
+            default: self.maxPoolCapacity,
+            range: 1...65_536
+        )
         self.reportInterval = try Self.duration("REPORT_INTERVAL", environment, default: self.reportInterval)
         self.serviceCooldown = try Self.duration("SERVICE_COOLDOWN", environment, default: self.serviceCooldown)
         self.shutdownTimeout = try Self.duration("SHUTDOWN_TIMEOUT", environment, default: self.shutdownTimeout)

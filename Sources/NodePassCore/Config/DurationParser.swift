@@ -11,10 +11,14 @@ public enum DurationParser {
         var bytes = Substring(text).utf8[...]
         var totalNanos: Double = 0
         while !bytes.isEmpty {
-            let number = bytes.prefix { ($0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9")) || $0 == UInt8(ascii: ".") }
+            let number = bytes.prefix {
+                ($0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9")) || $0 == UInt8(ascii: ".")
+            }
             guard !number.isEmpty, let value = Double(String(decoding: number, as: UTF8.self)) else { return nil }
             bytes = bytes.dropFirst(number.count)
-            let unit = bytes.prefix { !(($0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9")) || $0 == UInt8(ascii: ".")) }
+            let unit = bytes.prefix {
+                !(($0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9")) || $0 == UInt8(ascii: "."))
+            }
             bytes = bytes.dropFirst(unit.count)
             let scale: Double
             switch String(decoding: unit, as: UTF8.self) {

@@ -69,7 +69,7 @@ public struct TunnelURL: Hashable, Sendable {
     public static func parse(_ text: String, environmentKey: String? = nil) throws(NodePassError) -> TunnelURL {
         do {
             return try Self.parseText(text, environmentKey: environmentKey)
-        } catch where text.contains("@") {
+        } catch  where text.contains("@") {
             throw NodePassError(.invalidURL, Self.unquoted(error.message))
         }
     }
@@ -117,7 +117,10 @@ public struct TunnelURL: Hashable, Sendable {
             rest = rest[..<fragment]
         }
         guard let slash = rest.firstIndex(of: "/") else {
-            throw NodePassError(.invalidURL, "missing target: expected \(role.rawValue)://TUNNEL_HOST:PORT/TARGET_HOST:PORT")
+            throw NodePassError(
+                .invalidURL,
+                "missing target: expected \(role.rawValue)://TUNNEL_HOST:PORT/TARGET_HOST:PORT"
+            )
         }
         var authority = rest[..<slash]
         let targetText = rest[rest.index(after: slash)...]
@@ -129,7 +132,10 @@ public struct TunnelURL: Hashable, Sendable {
                 throw NodePassError(.invalidURL, "the key (before @) is empty")
             }
             guard environmentKey?.isEmpty ?? true else {
-                throw NodePassError(.invalidURL, "the key is given both in the URL and in \(Self.keyVariable): give it once")
+                throw NodePassError(
+                    .invalidURL,
+                    "the key is given both in the URL and in \(Self.keyVariable): give it once"
+                )
             }
             key = String(keyText)
             authority = authority[authority.index(after: at)...]
@@ -139,7 +145,10 @@ public struct TunnelURL: Hashable, Sendable {
         }
         let tunnel = try HostPort.parse(authority, what: "tunnel address")
         guard !targetText.isEmpty else {
-            throw NodePassError(.invalidURL, "missing target: expected \(role.rawValue)://TUNNEL_HOST:PORT/TARGET_HOST:PORT")
+            throw NodePassError(
+                .invalidURL,
+                "missing target: expected \(role.rawValue)://TUNNEL_HOST:PORT/TARGET_HOST:PORT"
+            )
         }
         let target = try HostPort.parse(targetText, what: "target address")
 
@@ -168,13 +177,20 @@ public struct TunnelURL: Hashable, Sendable {
                 self.metrics = try HostPort.parse(value, what: "metrics address")
             case "tls":
                 guard value.count == 1, let number = UInt8(value), let tls = DataTLSMode(rawValue: number) else {
-                    throw NodePassError(.invalidURL, "tls='\(value.prefix(16))' is not 0 (plain), 1 (TLS, in-memory certificate) or 2 (TLS, crt= and key= files)")
+                    throw NodePassError(
+                        .invalidURL,
+                        "tls='\(value.prefix(16))' is not 0 (plain), 1 (TLS, in-memory certificate) or 2 "
+                            + "(TLS, crt= and key= files)"
+                    )
                 }
                 self.dataTLS = tls
                 v2Only.append("tls")
             case "mode":
                 guard value.count == 1, let number = UInt8(value), let mode = TunnelMode(rawValue: number) else {
-                    throw NodePassError(.invalidURL, "mode='\(value.prefix(16))' is not 0 (automatic), 1 (reverse) or 2 (forward)")
+                    throw NodePassError(
+                        .invalidURL,
+                        "mode='\(value.prefix(16))' is not 0 (automatic), 1 (reverse) or 2 (forward)"
+                    )
                 }
                 self.mode = mode
                 v2Only.append("mode")
@@ -185,7 +201,10 @@ public struct TunnelURL: Hashable, Sendable {
                 if name == "crt" { self.certificateFile = String(value) } else { self.privateKeyFile = String(value) }
                 v2Only.append(String(name))
             default:
-                throw NodePassError(.invalidURL, "unknown query parameter '\(name.prefix(32))' (known: log, metrics, tls, crt, key, mode)")
+                throw NodePassError(
+                    .invalidURL,
+                    "unknown query parameter '\(name.prefix(32))' (known: log, metrics, tls, crt, key, mode)"
+                )
             }
         }
         try self.checkV2Options(v2Only)
@@ -194,10 +213,16 @@ public struct TunnelURL: Hashable, Sendable {
     private func checkV2Options(_ given: [String]) throws(NodePassError) {
         guard let first = given.first else { return }
         guard self.key != nil else {
-            throw NodePassError(.invalidURL, "\(first)= needs protocol v2: put a KEY in the URL (\(self.role.rawValue)://KEY@HOST:PORT/...)")
+            throw NodePassError(
+                .invalidURL,
+                "\(first)= needs protocol v2: put a KEY in the URL (\(self.role.rawValue)://KEY@HOST:PORT/...)"
+            )
         }
         guard self.role == .server else {
-            throw NodePassError(.invalidURL, "\(first)= is set on the server; the client follows what the server announces")
+            throw NodePassError(
+                .invalidURL,
+                "\(first)= is set on the server; the client follows what the server announces"
+            )
         }
         let hasFiles = self.certificateFile != nil || self.privateKeyFile != nil
         if self.dataTLS == .files {

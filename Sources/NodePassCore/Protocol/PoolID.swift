@@ -28,7 +28,10 @@ public struct PoolID: Hashable, Sendable, CustomStringConvertible {
     /// Parses exactly 8 lowercase hex characters.
     public init(parsing text: some Collection<UInt8>) throws(NodePassError) {
         guard text.count == Self.wireLength else {
-            throw NodePassError(.malformedPoolID, "pool ID must be \(Self.wireLength) hex characters, got \(text.count)")
+            throw NodePassError(
+                .malformedPoolID,
+                "pool ID must be \(Self.wireLength) hex characters, got \(text.count)"
+            )
         }
         var value: UInt32 = 0
         for byte in text {

@@ -100,7 +100,10 @@ public struct ClientControlStateMachine: Sendable {
             guard alpn == V2Message.alpn else {
                 return self.fail(
                     nil,
-                    NodePassError(.versionMismatch, "the server speaks protocol v1 (it has no key): give the server the same key")
+                    NodePassError(
+                        .versionMismatch,
+                        "the server speaks protocol v1 (it has no key): give the server the same key"
+                    )
                 )
             }
             guard let fingerprint else {

@@ -100,7 +100,9 @@ public struct ServerControlStateMachine: Sendable {
         case .v1(let poolPort):
             guard !offersV2 else {
                 self.state = .closed(registered: false)
-                return .refuseV2Client(.failure(.noKey, text: "this server has no key (protocol v1): give it the same key"))
+                return .refuseV2Client(
+                    .failure(.noKey, text: "this server has no key (protocol v1): give it the same key")
+                )
             }
             self.state = .v1Running(poolPort: poolPort)
             return .startV1(poolPort: poolPort)
@@ -111,7 +113,9 @@ public struct ServerControlStateMachine: Sendable {
                     NodePassError(.versionMismatch, "the client has no key (protocol v1); this server requires one")
                 )
             }
-            self.state = .v2Handshaking(V2ServerHandshakeStateMachine(key: key, serverNonce: nonce, fingerprint: fingerprint))
+            self.state = .v2Handshaking(
+                V2ServerHandshakeStateMachine(key: key, serverNonce: nonce, fingerprint: fingerprint)
+            )
             return .none
         }
     }
@@ -230,4 +234,3 @@ public struct ServerControlStateMachine: Sendable {
         return .close(closure)
     }
 }
-

@@ -59,7 +59,11 @@ public struct V2ClientHandshakeStateMachine: Sendable {
                     NodePassError(.versionMismatch, "the server speaks protocol version \(version)")
                 )
             }
-            let transcript = V2Key.transcript(clientNonce: self.clientNonce, serverNonce: nonce, fingerprint: self.fingerprint)
+            let transcript = V2Key.transcript(
+                clientNonce: self.clientNonce,
+                serverNonce: nonce,
+                fingerprint: self.fingerprint
+            )
             self.state = .awaitingWelcome(transcript: transcript)
             return .send(.authenticate(proof: self.key.clientProof(transcript: transcript)))
         case (.awaitingWelcome(let transcript), .welcome(let proof, let encoded)):
@@ -77,7 +81,10 @@ public struct V2ClientHandshakeStateMachine: Sendable {
             do {
                 let parameters = try V2SessionParameters.read(from: &buffer)
                 self.state = .established
-                return .established(parameters, self.key.sessionSecret(transcript: transcript, sessionID: parameters.sessionID))
+                return .established(
+                    parameters,
+                    self.key.sessionSecret(transcript: transcript, sessionID: parameters.sessionID)
+                )
             } catch {
                 self.state = .failed
                 return .fail(.failure(.protocolViolation, text: "bad welcome"), error)

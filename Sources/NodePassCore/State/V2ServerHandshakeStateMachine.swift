@@ -49,7 +49,11 @@ public struct V2ServerHandshakeStateMachine: Sendable {
                     NodePassError(.versionMismatch, "client asked for protocol version \(version)")
                 )
             }
-            let transcript = V2Key.transcript(clientNonce: nonce, serverNonce: self.serverNonce, fingerprint: self.fingerprint)
+            let transcript = V2Key.transcript(
+                clientNonce: nonce,
+                serverNonce: self.serverNonce,
+                fingerprint: self.fingerprint
+            )
             self.state = .awaitingProof(transcript: transcript)
             return .send(.challenge(version: V2Message.version, nonce: self.serverNonce))
         case (.awaitingProof(let transcript), .authenticate(let proof)):
@@ -84,6 +88,9 @@ public struct V2ServerHandshakeStateMachine: Sendable {
         guard case .authenticated(let transcript) = self.state else { return nil }
         let encoded = parameters.bytes
         let proof = self.key.serverProof(transcript: transcript, parameters: encoded)
-        return (.welcome(proof: proof, parameters: encoded), self.key.sessionSecret(transcript: transcript, sessionID: parameters.sessionID))
+        return (
+            .welcome(proof: proof, parameters: encoded),
+            self.key.sessionSecret(transcript: transcript, sessionID: parameters.sessionID)
+        )
     }
 }

@@ -64,7 +64,9 @@ final class TargetDialer: PoolConnectionRole {
     }
 
     func connectionReady(_ connection: PoolConnection) -> Bool {
-        let action = self.updating { $0.connectionReady(id: connection.id, owner: connection.owner, connection: connection) }
+        let action = self.updating {
+            $0.connectionReady(id: connection.id, owner: connection.owner, connection: connection)
+        }
         switch action {
         case .keep:
             return true
@@ -110,7 +112,10 @@ final class TargetDialer: PoolConnectionRole {
             // side can only launch it after it connected: that bound is long enough.
             loop.scheduleTask(in: self.launchWait) {
                 if self.state.withLock({ $0.launchExpired(id: id, owner: owner) }) {
-                    self.logger.warning("launch for an unknown pool connection ignored", metadata: ["np.pool.id": "\(id)"])
+                    self.logger.warning(
+                        "launch for an unknown pool connection ignored",
+                        metadata: ["np.pool.id": "\(id)"]
+                    )
                 }
             }
         case .unknown:

@@ -1,3 +1,6 @@
+import Logging
+import NIOCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -5,8 +8,6 @@ import Musl
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import Logging
-import NIOCore
 
 /// On a listening channel: when accepting fails (above all for want of file descriptors), says why and
 /// stops accepting for a second.
@@ -37,7 +38,8 @@ final class AcceptPauseHandler: ChannelInboundHandler {
         }
         var metadata: Logger.Metadata = ["np.listener": "\(self.what)", "np.error": "\(error)"]
         if let ioError = error as? IOError, ioError.errnoCode == EMFILE || ioError.errnoCode == ENFILE {
-            metadata["np.hint"] = "out of file descriptors: raise the limit (ulimit -n, LimitNOFILE) or lower SEMAPHORE_LIMIT"
+            metadata["np.hint"] =
+                "out of file descriptors: raise the limit (ulimit -n, LimitNOFILE) or lower SEMAPHORE_LIMIT"
         }
         self.logger.warning("cannot accept connections; pausing for 1 s", metadata: metadata)
         do {

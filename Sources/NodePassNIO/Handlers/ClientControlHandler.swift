@@ -48,10 +48,14 @@ final class ClientControlHandler: ChannelInboundHandler {
         connected: EventLoopPromise<Void>,
         handshakeDuration: Timer,
         logger: Logger,
-        peerFingerprint: @escaping (ChannelHandlerContext) -> [UInt8]? = ClientControlHandler.tlsPeerFingerprint(context:)
+        peerFingerprint: @escaping (ChannelHandlerContext) -> [UInt8]? = ClientControlHandler.tlsPeerFingerprint(
+            context:
+        )
     ) {
         self.peerFingerprint = peerFingerprint
-        self.machine = ClientControlStateMachine(version: key.map { .v2(key: $0) } ?? .v1(reportInterval: reportInterval))
+        self.machine = ClientControlStateMachine(
+            version: key.map { .v2(key: $0) } ?? .v1(reportInterval: reportInterval)
+        )
         self.isV2 = key != nil
         self.dataTLS = dataTLS
         self.pool = pool
@@ -159,7 +163,8 @@ final class ClientControlHandler: ChannelInboundHandler {
                 context.close(promise: nil)
             }
         case .startPool(let port, let restart):
-            let message: Logger.Message = restart
+            let message: Logger.Message =
+                restart
                 ? "server announced a new pool port" : "connected to the server; pool port announced"
             self.logger.info(message, metadata: ["np.pool.port": "\(port)"])
             self.pool.start(port: port, host: self.serverIP, v2: nil, forwardControl: nil)
@@ -198,7 +203,10 @@ final class ClientControlHandler: ChannelInboundHandler {
     func channelInactive(context: ChannelHandlerContext) {
         if self.machine.isAwaitingPoolPort {
             self.logger.error(
-                "the server closed the control channel before announcing its pool port (a server with a key, protocol v2, refuses clients without one)"
+                """
+                the server closed the control channel before announcing its pool port (a server with a key, \
+                protocol v2, refuses clients without one)
+                """
             )
         }
         self.timers.cancelAll()

@@ -33,8 +33,9 @@ public struct PoolIDReader {
     }
 }
 
-/// The client side of a pool connection before its launch: reads the ID (8 hex characters in v1), then holds what the server
-/// relays early (user bytes may come before the `launch://` line) until the connection is handed off.
+/// The client side of a pool connection before its launch: reads the ID (8 hex characters in v1), then holds
+/// what the server relays early (user bytes may come before the `launch://` line) until the connection is
+/// handed off.
 ///
 /// The channel must have `autoRead` off; the handler reads while it holds less than `maximumEarlyBytes`.
 final class ClientPoolConnectionHandler: ChannelInboundHandler, PoolConnectionHolder {
@@ -119,7 +120,9 @@ final class ClientPoolConnectionHandler: ChannelInboundHandler, PoolConnectionHo
                 buffer.writeBytes(reply)
                 context.writeAndFlush(NIOAny(buffer), promise: nil)
             }
-            self.delegate.poolConnectionEstablished(PoolConnection(channel: context.channel, id: id, owner: 0, holder: self))
+            self.delegate.poolConnectionEstablished(
+                PoolConnection(channel: context.channel, id: id, owner: 0, holder: self)
+            )
             if pending.readableBytes > 0 {
                 self.early.hold(&pending)
                 self.claim(context: context, id: id)

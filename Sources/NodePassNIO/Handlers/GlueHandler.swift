@@ -17,24 +17,29 @@ import NIOCore
 public final class GlueHandler: ChannelInboundHandler {
     public typealias InboundIn = ByteBuffer
 
+    /// Where this half stands with the move of its relay to the kernel.
+    private enum Move {
+        /// Relaying in user space; the move may come (`timer`: the attempt scheduled, if any).
+        case possible(timer: Scheduled<Void>?)
+        /// Relaying in user space for good: no splice set-up, or the move was tried once.
+        case never
+        /// The pair is moving: no reads, and what arrives is held for the engine to write first.
+        case moving(SpliceUpgrade, held: ByteBuffer)
+        /// The sockets belong to the splice engine; this channel's close means nothing to the relay.
+        case spliced
+    }
+
     private var partner: (any Channel)?
     /// Bytes read before the partner was known (a read the partner asked for may overtake `connect`).
     private var early: ByteBuffer?
     private var pendingFlush = false
-    private(set) var inputEnded = false
-    private(set) var inactive = false
-    let bytes: Counter?
-    let splice: SpliceSetup?
-    /// Set while the pair moves to the splice engine: no reads, and what arrives is held.
-    var upgrade: SpliceUpgrade?
-    /// What arrived during the move, for the engine to write first.
-    var held = ByteBuffer()
-    /// The sockets belong to the splice engine; this channel's close means nothing to the relay.
-    var spliced = false
+    private var inputEnded = false
+    private var inactive = false
+    private let bytes: Counter?
+    private let splice: SpliceSetup?
+    private var move: Move
     /// Bytes this handler relayed in user space.
     private var relayed = 0
-    private var spliceTried = false
-    private var spliceTimer: Scheduled<Void>?
     /// Bytes one direction relays before the relay moves to the splice engine (or after
     /// `SpliceSetup.moveAfter`, whichever comes first).
     static let spliceAfter = 64 * 1024
@@ -44,10 +49,13 @@ public final class GlueHandler: ChannelInboundHandler {
     public init(bytes: Counter? = nil, splice: SpliceSetup? = nil) {
         self.bytes = bytes
         self.splice = splice
+        self.move = splice == nil ? .never : .possible(timer: nil)
     }
 
-    /// The channel this handler relays to, once connected.
-    var partnerChannel: (any Channel)? { self.partner }
+    private var isMoving: Bool {
+        if case .moving = self.move { return true }
+        return false
+    }
 
     /// Starts relaying to `partner`. Must run on this handler's event loop.
     public func connect(to partner: any Channel, context: ChannelHandlerContext) {
@@ -80,8 +88,11 @@ public final class GlueHandler: ChannelInboundHandler {
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = self.unwrapInboundIn(data)
         self.bytes?.increment(by: Int64(buffer.readableBytes))
-        if self.upgrade != nil {
-            self.held.writeBuffer(&buffer)
+        if case .moving(let upgrade, var held) = self.move {
+            // Out of the enum while it grows, so that the write does not copy it.
+            self.move = .never
+            held.writeBuffer(&buffer)
+            self.move = .moving(upgrade, held: held)
             return
         }
         guard let partner = self.partner else {
@@ -98,7 +109,7 @@ public final class GlueHandler: ChannelInboundHandler {
     }
 
     public func channelReadComplete(context: ChannelHandlerContext) {
-        guard let partner = self.partner, self.upgrade == nil else { return }
+        guard let partner = self.partner, !self.isMoving else { return }
         self.flushPending()
         // Only a relay that carries more than a few messages is worth the move at once (short request and
         // reply connections would pay for it and gain nothing).
@@ -109,7 +120,7 @@ public final class GlueHandler: ChannelInboundHandler {
     }
 
     public func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable && self.upgrade == nil {
+        if context.channel.isWritable && !self.isMoving {
             self.partner?.read()
         }
         context.fireChannelWritabilityChanged()
@@ -125,7 +136,7 @@ public final class GlueHandler: ChannelInboundHandler {
             return
         }
         self.inputEnded = true
-        guard let partner = self.partner, self.upgrade == nil else { return }
+        guard let partner = self.partner, !self.isMoving else { return }
         self.passOnEndOfInput(to: partner)
     }
 
@@ -139,13 +150,18 @@ public final class GlueHandler: ChannelInboundHandler {
 
     public func channelInactive(context: ChannelHandlerContext) {
         self.inactive = true
-        self.spliceTimer?.cancel()
-        self.spliceTimer = nil
-        if self.spliced {
+        switch self.move {
+        case .spliced:
             context.fireChannelInactive()
             return
+        case .possible(let timer):
+            timer?.cancel()
+            self.move = .never
+        case .moving(let upgrade, _):
+            upgrade.abort()
+        case .never:
+            break
         }
-        self.upgrade?.abort()
         // A partner that is closed already (the usual end: both halves shut) needs nothing more.
         if let partner = self.partner, partner.isActive {
             self.flushPending()
@@ -163,33 +179,32 @@ public final class GlueHandler: ChannelInboundHandler {
     /// Starts the move to the splice engine, once; true when it started (reading then stops).
     @discardableResult
     private func trySplice(context: ChannelHandlerContext) -> Bool {
-        guard self.splice != nil, !self.spliceTried, !self.spliced, !self.inactive, let partner = self.partner else {
-            return false
-        }
+        guard case .possible(let timer) = self.move, !self.inactive, let partner = self.partner else { return false }
         // Both halves must share this event loop (the move is one event-loop turn); that never changes.
         guard partner.eventLoop.inEventLoop else {
-            self.spliceTried = true
+            timer?.cancel()
+            self.move = .never
             return false
         }
         // Only a quiet relay moves: with output still queued (a slow reader) the move would pause both
         // directions until it drains. Try again later.
-        guard self.upgrade == nil, Self.isQuiet(context.channel), Self.isQuiet(partner) else {
+        guard Self.isQuiet(context.channel), Self.isQuiet(partner) else {
             self.scheduleSpliceAttempt(context: context)
             return false
         }
-        self.spliceTried = true
-        self.spliceTimer?.cancel()
-        self.spliceTimer = nil
+        timer?.cancel()
+        self.move = .never
         return SpliceUpgrade.begin(self, context: context)
     }
 
     /// Tries the move after `SpliceSetup.moveAfter`, unless an attempt is already scheduled.
     private func scheduleSpliceAttempt(context: ChannelHandlerContext) {
-        guard let splice = self.splice, self.spliceTimer == nil, !self.spliceTried else { return }
-        self.spliceTimer = context.eventLoop.assumeIsolated().scheduleTask(in: splice.moveAfter) {
-            self.spliceTimer = nil
+        guard let splice = self.splice, case .possible(nil) = self.move else { return }
+        let timer = context.eventLoop.assumeIsolated().scheduleTask(in: splice.moveAfter) {
+            if case .possible = self.move { self.move = .possible(timer: nil) }
             self.trySplice(context: context)
         }
+        self.move = .possible(timer: timer)
     }
 
     /// Writable, with nothing queued for output. Must run on the channel's event loop.
@@ -200,13 +215,50 @@ public final class GlueHandler: ChannelInboundHandler {
         return queued == 0
     }
 
-    /// The move to the splice engine was given up: relay in user space from where it stopped.
-    func resumeAfterUpgrade(channel: any Channel) {
-        self.upgrade = nil
+    private func flushPending() {
+        if self.pendingFlush {
+            self.pendingFlush = false
+            self.partner?.flush()
+        }
+    }
+}
+
+// MARK: - The move to the kernel, as `SpliceUpgrade` sees a half
+
+extension GlueHandler {
+    /// What this half brings to a move: its splice set-up and its partner; nil when it cannot move now (no
+    /// set-up, not connected, ended, inactive, already moving or moved).
+    var spliceCandidate: (setup: SpliceSetup, partner: any Channel)? {
+        guard let splice = self.splice, let partner = self.partner, !self.inputEnded, !self.inactive else {
+            return nil
+        }
+        switch self.move {
+        case .possible, .never: return (splice, partner)
+        case .moving, .spliced: return nil
+        }
+    }
+
+    /// The move began: no more reads; what arrives is held.
+    func moveBegan(_ upgrade: SpliceUpgrade) {
+        if case .possible(let timer) = self.move { timer?.cancel() }
+        self.move = .moving(upgrade, held: ByteBuffer())
+    }
+
+    /// The move completed: the sockets belong to the engine. Returns what arrived during the move (for the
+    /// engine to write first), whether the input had ended before it, and the byte counter of this direction.
+    func moveCompleted() -> (held: ByteBuffer, inputEnded: Bool, bytes: Counter?) {
+        guard case .moving(_, let held) = self.move else { return (ByteBuffer(), self.inputEnded, self.bytes) }
+        self.move = .spliced
+        return (held, self.inputEnded, self.bytes)
+    }
+
+    /// The move was given up: relay in user space from where it stopped.
+    func moveAbandoned(channel: any Channel) {
+        guard case .moving(_, let held) = self.move else { return }
+        self.move = .never
         guard let partner = self.partner else { return }
-        if self.held.readableBytes > 0 {
-            partner.write(self.held, promise: nil)
-            self.held = ByteBuffer()
+        if held.readableBytes > 0 {
+            partner.write(held, promise: nil)
             self.pendingFlush = true
         }
         // An inactive channel finishes in `channelInactive`.
@@ -218,13 +270,6 @@ public final class GlueHandler: ChannelInboundHandler {
         self.flushPending()
         if partner.isWritable {
             channel.read()
-        }
-    }
-
-    private func flushPending() {
-        if self.pendingFlush {
-            self.pendingFlush = false
-            self.partner?.flush()
         }
     }
 }

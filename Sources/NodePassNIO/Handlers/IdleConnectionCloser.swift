@@ -14,7 +14,10 @@ final class IdleConnectionCloser: ChannelInboundHandler {
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case IdleStateHandler.IdleStateEvent.all = event {
-            self.logger.debug("idle user connection closed", metadata: ["np.peer": "\(context.channel.peerDescription)"])
+            self.logger.debug(
+                "idle user connection closed",
+                metadata: ["np.peer": "\(context.channel.peerDescription)"]
+            )
             context.close(promise: nil)
             return
         }

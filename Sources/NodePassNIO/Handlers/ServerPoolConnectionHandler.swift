@@ -101,7 +101,8 @@ final class ServerPoolConnectionHandler: ChannelInboundHandler, PoolConnectionHo
 
     private func start(context: ChannelHandlerContext, authentication: V2PoolAuthenticated?) {
         guard case .opening = self.state else { return }
-        guard let admission = self.delegate.poolConnectionAccepted(context.channel, authentication: authentication) else {
+        guard let admission = self.delegate.poolConnectionAccepted(context.channel, authentication: authentication)
+        else {
             self.state = .done
             context.close(promise: nil)
             return
@@ -161,7 +162,9 @@ final class ServerPoolConnectionHandler: ChannelInboundHandler, PoolConnectionHo
             self.early.hold(&buffer)
             self.state = .claimed(id)
             let channel = context.channel
-            self.timeout = self.claimTimeout.map { context.eventLoop.scheduleTask(in: $0) { channel.close(promise: nil) } }
+            self.timeout = self.claimTimeout.map {
+                context.eventLoop.scheduleTask(in: $0) { channel.close(promise: nil) }
+            }
         case .claimed:
             var buffer = self.unwrapInboundIn(data)
             self.early.hold(&buffer)

@@ -50,8 +50,14 @@ public struct TunnelMetrics: Sendable {
             dimensions: [role, ("reason", "pool_wait")]
         )
         self.failedLimit = Counter(label: "nodepass_connections_failed_total", dimensions: [role, ("reason", "limit")])
-        self.failedTarget = Counter(label: "nodepass_connections_failed_total", dimensions: [role, ("reason", "target")])
-        self.bytesUpstream = Counter(label: "nodepass_relay_bytes_total", dimensions: [role, ("direction", "upstream")])
+        self.failedTarget = Counter(
+            label: "nodepass_connections_failed_total",
+            dimensions: [role, ("reason", "target")]
+        )
+        self.bytesUpstream = Counter(
+            label: "nodepass_relay_bytes_total",
+            dimensions: [role, ("direction", "upstream")]
+        )
         self.bytesDownstream = Counter(
             label: "nodepass_relay_bytes_total",
             dimensions: [role, ("direction", "downstream")]

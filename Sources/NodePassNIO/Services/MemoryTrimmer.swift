@@ -1,7 +1,8 @@
+import ServiceLifecycle
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import ServiceLifecycle
 
 /// Hands memory that the allocator holds but no longer uses back to the system, every `period`.
 ///

@@ -175,7 +175,9 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
             idleCount: { role.idleCount(owner: $0) },
             isInUse: { role.isInUse($0) }
         )
-        let decision = self.sessions.withLock { $0.admitPoolConnection(credential, pool: occupancy) { PoolID.random() } }
+        let decision = self.sessions.withLock {
+            $0.admitPoolConnection(credential, pool: occupancy) { PoolID.random() }
+        }
         switch decision {
         case .refuse(let refusal):
             self.logRefusal(refusal, channel: channel, credential: credential)
@@ -209,7 +211,8 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
         case .noClient: self.logger.debug("pool connection refused: no client", metadata: metadata)
         case .poolFull: self.logger.debug("pool connection refused: pool full", metadata: metadata)
         case .sessionEnded: self.logger.debug("pool connection refused: its session has ended", metadata: metadata)
-        case .clientPoolFull: self.logger.debug("pool connection refused: this client's pool is full", metadata: metadata)
+        case .clientPoolFull:
+            self.logger.debug("pool connection refused: this client's pool is full", metadata: metadata)
         case .noFreeID: break
         case .notFromClientAddress:
             self.logger.warning("pool connection refused: not from the client's address", metadata: metadata)
@@ -228,7 +231,10 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
     func poolConnectionClosed(id: PoolID, channel: any Channel, protocolViolation: Bool) {
         _ = self.currentRole?.connectionClosed(id: id, channel: channel)
         if protocolViolation {
-            self.logger.warning("idle pool connection sent bytes before its launch; closed", metadata: ["np.pool.id": "\(id)"])
+            self.logger.warning(
+                "idle pool connection sent bytes before its launch; closed",
+                metadata: ["np.pool.id": "\(id)"]
+            )
         }
     }
 

@@ -2,12 +2,13 @@ import NIOCore
 
 /// Counts live relayed sessions, bounds them, and lets a shutdown wait for them to end.
 ///
-/// A session starts keyed by a channel. When its relay moves to a `SpliceEngine` the channel is closed
-/// and the session lives on in the engine until the spliced relay ends.
+/// A session starts keyed by a channel. When its relay moves out of its channels (to the kernel, with
+/// splice) the channel is closed and the session lives on, closed through the closure it was moved with,
+/// until the relay reports its end.
 public final class SessionTracker: Sendable {
     private enum Owner {
         case channel(any Channel)
-        case spliced(SpliceEngine, relay: UInt64)
+        case detached(close: @Sendable () -> Void)
     }
 
     private struct Session {
@@ -40,7 +41,7 @@ public final class SessionTracker: Sendable {
         self.state.withLock { $0.sessions.count }
     }
 
-    /// The number of live sessions whose relay runs in a `SpliceEngine`.
+    /// The number of live sessions whose relay runs outside their channels (spliced).
     var splicedCount: Int {
         self.state.withLock { $0.sessions.count - $0.byChannel.count }
     }
@@ -63,13 +64,13 @@ public final class SessionTracker: Sendable {
         return true
     }
 
-    /// Moves the sessions of any of `channels` to the spliced relay `relay`, before the channels are closed.
-    /// Returns the sessions moved, to pass to `end(_:)` when the relay ends.
-    func transfer(_ channels: [any Channel], to engine: SpliceEngine, relay: UInt64) -> [UInt64] {
+    /// Moves the sessions of any of `channels` out of them, before the channels are closed: from now on
+    /// `close` ends the relay. Returns the sessions moved, to pass to `end(_:)` when the relay ends.
+    func transfer(_ channels: [any Channel], close: @escaping @Sendable () -> Void) -> [UInt64] {
         self.state.withLock { state in
             channels.compactMap { channel in
                 guard let id = state.byChannel.removeValue(forKey: ObjectIdentifier(channel)) else { return nil }
-                state.sessions[id]?.owner = .spliced(engine, relay: relay)
+                state.sessions[id]?.owner = .detached(close: close)
                 return id
             }
         }
@@ -128,7 +129,7 @@ public final class SessionTracker: Sendable {
         for owner in owners {
             switch owner {
             case .channel(let channel): channel.close(promise: nil)
-            case .spliced(let engine, let relay): engine.close(relay)
+            case .detached(let close): close()
             }
         }
     }

@@ -42,10 +42,12 @@ final class SignalWriter: Sendable {
         }
         guard schedule else { return }
         self.channel.eventLoop.execute {
-            guard let buffer = self.pending.withLock({ pending in
-                defer { pending = nil }
-                return pending
-            }) else { return }
+            guard
+                let buffer = self.pending.withLock({ pending in
+                    defer { pending = nil }
+                    return pending
+                })
+            else { return }
             self.channel.writeAndFlush(buffer, promise: nil)
         }
     }

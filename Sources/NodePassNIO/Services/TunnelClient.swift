@@ -48,6 +48,11 @@ public final class TunnelClient: Service, Sendable {
 
     /// Runs until graceful shutdown, reconnecting after every loss of the control channel.
     public func run() async throws {
+        // The kernel relay's engines run while this tunnel does (and stop after the last tunnel).
+        try await SpliceEngines.shared.holding(if: self.configuration.splice) { try await self.serve() }
+    }
+
+    private func serve() async throws {
         let v2: V2ClientSetup?
         if let keyText = self.url.key {
             v2 = V2ClientSetup(key: try V2Key(keyText), dataTLS: try TLSClientContext.makeForPinning())
@@ -60,7 +65,10 @@ public final class TunnelClient: Service, Sendable {
         let tls = try TLSClientContext.makeUnverified(applicationProtocols: v2 == nil ? [] : [V2Message.alpn])
         self.logger.info(
             "client started",
-            metadata: ["np.url": "\(self.url.redacted)", "np.version": "\(NodePassVersion.current)", "np.protocols": "\(NodePassVersion.protocols)"]
+            metadata: [
+                "np.url": "\(self.url.redacted)", "np.version": "\(NodePassVersion.current)",
+                "np.protocols": "\(NodePassVersion.protocols)",
+            ]
         )
         var backoff = Backoff(
             base: self.configuration.serviceCooldown,
@@ -78,7 +86,9 @@ public final class TunnelClient: Service, Sendable {
             if Task.isShuttingDownGracefully { break }
             backoff.sessionEnded(uptime: .now() - started)
             let delay = backoff.nextDelay(jitter: Double.random(in: 0..<1))
-            var metadata: Logger.Metadata = ["np.retry": "\(DurationParser.format(.milliseconds(delay.nanoseconds / 1_000_000)))"]
+            var metadata: Logger.Metadata = [
+                "np.retry": "\(DurationParser.format(.milliseconds(delay.nanoseconds / 1_000_000)))"
+            ]
             if let error = failure.error { metadata["np.error"] = "\(error)" }
             self.logger.error(failure.message, metadata: metadata)
             try? await cancelWhenGracefulShutdown {
@@ -94,7 +104,6 @@ public final class TunnelClient: Service, Sendable {
         }
         self.logger.info("client stopped")
     }
-
 
     /// Opens the TARGET listener when the server asks for forward mode, closes it otherwise.
     private func updateUserListener(forward: Bool) async throws {
@@ -144,7 +153,8 @@ public final class TunnelClient: Service, Sendable {
                     SocketTuning.apply(to: channel)
                     return channel.eventLoop.makeCompletedFuture {
                         let decoder: any ChannelHandler =
-                            v2 == nil ? ByteToMessageHandler(SignalLineDecoder()) : ByteToMessageHandler(V2FrameDecoder())
+                            v2 == nil
+                            ? ByteToMessageHandler(SignalLineDecoder()) : ByteToMessageHandler(V2FrameDecoder())
                         try channel.pipeline.syncOperations.addHandlers([
                             try NIOSSLClientHandler(context: tls, serverHostname: nil),
                             decoder,

@@ -90,7 +90,13 @@ public final class TunnelServer: Service, Sendable {
                 certificateFile: self.url.certificateFile ?? "",
                 privateKeyFile: self.url.privateKeyFile ?? ""
             )
-            return V2Setup(key: key, dataTLS: loaded.context, dataFingerprint: loaded.fingerprint, tls: .files, mode: .reverse)
+            return V2Setup(
+                key: key,
+                dataTLS: loaded.context,
+                dataFingerprint: loaded.fingerprint,
+                tls: .files,
+                mode: .reverse
+            )
         }
     }
 
@@ -99,6 +105,11 @@ public final class TunnelServer: Service, Sendable {
 
     /// Runs until graceful shutdown: binds, serves, then drains within SHUTDOWN_TIMEOUT.
     public func run() async throws {
+        // The kernel relay's engines run while this tunnel does (and stop after the last tunnel).
+        try await SpliceEngines.shared.holding(if: self.configuration.splice) { try await self.serve() }
+    }
+
+    private func serve() async throws {
         let certificate = try InMemoryCertificate.generate()
         let tls = try certificate.makeServerContext(applicationProtocols: [V2Message.alpn])
         var v2 = try self.url.key.map { try self.makeV2Setup(keyText: $0, certificate: certificate) }
@@ -142,14 +153,18 @@ public final class TunnelServer: Service, Sendable {
             }
         } else {
             self.logger.warning(
-                "protocol v1 has no authentication: anyone who reaches the tunnel and pool ports can act as the client; data connections are not encrypted"
+                """
+                protocol v1 has no authentication: anyone who reaches the tunnel and pool ports can act as the \
+                client; data connections are not encrypted
+                """
             )
         }
         self.logger.info(
             "server started",
             metadata: [
                 "np.url": "\(self.url.redacted)", "np.tunnel": "\(ports.tunnel)", "np.pool": "\(ports.pool)",
-                "np.target": "\(ports.target)", "np.version": "\(NodePassVersion.current)", "np.protocols": "\(NodePassVersion.protocols)",
+                "np.target": "\(ports.target)", "np.version": "\(NodePassVersion.current)",
+                "np.protocols": "\(NodePassVersion.protocols)",
             ]
         )
         self.onListening?(ports)
@@ -183,7 +198,10 @@ public final class TunnelServer: Service, Sendable {
                 what: "target address"
             )
             if requested == .auto {
-                self.logger.info("mode=0 chose reverse mode: users connect to the server's TARGET", metadata: ["np.target": "\(self.url.target)"])
+                self.logger.info(
+                    "mode=0 chose reverse mode: users connect to the server's TARGET",
+                    metadata: ["np.target": "\(self.url.target)"]
+                )
             }
             return listener
         } catch {
@@ -202,7 +220,12 @@ public final class TunnelServer: Service, Sendable {
         Listener.bootstrap(group: group ?? self.group, logger: self.logger, what: what)
     }
 
-    private func controlBootstrap(tls: NIOSSLContext, poolPort: Int, v2: V2Setup?, fingerprint: [UInt8]) -> ServerBootstrap {
+    private func controlBootstrap(
+        tls: NIOSSLContext,
+        poolPort: Int,
+        v2: V2Setup?,
+        fingerprint: [UInt8]
+    ) -> ServerBootstrap {
         let configuration = self.configuration
         return self.baseBootstrap(what: "tunnel")
             .childChannelOption(.allowRemoteHalfClosure, value: true)

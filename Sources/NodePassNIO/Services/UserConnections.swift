@@ -16,7 +16,8 @@ struct UserConnections: Sendable {
     }
 
     /// The child channel initializer of a user listener (it sets the relay options of `SocketTuning`).
-    func initialize(_ channel: any Channel, arrived: @escaping @Sendable (any Channel) -> Void) -> EventLoopFuture<Void> {
+    func initialize(_ channel: any Channel, arrived: @escaping @Sendable (any Channel) -> Void) -> EventLoopFuture<Void>
+    {
         let metrics = self.metrics
         // Counted before the session exists: its end may be reported at once (a channel already closed).
         metrics.active.increment()

@@ -7,6 +7,10 @@ import Synchronization
 
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 /// Relays pairs of plain TCP sockets in the kernel with splice(2): socket → pipe → socket, so that relayed
@@ -16,26 +20,10 @@ import Glibc
 /// touched only by that thread; other threads reach it through `close(_:)`, which queues a command and wakes
 /// the thread through an eventfd. Pipes are taken from a small pool while a direction has bytes in flight
 /// and given back as soon as it is drained, so an idle relay holds no pipe.
-public final class SpliceEngine: @unchecked Sendable {
-    /// One engine per core, started on first use; empty when splice(2) is not available (not Linux, or no
-    /// epoll or eventfd could be made).
-    static let engines: [SpliceEngine] = {
-        var engines: [SpliceEngine] = []
-        for _ in 0..<max(1, System.coreCount) {
-            guard let engine = SpliceEngine() else { break }
-            engines.append(engine)
-        }
-        return engines
-    }()
-    private static let nextEngine = Atomic<Int>(0)
-
-    /// The engine for the next relay (round robin), or nil when splicing is not available.
-    static func next() -> SpliceEngine? {
-        let engines = Self.engines
-        guard !engines.isEmpty else { return nil }
-        let index = Self.nextEngine.wrappingAdd(1, ordering: .relaxed).oldValue
-        return engines[index % engines.count]
-    }
+///
+/// The engines of the process are shared by its tunnels through `SpliceEngines`, which starts them for the
+/// first tunnel and stops them (the threads end, every descriptor is closed) after the last.
+final class SpliceEngine: @unchecked Sendable {
 
     /// Bytes a pipe is asked to hold; the kernel may grant less. In the benchmark, 1 MiB against 256 KiB moved
     /// 1.16× the bytes of 8 streams for 0.8× the CPU per GiB. A pipe's size counts against the user's pipe
@@ -56,6 +44,7 @@ public final class SpliceEngine: @unchecked Sendable {
     private enum Command {
         case add(SpliceRelay)
         case close(UInt64)
+        case stop
     }
 
     private let epoll: Int32
@@ -77,13 +66,14 @@ public final class SpliceEngine: @unchecked Sendable {
     private var relaysWithIdleTimeout = 0
     private var lastSweep = NIODeadline.now()
 
-    private init?() {
+    /// Starts an engine thread; nil when splice(2) is not available (not Linux, or no epoll or eventfd).
+    init?() {
         let epoll = np_epoll_create()
         guard epoll >= 0 else { return nil }
         let wakeup = np_eventfd()
         guard wakeup >= 0, np_epoll_add_readable(epoll, wakeup, 0) == 0 else {
-            Glibc.close(epoll)
-            if wakeup >= 0 { Glibc.close(wakeup) }
+            closeDescriptor(epoll)
+            if wakeup >= 0 { closeDescriptor(wakeup) }
             return nil
         }
         self.epoll = epoll
@@ -106,6 +96,12 @@ public final class SpliceEngine: @unchecked Sendable {
         self.send(.close(id))
     }
 
+    /// Ends every relay still running, closes the engine's descriptors and ends its thread.
+    func stop() async {
+        self.send(.stop)
+        try? await self.threadPool.shutdownGracefully()
+    }
+
     private func send(_ command: Command) {
         let first = self.commands.withLock { commands -> Bool in
             commands.append(command)
@@ -124,7 +120,8 @@ public final class SpliceEngine: @unchecked Sendable {
             tokens.deallocate()
             flags.deallocate()
         }
-        while true {
+        var running = true
+        while running {
             let timeout: Int32
             if !self.pendingTurns.isEmpty {
                 timeout = 0
@@ -145,7 +142,7 @@ public final class SpliceEngine: @unchecked Sendable {
                 let token = tokens[index]
                 if token == 0 {
                     np_eventfd_drain(self.wakeup)
-                    self.runCommands()
+                    running = self.runCommands()
                 } else {
                     self.handle(id: token >> 1, side: Int(token & 1), flags: flags[index])
                 }
@@ -154,28 +151,45 @@ public final class SpliceEngine: @unchecked Sendable {
             self.retryPipes()
             self.sweepIdle()
         }
+        for relay in self.relays.values { self.end(relay, reason: nil) }
+        for pipe in self.pipes { pipe.close() }
+        self.pipes.removeAll()
+        closeDescriptor(self.epoll)
+        closeDescriptor(self.wakeup)
     }
 
-    private func runCommands() {
+    /// Runs the commands queued by other threads; false after `stop`.
+    private func runCommands() -> Bool {
         let commands = self.commands.withLock { commands -> [Command] in
             defer { commands = [] }
             return commands
         }
+        var running = true
         for command in commands {
             switch command {
             case .add(let relay):
-                self.start(relay)
+                if running {
+                    self.start(relay)
+                } else {
+                    self.finish(relay)
+                }
             case .close(let id):
                 if let relay = self.relays[id] { self.end(relay, reason: nil) }
+            case .stop:
+                running = false
             }
         }
+        return running
     }
 
     private func start(_ relay: SpliceRelay) {
         guard np_epoll_add(self.epoll, relay.sockets.0, relay.id << 1) == 0,
             np_epoll_add(self.epoll, relay.sockets.1, relay.id << 1 | 1) == 0
         else {
-            relay.logger.warning("cannot watch a relayed connection; closed", metadata: ["np.error": "\(Errno.current)"])
+            relay.logger.warning(
+                "cannot watch a relayed connection; closed",
+                metadata: ["np.error": "\(Errno.current)"]
+            )
             self.finish(relay)
             return
         }
@@ -302,7 +316,10 @@ public final class SpliceEngine: @unchecked Sendable {
         _ = np_epoll_remove(self.epoll, relay.sockets.0)
         _ = np_epoll_remove(self.epoll, relay.sockets.1)
         if let reason {
-            relay.logger.debug("relay ended by an error", metadata: ["np.peer": "\(relay.description)", "np.error": "\(reason)"])
+            relay.logger.debug(
+                "relay ended by an error",
+                metadata: ["np.peer": "\(relay.description)", "np.error": "\(reason)"]
+            )
         }
         self.finish(relay)
     }
@@ -316,8 +333,8 @@ public final class SpliceEngine: @unchecked Sendable {
                 pipe.close()
             }
         }
-        Glibc.close(relay.sockets.0)
-        Glibc.close(relay.sockets.1)
+        closeDescriptor(relay.sockets.0)
+        closeDescriptor(relay.sockets.1)
         relay.onEnd()
     }
 
@@ -358,8 +375,8 @@ struct SplicePipe {
     }
 
     func close() {
-        _ = Glibc.close(self.reader)
-        _ = Glibc.close(self.writer)
+        closeDescriptor(self.reader)
+        closeDescriptor(self.writer)
     }
 }
 

@@ -6,6 +6,10 @@ import Synchronization
 
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 /// Two connected sockets relayed by a `SpliceEngine`: the descriptors (owned: the engine closes them), what
@@ -98,7 +102,9 @@ final class SpliceDirection {
         guard !self.finished else { return .finished }
         for _ in 0..<SpliceEngine.movesPerTurn {
             if self.prefix.readableBytes > 0 {
-                let written = self.prefix.withUnsafeReadableBytes { np_send(self.destination, $0.baseAddress, $0.count) }
+                let written = self.prefix.withUnsafeReadableBytes {
+                    np_send(self.destination, $0.baseAddress, $0.count)
+                }
                 if written > 0 {
                     self.prefix.moveReaderIndex(forwardBy: written)
                     relay.touch()
@@ -183,4 +189,11 @@ final class SpliceDirection {
         default: return .failed(Errno(code: code), socket: socket)
         }
     }
+}
+
+/// Closes a descriptor the splice relay owns (named apart from the `close` methods of the types here; the
+/// splice(2) and epoll calls themselves are in CNodePassLinux, which reports ENOSYS off Linux, so that no
+/// engine starts there).
+func closeDescriptor(_ descriptor: Int32) {
+    _ = close(descriptor)
 }

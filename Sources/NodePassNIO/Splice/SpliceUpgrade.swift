@@ -1,9 +1,14 @@
+import CoreMetrics
 import Logging
 import NIOCore
 import NIOSSL
 
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 /// What a `GlueHandler` needs to move its relay to a `SpliceEngine`.
@@ -59,6 +64,7 @@ final class SpliceUpgrade {
     private struct Side {
         let handler: GlueHandler
         let channel: any Channel
+        let setup: SpliceSetup
     }
 
     /// How long earlier writes may take to finish before the move is given up.
@@ -78,22 +84,20 @@ final class SpliceUpgrade {
     /// Starts the move when `handler` (just connected) and its partner's handler can be spliced; returns
     /// whether it started (the caller then must not read).
     static func begin(_ handler: GlueHandler, context: ChannelHandlerContext) -> Bool {
-        guard handler.splice != nil, handler.upgrade == nil, !handler.spliced,
-            let partner = handler.partnerChannel, partner.eventLoop.inEventLoop,
-            let other = try? partner.pipeline.syncOperations.handler(type: GlueHandler.self),
-            other.splice != nil, other.upgrade == nil, !other.spliced,
-            let otherPartner = other.partnerChannel, otherPartner === context.channel,
-            !handler.inputEnded, !handler.inactive, !other.inputEnded, !other.inactive,
-            Self.isPlain(context.channel), Self.isPlain(partner),
-            let engine = SpliceEngine.next()
+        guard let mine = handler.spliceCandidate, mine.partner.eventLoop.inEventLoop,
+            let other = try? mine.partner.pipeline.syncOperations.handler(type: GlueHandler.self),
+            let theirs = other.spliceCandidate, theirs.partner === context.channel,
+            Self.isPlain(context.channel), Self.isPlain(mine.partner),
+            let engine = SpliceEngines.shared.next()
         else { return false }
+        let partner = mine.partner
         let upgrade = SpliceUpgrade(
-            first: Side(handler: handler, channel: context.channel),
-            second: Side(handler: other, channel: partner),
+            first: Side(handler: handler, channel: context.channel, setup: mine.setup),
+            second: Side(handler: other, channel: partner, setup: theirs.setup),
             engine: engine
         )
-        handler.upgrade = upgrade
-        other.upgrade = upgrade
+        handler.moveBegan(upgrade)
+        other.moveBegan(upgrade)
         // Earlier writes that cannot finish (a peer that reads only once its own bytes move) must not stall
         // both directions: past the limit, relaying goes on in user space.
         let limit = context.eventLoop.assumeIsolated().scheduleTask(in: Self.flushLimit) { upgrade.abort() }
@@ -117,61 +121,66 @@ final class SpliceUpgrade {
     func abort() {
         guard !self.settled else { return }
         self.settled = true
-        self.first.handler.resumeAfterUpgrade(channel: self.first.channel)
-        self.second.handler.resumeAfterUpgrade(channel: self.second.channel)
+        self.first.handler.moveAbandoned(channel: self.first.channel)
+        self.second.handler.moveAbandoned(channel: self.second.channel)
     }
 
     private func complete() {
         guard !self.settled else { return }
-        guard let setup = self.first.handler.splice ?? self.second.handler.splice,
-            self.first.channel.isActive, self.second.channel.isActive
-        else { return self.abort() }
+        guard self.first.channel.isActive, self.second.channel.isActive else { return self.abort() }
         guard let firstSocket = Self.duplicate(self.first.channel) else { return self.abort() }
         guard let secondSocket = Self.duplicate(self.second.channel) else {
-            close(firstSocket)
+            closeDescriptor(firstSocket)
             return self.abort()
         }
         self.settled = true
-        let timeouts = [self.first.handler.splice?.idleTimeout, self.second.handler.splice?.idleTimeout].compactMap { $0 }
+        let timeouts = [self.first.setup.idleTimeout, self.second.setup.idleTimeout].compactMap { $0 }
+        let setup = self.first.setup
         let sessions = setup.sessions
         let id = SpliceRelay.makeID()
-        let keys = sessions.transfer([self.first.channel, self.second.channel], to: self.engine, relay: id)
+        let engine = self.engine
+        let keys = sessions.transfer([self.first.channel, self.second.channel]) { engine.close(id) }
+        let firstPart = self.first.handler.moveCompleted()
+        let secondPart = self.second.handler.moveCompleted()
         let relay = SpliceRelay(
             id: id,
             sockets: (firstSocket, secondSocket),
             directions: (
-                Self.direction(from: self.first, source: firstSocket, destination: secondSocket),
-                Self.direction(from: self.second, source: secondSocket, destination: firstSocket)
+                Self.direction(firstPart, from: firstSocket, to: secondSocket),
+                Self.direction(secondPart, from: secondSocket, to: firstSocket)
             ),
             idleTimeout: timeouts.min(),
             logger: setup.logger,
             description: Self.describe(self.first.channel, self.second.channel),
             onEnd: { sessions.end(keys) }
         )
-        for side in [self.first, self.second] {
-            side.handler.upgrade = nil
-            side.handler.held = ByteBuffer()
-            side.handler.spliced = true
-            side.channel.close(promise: nil)
-        }
-        self.engine.add(relay)
-        if sessions.isClosing { self.engine.close(id) }
+        self.first.channel.close(promise: nil)
+        self.second.channel.close(promise: nil)
+        engine.add(relay)
+        if sessions.isClosing { engine.close(id) }
         setup.logger.debug("relay moved to the kernel (splice)", metadata: ["np.peer": "\(relay.description)"])
     }
 
-    private static func direction(from side: Side, source: Int32, destination: Int32) -> SpliceDirection {
+    /// The direction reading `source`, with what its half held and whether its input had ended.
+    private static func direction(
+        _ part: (held: ByteBuffer, inputEnded: Bool, bytes: Counter?),
+        from source: Int32,
+        to destination: Int32
+    ) -> SpliceDirection {
         SpliceDirection(
             source: source,
             destination: destination,
-            prefix: side.handler.held,
-            sourceEnded: side.handler.inputEnded,
-            bytes: side.handler.bytes
+            prefix: part.held,
+            sourceEnded: part.inputEnded,
+            bytes: part.bytes
         )
     }
 
     /// A duplicate of the channel's socket descriptor, or nil.
     private static func duplicate(_ channel: any Channel) -> Int32? {
-        let duplicate = try? channel.pipeline.syncOperations.withUnsafeTransportIfAvailable(of: NIOBSDSocket.Handle.self) {
+        let duplicate = try? channel.pipeline.syncOperations.withUnsafeTransportIfAvailable(
+            of: NIOBSDSocket.Handle.self
+        ) {
             fcntl($0, F_DUPFD_CLOEXEC, 0)
         }
         guard let duplicate, duplicate >= 0 else { return nil }

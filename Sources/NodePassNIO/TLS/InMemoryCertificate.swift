@@ -94,7 +94,11 @@ public struct FileCertificate: Sendable {
         do {
             chain = try NIOSSLCertificate.fromPEMFile(certificateFile)
         } catch {
-            throw NodePassError(.fileUnreadable, "cannot read the certificate file crt=\(certificateFile)", underlying: error)
+            throw NodePassError(
+                .fileUnreadable,
+                "cannot read the certificate file crt=\(certificateFile)",
+                underlying: error
+            )
         }
         guard let leaf = chain.first, let der = try? leaf.toDERBytes() else {
             throw NodePassError(.fileUnreadable, "the certificate file crt=\(certificateFile) holds no certificate")
@@ -103,11 +107,18 @@ public struct FileCertificate: Sendable {
         do {
             key = try NIOSSLPrivateKey(file: privateKeyFile, format: .pem)
         } catch {
-            throw NodePassError(.fileUnreadable, "cannot read the private key file key=\(privateKeyFile)", underlying: error)
+            throw NodePassError(
+                .fileUnreadable,
+                "cannot read the private key file key=\(privateKeyFile)",
+                underlying: error
+            )
         }
         let context: NIOSSLContext
         do {
-            context = try InMemoryCertificate.makeServerContext(chain: chain.map { .certificate($0) }, key: .privateKey(key))
+            context = try InMemoryCertificate.makeServerContext(
+                chain: chain.map { .certificate($0) },
+                key: .privateKey(key)
+            )
         } catch {
             throw NodePassError(
                 .fileUnreadable,

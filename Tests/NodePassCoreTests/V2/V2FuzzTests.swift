@@ -93,7 +93,9 @@ import Testing
             #expect(!Self.key.isValidClientProof(guess, transcript: transcript))
             #expect(!Self.key.isValidServerProof(guess, transcript: transcript, parameters: []))
             #expect(!secret.isValidPoolClientProof(guess, nonce: nonce))
-            #expect(V2PoolOpening.verifyServerMessage(Self.bytes(&generator, upTo: 40), secret: secret, nonce: nonce) == nil)
+            #expect(
+                V2PoolOpening.verifyServerMessage(Self.bytes(&generator, upTo: 40), secret: secret, nonce: nonce) == nil
+            )
             #expect(V2PoolOpening.splitClientMessage(guess).map { $0.sessionID.count } ?? 16 == 16)
         }
     }
@@ -110,7 +112,8 @@ import Testing
                 // Often a well-formed step of the handshake with a random proof.
                 switch generator.next() % 4 {
                 case 0: message = .hello(version: 2, nonce: Self.bytes(&generator, upTo: 32))
-                case 1: message = .authenticate(proof: (0..<32).map { _ in UInt8(truncatingIfNeeded: generator.next()) })
+                case 1:
+                    message = .authenticate(proof: (0..<32).map { _ in UInt8(truncatingIfNeeded: generator.next()) })
                 case 2: message = .challenge(version: 2, nonce: nonce)
                 default: break
                 }

@@ -7,7 +7,10 @@ import Testing
         .hello(version: 2, nonce: Array(repeating: 1, count: 32)),
         .challenge(version: 2, nonce: Array(repeating: 2, count: 32)),
         .authenticate(proof: Array(repeating: 3, count: 32)),
-        .welcome(proof: Array(repeating: 4, count: 32), parameters: [1, 0, 0x27, 0x75, 0, 0, 0x13, 0x88] + Array(repeating: 5, count: 16)),
+        .welcome(
+            proof: Array(repeating: 4, count: 32),
+            parameters: [1, 0, 0x27, 0x75, 0, 0, 0x13, 0x88] + Array(repeating: 5, count: 16)
+        ),
         .failure(.authenticationFailed, text: "wrong key"),
         .heartbeat,
         .launch(PoolID(0xdead_beef)),
@@ -61,7 +64,10 @@ import Testing
     }
 
     @Test func failureTextIsCutAndMadePrintable() throws {
-        let frame = V2Frame(type: 0x05, payload: ByteBuffer(bytes: [1, 0x41, 0x1b, 0x0a] + Array(repeating: 0x42, count: 500)))
+        let frame = V2Frame(
+            type: 0x05,
+            payload: ByteBuffer(bytes: [1, 0x41, 0x1b, 0x0a] + Array(repeating: 0x42, count: 500))
+        )
         guard case .failure(let reason, let text) = try V2Message(frame: frame) else {
             Issue.record("not a failure")
             return

@@ -53,8 +53,10 @@ import Testing
     }
 
     @Test func errorMessagesNeverEchoTheKey() {
-        for text in ["s3cretvalue@host:1/x:2", "server://s3cretvalue@host:1", "server://s3cretvalue@host:99999/x:2",
-                     "server://s3cretvalue@h:1/x:2?bogus=1"] {
+        for text in [
+            "s3cretvalue@host:1/x:2", "server://s3cretvalue@host:1", "server://s3cretvalue@host:99999/x:2",
+            "server://s3cretvalue@h:1/x:2?bogus=1",
+        ] {
             do {
                 _ = try TunnelURL.parse(text)
                 Issue.record("\(text) was accepted")

@@ -9,7 +9,8 @@ import Testing
     /// The `name = value` lines of the ```vectors block of docs/PROTOCOL.md.
     static let vectors: [String: String] = {
         let path = URL(fileURLWithPath: #filePath)
-            .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
             .appendingPathComponent("docs/PROTOCOL.md")
         guard let text = try? String(contentsOf: path, encoding: .utf8),
             let start = text.range(of: "```vectors\n"),
@@ -46,7 +47,11 @@ import Testing
 
     @Test func handshakeValuesMatch() throws {
         let key = V2Key(derivedBytes: try Self.bytes("K"))
-        let transcript = V2Key.transcript(clientNonce: try Self.bytes("Nc"), serverNonce: try Self.bytes("Ns"), fingerprint: try Self.bytes("F"))
+        let transcript = V2Key.transcript(
+            clientNonce: try Self.bytes("Nc"),
+            serverNonce: try Self.bytes("Ns"),
+            fingerprint: try Self.bytes("F")
+        )
         #expect(Self.hex(transcript) == Self.vectors["T"])
         #expect(Self.hex(key.clientProof(transcript: transcript)) == Self.vectors["client_proof"])
 
@@ -59,8 +64,14 @@ import Testing
             dataFingerprint: Array(SHA256.hash(data: Array("example data certificate".utf8)))
         )
         #expect(Self.hex(parameters.bytes) == Self.vectors["parameters"])
-        #expect(Self.hex(key.serverProof(transcript: transcript, parameters: parameters.bytes)) == Self.vectors["server_proof"])
-        #expect(Self.hex(key.sessionSecret(transcript: transcript, sessionID: parameters.sessionID).bytes) == Self.vectors["S"])
+        #expect(
+            Self.hex(key.serverProof(transcript: transcript, parameters: parameters.bytes))
+                == Self.vectors["server_proof"]
+        )
+        #expect(
+            Self.hex(key.sessionSecret(transcript: transcript, sessionID: parameters.sessionID).bytes)
+                == Self.vectors["S"]
+        )
     }
 
     @Test func forwardPlainParametersMatch() throws {
@@ -82,16 +93,30 @@ import Testing
 
     @Test func theHandshakeMachinesProduceTheVectors() throws {
         let key = V2Key(derivedBytes: try Self.bytes("K"))
-        var server = V2ServerHandshakeStateMachine(key: key, serverNonce: try Self.bytes("Ns"), fingerprint: try Self.bytes("F"))
-        var client = V2ClientHandshakeStateMachine(key: key, clientNonce: try Self.bytes("Nc"), fingerprint: try Self.bytes("F"))
+        var server = V2ServerHandshakeStateMachine(
+            key: key,
+            serverNonce: try Self.bytes("Ns"),
+            fingerprint: try Self.bytes("F")
+        )
+        var client = V2ClientHandshakeStateMachine(
+            key: key,
+            clientNonce: try Self.bytes("Nc"),
+            fingerprint: try Self.bytes("F")
+        )
         guard case .send(let challenge) = server.messageReceived(client.started()),
             case .send(.authenticate(let proof)) = client.messageReceived(challenge)
-        else { Issue.record("handshake did not reach the proof"); return }
+        else {
+            Issue.record("handshake did not reach the proof")
+            return
+        }
         #expect(Self.hex(proof) == Self.vectors["client_proof"])
         #expect(server.messageReceived(.authenticate(proof: proof)) == .authenticated)
         var encoded = ByteBuffer(bytes: try Self.bytes("parameters"))
         let welcome = try #require(server.welcome(parameters: try V2SessionParameters.read(from: &encoded)))
-        guard case .welcome(let serverProof, _) = welcome.message else { Issue.record("no welcome"); return }
+        guard case .welcome(let serverProof, _) = welcome.message else {
+            Issue.record("no welcome")
+            return
+        }
         #expect(Self.hex(serverProof) == Self.vectors["server_proof"])
         #expect(Self.hex(welcome.secret.bytes) == Self.vectors["S"])
     }
@@ -99,7 +124,11 @@ import Testing
     @Test func poolOpeningValuesMatch() throws {
         let secret = V2SessionSecret(bytes: try Self.bytes("S"))
         let nonce = try Self.bytes("Np")
-        let clientMessage = V2PoolOpening.clientMessage(sessionID: try Self.bytes("session_id"), secret: secret, nonce: nonce)
+        let clientMessage = V2PoolOpening.clientMessage(
+            sessionID: try Self.bytes("session_id"),
+            secret: secret,
+            nonce: nonce
+        )
         #expect(Self.hex(clientMessage) == Self.vectors["pool_client_message"])
         let id = try PoolID(parsing: try #require(Self.vectors["pool_id"]))
         let serverMessage = V2PoolOpening.serverMessage(id: id, secret: secret, nonce: nonce)

@@ -148,7 +148,10 @@ public struct V2SessionSecret: Sendable {
     }
 
     static func bytes(of id: PoolID) -> [UInt8] {
-        [UInt8(id.value >> 24), UInt8(truncatingIfNeeded: id.value >> 16), UInt8(truncatingIfNeeded: id.value >> 8), UInt8(truncatingIfNeeded: id.value)]
+        [
+            UInt8(id.value >> 24), UInt8(truncatingIfNeeded: id.value >> 16), UInt8(truncatingIfNeeded: id.value >> 8),
+            UInt8(truncatingIfNeeded: id.value),
+        ]
     }
 }
 

@@ -121,12 +121,14 @@ public enum V2Message: Hashable, Sendable {
             }
             self = kind == .hello ? .hello(version: version, nonce: nonce) : .challenge(version: version, nonce: nonce)
         case .authenticate:
-            guard payload.readableBytes == Self.proofLength, let proof = payload.readBytes(length: Self.proofLength) else {
+            guard payload.readableBytes == Self.proofLength, let proof = payload.readBytes(length: Self.proofLength)
+            else {
                 throw NodePassError(.protocolViolation, "authenticate message of \(frame.payload.readableBytes) bytes")
             }
             self = .authenticate(proof: proof)
         case .welcome:
-            guard payload.readableBytes > Self.proofLength, let proof = payload.readBytes(length: Self.proofLength) else {
+            guard payload.readableBytes > Self.proofLength, let proof = payload.readBytes(length: Self.proofLength)
+            else {
                 throw NodePassError(.protocolViolation, "welcome message of \(frame.payload.readableBytes) bytes")
             }
             self = .welcome(proof: proof, parameters: Array(payload.readableBytesView))

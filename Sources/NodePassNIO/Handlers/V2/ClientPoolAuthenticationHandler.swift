@@ -44,14 +44,18 @@ final class ClientPoolAuthenticationHandler: ChannelInboundHandler {
             return
         }
         // The server says nothing more until it has our answer: extra bytes break the protocol.
-        guard received.readableBytes == V2PoolOpening.nonceLength, let nonce = received.readBytes(length: V2PoolOpening.nonceLength) else {
+        guard received.readableBytes == V2PoolOpening.nonceLength,
+            let nonce = received.readBytes(length: V2PoolOpening.nonceLength)
+        else {
             context.close(promise: nil)
             return
         }
         self.state = .answered
         self.nonce.bytes = nonce
         var answer = context.channel.allocator.buffer(capacity: V2PoolOpening.clientMessageLength)
-        answer.writeBytes(V2PoolOpening.clientMessage(sessionID: self.settings.sessionID, secret: self.settings.secret, nonce: nonce))
+        answer.writeBytes(
+            V2PoolOpening.clientMessage(sessionID: self.settings.sessionID, secret: self.settings.secret, nonce: nonce)
+        )
         context.writeAndFlush(NIOAny(answer), promise: nil)
         if let tls = self.settings.tls {
             do {

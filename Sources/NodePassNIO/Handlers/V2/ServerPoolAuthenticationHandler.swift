@@ -82,7 +82,10 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
         self.onEnded(context.channel)
         if let tls = self.tls {
             do {
-                try context.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls), position: .after(self))
+                try context.pipeline.syncOperations.addHandler(
+                    NIOSSLServerHandler(context: tls),
+                    position: .after(self)
+                )
             } catch {
                 context.close(promise: nil)
                 return
