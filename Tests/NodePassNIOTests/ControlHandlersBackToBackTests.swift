@@ -34,6 +34,13 @@ private final class RecordingPool: ClientControlDelegate {
     static let key = V2Key(derivedBytes: Array(repeating: 0x11, count: 32))
     static let fingerprint = Array(repeating: UInt8(9), count: 32)
     static let logger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+    /// Heartbeats every second, handshakes bounded at 10 s.
+    static let configuration: Configuration = {
+        var configuration = Configuration()
+        configuration.reportInterval = .seconds(1)
+        configuration.handshakeTimeout = .seconds(10)
+        return configuration
+    }()
 
     private struct Pair {
         let loop = EmbeddedEventLoop()
@@ -54,8 +61,7 @@ private final class RecordingPool: ClientControlDelegate {
                     key: v2 ? ControlHandlersBackToBackTests.key : nil,
                     dataTLS: nil,
                     pool: self.pool,
-                    reportInterval: .seconds(1),
-                    handshakeTimeout: .seconds(10),
+                    configuration: ControlHandlersBackToBackTests.configuration,
                     connected: promise,
                     handshakeDuration: Timer(label: "test"),
                     logger: ControlHandlersBackToBackTests.logger,
@@ -71,8 +77,7 @@ private final class RecordingPool: ClientControlDelegate {
                             fingerprint: ControlHandlersBackToBackTests.fingerprint
                         )
                         : .v1(poolPort: 4000),
-                    reportInterval: .seconds(1),
-                    handshakeTimeout: .seconds(10),
+                    configuration: ControlHandlersBackToBackTests.configuration,
                     delegate: self.registry,
                     metrics: TunnelMetrics(role: "server"),
                     logger: ControlHandlersBackToBackTests.logger,
@@ -192,8 +197,7 @@ private final class RecordingPool: ClientControlDelegate {
             ByteToMessageHandler(V2FrameDecoder()),
             ServerControlHandler(
                 version: .v2(key: Self.key, fingerprint: Self.fingerprint),
-                reportInterval: .seconds(1),
-                handshakeTimeout: .seconds(10),
+                configuration: Self.configuration,
                 delegate: RecordingServer(),
                 metrics: TunnelMetrics(role: "server"),
                 logger: Self.logger,

@@ -42,7 +42,7 @@ private final class RecordingClientDelegate: ClientPoolConnectionDelegate {
 @Suite struct ServerPoolConnectionHandlerTests {
     @Test func writesTheIDInOneWriteAndReportsReady() throws {
         let delegate = RecordingServerDelegate(id: PoolID(0x0102_0a0b))
-        let channel = EmbeddedChannel(handler: ServerPoolConnectionHandler(delegate: delegate))
+        let channel = EmbeddedChannel(handler: ServerPoolConnectionHandler(delegate: delegate, glue: GlueHandler()))
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
         let written = try channel.readOutbound(as: ByteBuffer.self)
         #expect(written == ByteBuffer(string: "01020a0b"))
@@ -53,7 +53,7 @@ private final class RecordingClientDelegate: ClientPoolConnectionDelegate {
 
     @Test func bytesOnAnIdleConnectionCloseIt() throws {
         let delegate = RecordingServerDelegate(id: PoolID(5))
-        let channel = EmbeddedChannel(handler: ServerPoolConnectionHandler(delegate: delegate))
+        let channel = EmbeddedChannel(handler: ServerPoolConnectionHandler(delegate: delegate, glue: GlueHandler()))
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
         try channel.writeInbound(ByteBuffer(string: "x"))
         #expect(!channel.isActive)
@@ -62,7 +62,7 @@ private final class RecordingClientDelegate: ClientPoolConnectionDelegate {
 
     @Test func refusedConnectionIsClosedWithoutAnID() throws {
         let delegate = RecordingServerDelegate(id: nil)
-        let channel = EmbeddedChannel(handler: ServerPoolConnectionHandler(delegate: delegate))
+        let channel = EmbeddedChannel(handler: ServerPoolConnectionHandler(delegate: delegate, glue: GlueHandler()))
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
         #expect(!channel.isActive)
         #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
@@ -72,9 +72,10 @@ private final class RecordingClientDelegate: ClientPoolConnectionDelegate {
 @Suite struct ServerPoolConnectionHandlerForwardTests {
     private func makeChannel(_ delegate: RecordingServerDelegate) throws -> EmbeddedChannel {
         let channel = EmbeddedChannel()
+        let glue = GlueHandler()
         try channel.pipeline.syncOperations.addHandlers([
-            ServerPoolConnectionHandler(delegate: delegate, claimTimeout: .seconds(5)),
-            GlueHandler(),
+            ServerPoolConnectionHandler(delegate: delegate, glue: glue, claimTimeout: .seconds(5)),
+            glue,
         ])
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
         _ = try channel.readOutbound(as: ByteBuffer.self)
@@ -116,9 +117,15 @@ private final class RecordingClientDelegate: ClientPoolConnectionDelegate {
 @Suite struct ClientPoolConnectionHandlerTests {
     private func makeChannel(_ delegate: RecordingClientDelegate) throws -> EmbeddedChannel {
         let channel = EmbeddedChannel()
+        let glue = GlueHandler()
         try channel.pipeline.syncOperations.addHandlers([
-            ClientPoolConnectionHandler(delegate: delegate, idReadTimeout: .seconds(5), claimTimeout: .seconds(5)),
-            GlueHandler(),
+            ClientPoolConnectionHandler(
+                delegate: delegate,
+                glue: glue,
+                idReadTimeout: .seconds(5),
+                claimTimeout: .seconds(5)
+            ),
+            glue,
         ])
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
         return channel

@@ -27,40 +27,54 @@ public struct DialQueueStateMachine<Connection> {
         case unknown
     }
 
-    fileprivate struct Entry {
-        var connection: Connection
-        var owner: UInt64
+    @usableFromInline
+    struct Entry {
+        @usableFromInline var connection: Connection
+        @usableFromInline var owner: UInt64
         /// The other side already used it (bytes came before the launch).
-        var claimed = false
+        @usableFromInline var claimed = false
+
+        @inlinable
+        init(connection: Connection, owner: UInt64) {
+            self.connection = connection
+            self.owner = owner
+        }
     }
 
-    private var idle: [PoolID: Entry] = [:]
-    private var awaited: [PoolID: UInt64] = [:]
+    @usableFromInline var idle: [PoolID: Entry] = [:]
+    @usableFromInline var awaited: [PoolID: UInt64] = [:]
     /// The most idle connections kept.
     public let maximumIdle: Int
     /// The most launches waiting for their connection.
     public let maximumAwaited: Int
 
     /// Makes an empty queue keeping at most `maximumIdle` idle connections and `maximumAwaited` early launches.
+    @inlinable
     public init(maximumIdle: Int, maximumAwaited: Int) {
         self.maximumIdle = max(1, maximumIdle)
         self.maximumAwaited = max(0, maximumAwaited)
     }
 
     /// The number of idle connections (claimed ones included).
+    @inlinable
     public var idleCount: Int { self.idle.count }
     /// The number of idle connections of `owner`.
+    @inlinable
     public func idleCount(owner: UInt64) -> Int {
         self.idle.values.reduce(0) { $0 + ($1.owner == owner ? 1 : 0) }
     }
     /// The number of launches waiting for their connection.
+    @inlinable
     public var awaitedCount: Int { self.awaited.count }
     /// True when a new connection would be closed at once.
+    @inlinable
     public var isFull: Bool { self.idle.count >= self.maximumIdle }
     /// True when an idle connection already has this ID.
+    @inlinable
     public func isInUse(_ id: PoolID) -> Bool { self.idle[id] != nil }
 
     /// The connection `id` of `owner` is ready (it has its ID and, in v2, its confirmation).
+    @inlinable
     public mutating func connectionReady(id: PoolID, owner: UInt64, connection: Connection) -> ReadyAction {
         if self.awaited[id] == owner {
             self.awaited[id] = nil
@@ -72,6 +86,7 @@ public struct DialQueueStateMachine<Connection> {
     }
 
     /// `owner` launched `id`.
+    @inlinable
     public mutating func launchReceived(id: PoolID, owner: UInt64) -> LaunchAction {
         if let entry = self.idle[id], entry.owner == owner {
             self.idle[id] = nil
@@ -85,6 +100,7 @@ public struct DialQueueStateMachine<Connection> {
     }
 
     /// The wait of `owner`'s launch of `id` is over; true when it was still waiting (it is dropped).
+    @inlinable
     public mutating func launchExpired(id: PoolID, owner: UInt64) -> Bool {
         guard self.awaited[id] == owner else { return false }
         self.awaited[id] = nil
@@ -92,6 +108,7 @@ public struct DialQueueStateMachine<Connection> {
     }
 
     /// Bytes came on the idle connection `id` before its launch: true the first time (count it as used).
+    @inlinable
     public mutating func connectionClaimed(id: PoolID) -> Bool {
         guard let entry = self.idle[id], !entry.claimed else { return false }
         self.idle[id]?.claimed = true
@@ -100,6 +117,7 @@ public struct DialQueueStateMachine<Connection> {
 
     /// The idle connection `id` closed, if `matches` it (another connection may have drawn the same ID and
     /// been refused). Returns nil when it was not idle, else whether it had been claimed.
+    @inlinable
     public mutating func connectionClosed(id: PoolID, where matches: (Connection) -> Bool) -> Bool? {
         guard let entry = self.idle[id], matches(entry.connection) else { return nil }
         self.idle[id] = nil
@@ -107,6 +125,7 @@ public struct DialQueueStateMachine<Connection> {
     }
 
     /// `owner` is gone: its idle connections are returned to be closed and its launches forgotten.
+    @inlinable
     public mutating func ownerLost(_ owner: UInt64) -> [Connection] {
         self.awaited = self.awaited.filter { $0.value != owner }
         let lost = self.idle.filter { $0.value.owner == owner }
@@ -115,6 +134,7 @@ public struct DialQueueStateMachine<Connection> {
     }
 
     /// Shutting down or restarting: every idle connection is returned to be closed.
+    @inlinable
     public mutating func drain() -> [Connection] {
         defer {
             self.idle.removeAll()

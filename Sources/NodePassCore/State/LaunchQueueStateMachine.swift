@@ -18,40 +18,47 @@ public struct LaunchQueueStateMachine<Connection, User> {
         case wait
     }
 
-    private var idle = Deque<(id: PoolID, connection: Connection)>()
+    @usableFromInline var idle = Deque<(id: PoolID, connection: Connection)>()
     /// How many entries of `idle` have each ID (two admissions may draw the same ID), so that the checks
     /// made for every new pool connection do not walk the pool.
-    private var idleIDs: [PoolID: Int] = [:]
-    private var waiting = Deque<(ticket: UInt64, user: User)>()
+    @usableFromInline var idleIDs: [PoolID: Int] = [:]
+    @usableFromInline var waiting = Deque<(ticket: UInt64, user: User)>()
     /// The most idle connections kept.
     public let maximumIdle: Int
 
     /// Makes an empty pool keeping at most `maximumIdle` idle connections.
+    @inlinable
     public init(maximumIdle: Int) {
         self.maximumIdle = max(1, maximumIdle)
     }
 
     /// The number of idle pool connections.
+    @inlinable
     public var idleCount: Int { self.idle.count }
     /// The number of idle pool connections that `belongs` accepts.
+    @inlinable
     public func idleCount(where belongs: (Connection) -> Bool) -> Int {
         self.idle.reduce(0) { $0 + (belongs($1.connection) ? 1 : 0) }
     }
 
     /// The number of users waiting for a pool connection.
+    @inlinable
     public var waitingCount: Int { self.waiting.count }
 
     /// True when a new pool connection would be closed at once: the idle pool is full and nobody waits.
+    @inlinable
     public var isFull: Bool {
         self.idle.count >= self.maximumIdle && self.waiting.isEmpty
     }
 
     /// True when an idle connection already has this ID (draw another one).
+    @inlinable
     public func isInUse(_ id: PoolID) -> Bool {
         self.idleIDs[id] != nil
     }
 
     /// A pool connection was opened and its ID sent.
+    @inlinable
     public mutating func poolConnectionReady(id: PoolID, connection: Connection) -> Action {
         if let waiter = self.waiting.popFirst() {
             return .relay(id: id, connection: connection, user: waiter.user)
@@ -66,6 +73,7 @@ public struct LaunchQueueStateMachine<Connection, User> {
 
     /// An idle pool connection closed or misbehaved; it is forgotten. Returns whether it was idle.
     @discardableResult
+    @inlinable
     public mutating func poolConnectionClosed(id: PoolID) -> Bool {
         guard self.idleIDs[id] != nil, let index = self.idle.firstIndex(where: { $0.id == id }) else { return false }
         self.idle.remove(at: index)
@@ -74,12 +82,14 @@ public struct LaunchQueueStateMachine<Connection, User> {
     }
 
     /// One idle entry with `id` left the pool.
-    private mutating func forget(_ id: PoolID) {
+    @inlinable
+    mutating func forget(_ id: PoolID) {
         guard let count = self.idleIDs[id] else { return }
         self.idleIDs[id] = count > 1 ? count - 1 : nil
     }
 
     /// A user connected; `ticket` identifies it for a later timeout. `retry` puts it first in line.
+    @inlinable
     public mutating func userArrived(ticket: UInt64, user: User, retry: Bool = false) -> Action {
         if let first = self.idle.popFirst() {
             self.forget(first.id)
@@ -94,12 +104,14 @@ public struct LaunchQueueStateMachine<Connection, User> {
     }
 
     /// A waiting user's time is up or it went away; returns the user if it was still waiting.
+    @inlinable
     public mutating func userLeft(ticket: UInt64) -> User? {
         guard let index = self.waiting.firstIndex(where: { $0.ticket == ticket }) else { return nil }
         return self.waiting.remove(at: index).user
     }
 
     /// The control channel is gone: every idle connection is returned to be closed. Waiting users stay.
+    @inlinable
     public mutating func controlLost() -> [Connection] {
         let connections = self.idle.map(\.connection)
         self.idle.removeAll()
@@ -109,6 +121,7 @@ public struct LaunchQueueStateMachine<Connection, User> {
 
     /// One client's control channel is gone: its idle connections are returned to be closed. Waiting
     /// users stay: they go to the next idle connection of any client.
+    @inlinable
     public mutating func controlLost(where belongs: (Connection) -> Bool) -> [Connection] {
         var lost: [Connection] = []
         var lostIDs: [PoolID] = []
@@ -123,6 +136,7 @@ public struct LaunchQueueStateMachine<Connection, User> {
     }
 
     /// Shutting down: everything is returned to be closed.
+    @inlinable
     public mutating func drain() -> (connections: [Connection], users: [User]) {
         let result = (self.idle.map(\.connection), self.waiting.map(\.user))
         self.idle.removeAll()

@@ -12,6 +12,13 @@ public struct ServerSessionsStateMachine<Control> {
         public var peerIP: String?
         /// v2: the session ID and secret its pool connections prove.
         public var v2: (id: [UInt8], secret: V2SessionSecret)?
+
+        @inlinable
+        init(control: Control, peerIP: String?, v2: (id: [UInt8], secret: V2SessionSecret)? = nil) {
+            self.control = control
+            self.peerIP = peerIP
+            self.v2 = v2
+        }
     }
 
     /// What a new pool connection shows.
@@ -74,35 +81,41 @@ public struct ServerSessionsStateMachine<Control> {
     /// How many ID draws an admission makes before it gives up.
     public static var idDraws: Int { 8 }
 
-    private var sessions: [UInt64: Session] = [:]
-    private var v2Owners: [[UInt8]: UInt64] = [:]
-    private var lastOwner: UInt64 = 0
-    private var controlsSeen = 0
+    @usableFromInline var sessions: [UInt64: Session] = [:]
+    @usableFromInline var v2Owners: [[UInt8]: UInt64] = [:]
+    @usableFromInline var lastOwner: UInt64 = 0
+    @usableFromInline var controlsSeen = 0
     /// The most v2 clients at once.
     public let maximumClients: Int
 
     /// Makes an empty table serving at most `maximumClients` v2 clients.
+    @inlinable
     public init(maximumClients: Int) {
         self.maximumClients = maximumClients
     }
 
     /// The number of connected clients.
+    @inlinable
     public var count: Int { self.sessions.count }
 
     /// The session `owner`, if it is connected.
+    @inlinable
     public func session(_ owner: UInt64) -> Session? { self.sessions[owner] }
 
     /// The owner of the first session whose control channel `matches`.
+    @inlinable
     public func owner(where matches: (Control) -> Bool) -> UInt64? {
         self.sessions.first { matches($0.value.control) }?.key
     }
 
     /// The secret of the v2 session `sessionID`, if it is connected.
+    @inlinable
     public func secret(forSession sessionID: [UInt8]) -> V2SessionSecret? {
         self.v2Owners[sessionID].flatMap { self.sessions[$0]?.v2?.secret }
     }
 
-    private mutating func add(_ session: Session) -> (owner: UInt64, isReconnect: Bool) {
+    @inlinable
+    mutating func add(_ session: Session) -> (owner: UInt64, isReconnect: Bool) {
         self.lastOwner += 1
         self.sessions[self.lastOwner] = session
         self.controlsSeen += 1
@@ -111,6 +124,7 @@ public struct ServerSessionsStateMachine<Control> {
 
     /// A v1 client finished its TLS handshake: it becomes the client, and the previous ones are returned to be
     /// closed (their idle pool connections go too).
+    @inlinable
     public mutating func v1ClientConnected(
         _ control: Control,
         peerIP: String?
@@ -123,6 +137,7 @@ public struct ServerSessionsStateMachine<Control> {
     }
 
     /// A v2 client proved the key; nil when it is refused (too many clients, or its session ID is taken).
+    @inlinable
     public mutating func v2ClientAuthenticated(
         _ control: Control,
         peerIP: String?,
@@ -136,6 +151,7 @@ public struct ServerSessionsStateMachine<Control> {
     }
 
     /// The control channel of `owner` closed: its session ends.
+    @inlinable
     public mutating func controlClosed(_ owner: UInt64) -> Session? {
         guard let session = self.sessions.removeValue(forKey: owner) else { return nil }
         if let v2 = session.v2 { self.v2Owners[v2.id] = nil }
@@ -143,6 +159,7 @@ public struct ServerSessionsStateMachine<Control> {
     }
 
     /// Shutting down: every session ends; their control channels are returned to be closed.
+    @inlinable
     public mutating func closeAll() -> [Control] {
         defer {
             self.sessions.removeAll()
@@ -152,6 +169,7 @@ public struct ServerSessionsStateMachine<Control> {
     }
 
     /// A pool connection was accepted (v1) or proved its session (v2): admit it with a fresh ID, or refuse it.
+    @inlinable
     public func admitPoolConnection(
         _ credential: Credential,
         pool: PoolOccupancy,

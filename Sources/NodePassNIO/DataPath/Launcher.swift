@@ -13,8 +13,10 @@ final class Launcher: PoolConnectionRole {
     /// A user connection waiting for a pool connection.
     struct WaitingUser: Sendable {
         var ticket: UInt64
-        var channel: any Channel
+        var end: RelayEnd
         var arrived: NIODeadline
+
+        var channel: any Channel { self.end.channel }
     }
 
     private struct State {
@@ -100,10 +102,11 @@ final class Launcher: PoolConnectionRole {
     // MARK: users
 
     /// A user connected: relay it now, or let it wait for a pool connection.
-    func userArrived(_ channel: any Channel) {
+    func userArrived(_ end: RelayEnd) {
+        let channel = end.channel
         let (user, action) = self.updating { state in
             state.nextTicket += 1
-            let user = WaitingUser(ticket: state.nextTicket, channel: channel, arrived: .now())
+            let user = WaitingUser(ticket: state.nextTicket, end: end, arrived: .now())
             return (user, state.queue.userArrived(ticket: user.ticket, user: user))
         }
         if case .wait = action {
@@ -162,6 +165,6 @@ final class Launcher: PoolConnectionRole {
         signals.sendLaunch(connection.id)
         self.logger.debug("launch sent", metadata: ["np.pool.id": "\(connection.id)"])
         TunnelMetrics.record(self.metrics.newConnectionDuration, since: user.arrived)
-        GlueHandler.connect(user.channel, to: connection.channel)
+        user.end.connect(to: connection.channel)
     }
 }

@@ -5,8 +5,9 @@ import NodePassCore
 
 /// How one process sets up the ends of its relays: which byte counter each end feeds, the sessions that
 /// bound and track them, and whether they may move to the kernel. Every `GlueHandler` of the tunnel is made
-/// here, so that the two roles and both processes relay alike.
-struct Relays: Sendable {
+/// here, so that the two roles and both processes relay alike. A class, for the same reason as
+/// `TunnelMetrics`: it is captured by the set-up closures of every connection.
+final class Relays: Sendable {
     /// The channel an end of a relay reads from.
     enum End {
         /// A user's connection (what it reads goes towards the service).

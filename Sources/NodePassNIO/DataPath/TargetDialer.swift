@@ -25,17 +25,21 @@ final class TargetDialer: PoolConnectionRole {
     init(
         target: HostPort,
         maximumIdle: Int,
-        maximumAwaited: Int,
-        launchWait: TimeAmount,
-        dialTimeout: TimeAmount,
+        configuration: Configuration,
         owners: (any PoolConnectionOwners)? = nil,
         relays: Relays,
         idleGauge: Meter?
     ) {
-        self.state = Locked(DialQueueStateMachine(maximumIdle: maximumIdle, maximumAwaited: maximumAwaited))
+        // Launches that come before their connection are bounded as idle connections are.
+        let queue = DialQueueStateMachine<PoolConnection>(
+            maximumIdle: maximumIdle,
+            maximumAwaited: configuration.maxPoolCapacity
+        )
+        self.state = Locked(queue)
         self.target = target
-        self.launchWait = launchWait
-        self.dialTimeout = dialTimeout
+        // A pool connection is ready within the ID-read bound of connecting (or it is closed).
+        self.launchWait = configuration.idReadTimeout
+        self.dialTimeout = configuration.dialTimeout
         self.owners = owners
         self.relays = relays
         self.idleGauge = idleGauge
@@ -141,13 +145,16 @@ final class TargetDialer: PoolConnectionRole {
         }
         let launched = NIODeadline.now()
         metrics.accepted.increment()
+        let targetGlue = TargetGlue()
         ClientBootstrap(group: pool.channel.eventLoop)
             .connectTimeout(self.dialTimeout)
             .channelInitializer { channel in
                 SocketTuning.apply(to: channel)
                 return channel.eventLoop.makeCompletedFuture {
                     try SocketTuning.prepareRelay(channel)
-                    try channel.pipeline.syncOperations.addHandler(relays.glue(.target))
+                    let glue = relays.glue(.target)
+                    try channel.pipeline.syncOperations.addHandler(glue)
+                    targetGlue.handler = glue
                 }
             }
             .dial(host: target.dialHost, port: target.port)
@@ -162,14 +169,12 @@ final class TargetDialer: PoolConnectionRole {
                     pool.channel.close(promise: nil)
                 case .success(let targetChannel):
                     // Same event loop as the pool connection: both halves are set up before any byte moves.
-                    guard pool.handOff(to: targetChannel) else {
+                    guard let glue = targetGlue.handler, pool.handOff(to: targetChannel) else {
                         targetChannel.close(promise: nil)
                         pool.channel.close(promise: nil)
                         return
                     }
-                    targetChannel.pipeline.syncOperations.fireUserInboundEventTriggered(
-                        GlueHandler.Connect(partner: pool.channel)
-                    )
+                    glue.connect(to: pool.channel)
                     TunnelMetrics.record(metrics.newConnectionDuration, since: launched)
                     logger.debug(
                         "relaying",
@@ -181,4 +186,13 @@ final class TargetDialer: PoolConnectionRole {
                 }
             }
     }
+}
+
+/// The target connection's `GlueHandler`, from its channel initializer to the end of its dial.
+///
+/// `@unchecked Sendable`: the initializer and the dial's completion both run on the pool connection's event
+/// loop (the target is dialled on it), one after the other; nothing else touches it. (Not a `NIOLoopBoundBox`:
+/// its generic metadata is looked up at every dial.)
+private final class TargetGlue: @unchecked Sendable {
+    var handler: GlueHandler?
 }

@@ -43,8 +43,7 @@ final class ClientControlHandler: ChannelInboundHandler {
         key: V2Key?,
         dataTLS: NIOSSLContext?,
         pool: any ClientControlDelegate,
-        reportInterval: TimeAmount,
-        handshakeTimeout: TimeAmount,
+        configuration: Configuration,
         connected: EventLoopPromise<Void>,
         handshakeDuration: Timer,
         logger: Logger,
@@ -54,13 +53,13 @@ final class ClientControlHandler: ChannelInboundHandler {
     ) {
         self.peerFingerprint = peerFingerprint
         self.machine = ClientControlStateMachine(
-            version: key.map { .v2(key: $0) } ?? .v1(reportInterval: reportInterval)
+            version: key.map { .v2(key: $0) } ?? .v1(reportInterval: configuration.reportInterval)
         )
         self.isV2 = key != nil
         self.dataTLS = dataTLS
         self.pool = pool
-        self.reportInterval = reportInterval
-        self.handshakeTimeout = handshakeTimeout
+        self.reportInterval = configuration.reportInterval
+        self.handshakeTimeout = configuration.handshakeTimeout
         self.connected = connected
         self.handshakeDuration = handshakeDuration
         self.logger = logger

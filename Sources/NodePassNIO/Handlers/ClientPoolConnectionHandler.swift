@@ -12,23 +12,23 @@ protocol ClientPoolConnectionDelegate: AnyObject, Sendable {
 }
 
 /// How a client pool connection reads its ID from the server's opening.
-public struct PoolIDReader {
+struct PoolIDReader {
     /// How many bytes the opening has.
-    public var length: Int
+    var length: Int
     /// The ID in the opening, or nil when it is not valid.
-    public var parse: (ByteBuffer) -> PoolID?
+    var parse: (ByteBuffer) -> PoolID?
     /// What to answer once the ID is read (v2: the confirmation), if anything.
-    public var reply: ((PoolID) -> [UInt8])?
+    var reply: ((PoolID) -> [UInt8])?
 
     /// Makes a reader.
-    public init(length: Int, parse: @escaping (ByteBuffer) -> PoolID?, reply: ((PoolID) -> [UInt8])? = nil) {
+    init(length: Int, parse: @escaping (ByteBuffer) -> PoolID?, reply: ((PoolID) -> [UInt8])? = nil) {
         self.length = length
         self.parse = parse
         self.reply = reply
     }
 
     /// v1: 8 lowercase hex characters.
-    public static var v1: PoolIDReader {
+    static var v1: PoolIDReader {
         PoolIDReader(length: PoolID.wireLength) { try? PoolID(parsing: $0.readableBytesView) }
     }
 }
@@ -55,6 +55,8 @@ final class ClientPoolConnectionHandler: ChannelInboundHandler, PoolConnectionHo
     private var early = EarlyBytes()
     private var timeout: Scheduled<Void>?
     private var context: ChannelHandlerContext?
+    /// The relay behind this handler, connected at the hand-off.
+    private let glue: GlueHandler
     private let idReadTimeout: TimeAmount
     private let claimTimeout: TimeAmount
     private let delegate: any ClientPoolConnectionDelegate
@@ -63,11 +65,13 @@ final class ClientPoolConnectionHandler: ChannelInboundHandler, PoolConnectionHo
     /// Makes the handler; `claimTimeout` bounds the wait for a launch once the server used the connection.
     init(
         delegate: any ClientPoolConnectionDelegate,
+        glue: GlueHandler,
         idReader: PoolIDReader = .v1,
         idReadTimeout: TimeAmount,
         claimTimeout: TimeAmount
     ) {
         self.delegate = delegate
+        self.glue = glue
         self.idReader = idReader
         self.idReadTimeout = idReadTimeout
         self.claimTimeout = claimTimeout
@@ -204,7 +208,7 @@ final class ClientPoolConnectionHandler: ChannelInboundHandler, PoolConnectionHo
         self.timeout?.cancel()
         self.timeout = nil
         self.state = .handedOff
-        return self.early.handOff(context: context, to: partner)
+        return self.early.handOff(context: context, to: partner, glue: self.glue)
     }
 }
 

@@ -20,9 +20,9 @@ struct EarlyBytes {
         self.inputEnded = true
     }
 
-    /// Connects the `GlueHandler` after `context` to `partner` and passes on what was held. Returns false
-    /// when the channel is closed.
-    mutating func handOff(context: ChannelHandlerContext, to partner: any Channel) -> Bool {
+    /// Passes on what was held to `glue` (the `GlueHandler` after `context`) and connects it to `partner`.
+    /// Returns false when the channel is closed.
+    mutating func handOff(context: ChannelHandlerContext, to partner: any Channel, glue: GlueHandler) -> Bool {
         guard context.channel.isActive else { return false }
         // The held bytes and end of input reach the glue before its partner is known: it passes them on
         // first when it connects, before any move to the splice engine can start.
@@ -35,7 +35,6 @@ struct EarlyBytes {
         if self.inputEnded {
             context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
         }
-        context.fireUserInboundEventTriggered(GlueHandler.Connect(partner: partner))
-        return true
+        return glue.connect(to: partner)
     }
 }

@@ -14,8 +14,8 @@ import NIOCore
 /// once one direction has relayed `spliceAfter` bytes or after `SpliceSetup.moveAfter`, at a moment when
 /// neither side has output queued (see `SpliceUpgrade`); the channels are then closed without touching the
 /// sockets.
-public final class GlueHandler: ChannelInboundHandler {
-    public typealias InboundIn = ByteBuffer
+final class GlueHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
 
     /// Where this half stands with the move of its relay to the kernel.
     private enum Move {
@@ -30,6 +30,8 @@ public final class GlueHandler: ChannelInboundHandler {
     }
 
     private var partner: (any Channel)?
+    /// This handler's context while it is in a pipeline.
+    private var context: ChannelHandlerContext?
     /// Bytes read before the partner was known (a read the partner asked for may overtake `connect`).
     private var early: ByteBuffer?
     private var pendingFlush = false
@@ -46,7 +48,7 @@ public final class GlueHandler: ChannelInboundHandler {
 
     /// Makes an unconnected handler; `bytes` counts every byte it reads. With `splice`, the relay may move
     /// to the kernel (only when the partner's handler has one too).
-    public init(bytes: Counter? = nil, splice: SpliceSetup? = nil) {
+    init(bytes: Counter? = nil, splice: SpliceSetup? = nil) {
         self.bytes = bytes
         self.splice = splice
         self.move = splice == nil ? .never : .possible(timer: nil)
@@ -58,7 +60,24 @@ public final class GlueHandler: ChannelInboundHandler {
     }
 
     /// Starts relaying to `partner`. Must run on this handler's event loop.
-    public func connect(to partner: any Channel, context: ChannelHandlerContext) {
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    /// Starts relaying to `partner`; false when the handler is not in a pipeline. Must run on this handler's
+    /// event loop.
+    @discardableResult
+    func connect(to partner: any Channel) -> Bool {
+        guard let context = self.context else { return false }
+        self.connect(to: partner, context: context)
+        return true
+    }
+
+    private func connect(to partner: any Channel, context: ChannelHandlerContext) {
         guard self.partner == nil else { return }
         self.partner = partner
         if let early = self.early {
@@ -85,7 +104,7 @@ public final class GlueHandler: ChannelInboundHandler {
         context.read()
     }
 
-    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = self.unwrapInboundIn(data)
         self.bytes?.increment(by: Int64(buffer.readableBytes))
         if case .moving(let upgrade, var held) = self.move {
@@ -108,7 +127,7 @@ public final class GlueHandler: ChannelInboundHandler {
         self.pendingFlush = true
     }
 
-    public func channelReadComplete(context: ChannelHandlerContext) {
+    func channelReadComplete(context: ChannelHandlerContext) {
         guard let partner = self.partner, !self.isMoving else { return }
         self.flushPending()
         // Only a relay that carries more than a few messages is worth the move at once (short request and
@@ -119,20 +138,16 @@ public final class GlueHandler: ChannelInboundHandler {
         }
     }
 
-    public func channelWritabilityChanged(context: ChannelHandlerContext) {
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
         if context.channel.isWritable && !self.isMoving {
             self.partner?.read()
         }
         context.fireChannelWritabilityChanged()
     }
 
-    public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         guard case ChannelEvent.inputClosed = event else {
-            if let connect = event as? Connect {
-                self.connect(to: connect.partner, context: context)
-            } else {
-                context.fireUserInboundEventTriggered(event)
-            }
+            context.fireUserInboundEventTriggered(event)
             return
         }
         self.inputEnded = true
@@ -148,7 +163,7 @@ public final class GlueHandler: ChannelInboundHandler {
         }
     }
 
-    public func channelInactive(context: ChannelHandlerContext) {
+    func channelInactive(context: ChannelHandlerContext) {
         self.inactive = true
         switch self.move {
         case .spliced:
@@ -172,7 +187,7 @@ public final class GlueHandler: ChannelInboundHandler {
         context.fireChannelInactive()
     }
 
-    public func errorCaught(context: ChannelHandlerContext, error: any Error) {
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
     }
 
@@ -278,16 +293,47 @@ extension GlueHandler {
 extension GlueHandler: Sendable {}
 
 extension GlueHandler {
-    /// The inbound user event that connects the `GlueHandler` of a pipeline to `partner`: whoever sets up a
-    /// relay names the partner without looking the handler up.
-    struct Connect {
-        let partner: any Channel
+    /// Connects the `GlueHandler` already in `channel`'s pipeline to `partner`, on `channel`'s event loop
+    /// (a look-up by type: the tunnel hands its relay ends their handler instead; tests use this).
+    static func connect(_ channel: any Channel, to partner: any Channel) {
+        channel.eventLoop.execute {
+            guard let glue = try? channel.pipeline.syncOperations.handler(type: GlueHandler.self),
+                glue.connect(to: partner)
+            else {
+                channel.close(promise: nil)
+                partner.close(promise: nil)
+                return
+            }
+        }
+    }
+}
+
+/// One end of a relay that is not a pool connection (a user's or the target's connection) with its
+/// `GlueHandler`, so that the relay starts without looking the handler up.
+struct RelayEnd: Sendable {
+    let channel: any Channel
+    private let glue: NIOLoopBound<GlueHandler>
+
+    /// Made on the channel's event loop, once the handler is in its pipeline.
+    init(channel: any Channel, glue: GlueHandler) {
+        self.channel = channel
+        self.glue = NIOLoopBound(glue, eventLoop: channel.eventLoop)
     }
 
-    /// Connects the `GlueHandler` already in `channel`'s pipeline to `partner`, on `channel`'s event loop.
-    public static func connect(_ channel: any Channel, to partner: any Channel) {
-        channel.eventLoop.execute {
-            channel.pipeline.syncOperations.fireUserInboundEventTriggered(Connect(partner: partner))
+    /// Starts relaying this end to `partner` (on this end's event loop); closes both when the handler is gone.
+    func connect(to partner: any Channel) {
+        if self.channel.eventLoop.inEventLoop {
+            self.connectNow(to: partner)
+        } else {
+            self.channel.eventLoop.execute { self.connectNow(to: partner) }
+        }
+    }
+
+    private func connectNow(to partner: any Channel) {
+        guard self.glue.value.connect(to: partner) else {
+            self.channel.close(promise: nil)
+            partner.close(promise: nil)
+            return
         }
     }
 }

@@ -35,16 +35,15 @@ final class ServerControlHandler: ChannelInboundHandler {
 
     init(
         version: ServerControlStateMachine.Version,
-        reportInterval: TimeAmount,
-        handshakeTimeout: TimeAmount,
+        configuration: Configuration,
         delegate: any ServerControlDelegate,
         metrics: TunnelMetrics,
         logger: Logger,
         makeParameters: @escaping @Sendable (_ sessionID: [UInt8]) -> V2SessionParameters,
         onHandshakeEnded: @escaping @Sendable (_ channel: any Channel) -> Void
     ) {
-        self.machine = ServerControlStateMachine(version: version, heartbeatInterval: reportInterval)
-        self.handshakeTimeout = handshakeTimeout
+        self.machine = ServerControlStateMachine(version: version, heartbeatInterval: configuration.reportInterval)
+        self.handshakeTimeout = configuration.handshakeTimeout
         self.delegate = delegate
         self.metrics = metrics
         self.logger = logger

@@ -3,18 +3,18 @@ import NodePassCore
 
 /// What the server gives an accepted pool connection: its ID, the bytes that tell the client the ID, and
 /// the client session that owns it.
-public struct PoolAdmission: Sendable {
+struct PoolAdmission: Sendable {
     /// The connection's ID.
-    public var id: PoolID
+    var id: PoolID
     /// The opening to write in one write: the 8 hex characters (v1), or the ID and its proof (v2).
-    public var opening: ByteBuffer
+    var opening: ByteBuffer
     /// The client session the connection belongs to.
-    public var owner: UInt64
+    var owner: UInt64
     /// v2: the confirmation the client must send back before the connection is idle.
-    public var confirmation: [UInt8]?
+    var confirmation: [UInt8]?
 
     /// Makes an admission.
-    public init(id: PoolID, opening: ByteBuffer, owner: UInt64, confirmation: [UInt8]? = nil) {
+    init(id: PoolID, opening: ByteBuffer, owner: UInt64, confirmation: [UInt8]? = nil) {
         self.id = id
         self.opening = opening
         self.owner = owner
@@ -24,11 +24,11 @@ public struct PoolAdmission: Sendable {
 
 /// Fired down a v2 pool connection's pipeline once the client proved its session: the session and the
 /// nonce that the server's answer must be bound to.
-public struct V2PoolAuthenticated: Sendable {
+struct V2PoolAuthenticated: Sendable {
     /// The session the client named.
-    public var sessionID: [UInt8]
+    var sessionID: [UInt8]
     /// The server's nonce of this connection.
-    public var nonce: [UInt8]
+    var nonce: [UInt8]
 }
 
 /// What a server pool connection reports to its pool. Called on the connection's event loop.
@@ -68,17 +68,21 @@ final class ServerPoolConnectionHandler: ChannelInboundHandler, PoolConnectionHo
     private var early = EarlyBytes()
     private var timeout: Scheduled<Void>?
     private var context: ChannelHandlerContext?
+    /// The relay behind this handler, connected at the hand-off.
+    private let glue: GlueHandler
 
     /// Makes the handler; with `waitsForAuthentication` it starts on `V2PoolAuthenticated` instead of
     /// `channelActive`; with a `claimTimeout` it holds early bytes (forward mode) for at most that long. A v2
     /// client has `confirmationTimeout` to confirm the opening.
     init(
         delegate: any ServerPoolConnectionDelegate,
+        glue: GlueHandler,
         waitsForAuthentication: Bool = false,
         claimTimeout: TimeAmount? = nil,
         confirmationTimeout: TimeAmount = .seconds(5)
     ) {
         self.delegate = delegate
+        self.glue = glue
         self.waitsForAuthentication = waitsForAuthentication
         self.claimTimeout = claimTimeout
         self.confirmationTimeout = confirmationTimeout
@@ -232,7 +236,7 @@ final class ServerPoolConnectionHandler: ChannelInboundHandler, PoolConnectionHo
             self.timeout?.cancel()
             self.timeout = nil
             self.state = .done
-            return self.early.handOff(context: context, to: partner)
+            return self.early.handOff(context: context, to: partner, glue: self.glue)
         case .opening, .confirming, .done:
             return false
         }

@@ -2,8 +2,10 @@ import CoreMetrics
 import NIOCore
 
 /// The metrics one tunnel process reports, through swift-metrics (no-ops unless a backend is bootstrapped).
-/// Every metric carries the label `role` (`server` or `client`).
-public struct TunnelMetrics: Sendable {
+/// Every metric carries the label `role` (`server` or `client`). A class: it is handed to every relay and
+/// captured by many closures, and a copy of a reference is one retain where a copy of these fifteen metrics
+/// would be fifteen.
+public final class TunnelMetrics: Sendable {
     /// User connections accepted (server) or launched connections relayed (client).
     public let accepted: Counter
     /// Relayed connections open now.

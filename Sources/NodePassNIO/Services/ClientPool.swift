@@ -69,9 +69,7 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
             target: url.target,
             // The sizing bounds the pool; claimed connections wait here for their launch on top of it.
             maximumIdle: .max,
-            maximumAwaited: configuration.maxPoolCapacity,
-            launchWait: configuration.idReadTimeout,
-            dialTimeout: configuration.dialTimeout,
+            configuration: configuration,
             relays: relays,
             idleGauge: nil
         )
@@ -157,10 +155,11 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
     }
 
     private func apply(_ adjustment: ClientPoolStateMachine.Adjustment, generation: UInt64) {
+        guard adjustment.open > 0 else { return }
         let (poolPort, poolHost, v2, forward) = self.state.withLock {
             ($0.poolPort, $0.poolHost, $0.v2, $0.forwardControl != nil)
         }
-        guard adjustment.open > 0, let port = poolPort else { return }
+        guard let port = poolPort else { return }
         let host = poolHost ?? self.url.tunnel.dialHost
         let delegate = GenerationDelegate(pool: self, generation: generation)
         for _ in 0..<adjustment.open {
@@ -188,14 +187,16 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
                                 reply: { id in v2.secret.poolConfirmation(nonce: nonce.bytes, id: id) }
                             )
                         }
+                        let glue = relays.glue(forward ? .poolWithUsers : .poolThatDials)
                         try channel.pipeline.syncOperations.addHandlers([
                             ClientPoolConnectionHandler(
                                 delegate: delegate,
+                                glue: glue,
                                 idReader: idReader,
                                 idReadTimeout: configuration.idReadTimeout,
                                 claimTimeout: configuration.poolWaitTimeout + configuration.dialTimeout
                             ),
-                            relays.glue(forward ? .poolWithUsers : .poolThatDials),
+                            glue,
                         ])
                     }
                 }
@@ -225,7 +226,7 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
         let role = self.updating { state -> (any PoolConnectionRole)? in
             guard state.generation == generation else { return nil }
             state.machine.connectionEstablished()
-            return state.forwardControl == nil ? self.dialer : self.launcher
+            return self.role(of: state)
         }
         guard let role else {
             connection.channel.close(promise: nil)
@@ -236,31 +237,33 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
         }
     }
 
+    // The role is asked under the pool's lock (the lock order of docs/ARCHITECTURE.md: a pool may ask its
+    // role, a role never calls its pool while holding its own lock).
+
     fileprivate func claimed(id: PoolID, generation: UInt64) {
-        guard let role = self.role(generation: generation), role.connectionClaimed(id) else { return }
-        self.connectionTaken(generation: generation)
+        let adjustment = self.updating { state -> ClientPoolStateMachine.Adjustment in
+            guard state.generation == generation, self.role(of: state).connectionClaimed(id) else { return .none }
+            return state.machine.connectionTaken(now: Self.now)
+        }
+        self.apply(adjustment, generation: generation)
     }
 
     fileprivate func closed(_ channel: any Channel, id: PoolID?, generation: UInt64) {
-        guard let role = self.role(generation: generation) else { return }
-        guard let id else {
-            self.updating { $0.machine.connectionFailed() }
-            return
-        }
-        guard role.connectionClosed(id: id, channel: channel) else { return }
         let adjustment = self.updating { state -> ClientPoolStateMachine.Adjustment in
             guard state.generation == generation else { return .none }
+            guard let id else {
+                state.machine.connectionFailed()
+                return .none
+            }
+            guard self.role(of: state).connectionClosed(id: id, channel: channel) else { return .none }
             return state.machine.connectionLost()
         }
         self.apply(adjustment, generation: generation)
     }
 
-    /// The role of the pool generation `generation`, nil when that generation has ended.
-    private func role(generation: UInt64) -> (any PoolConnectionRole)? {
-        self.state.withLock { state in
-            guard state.generation == generation else { return nil }
-            return state.forwardControl == nil ? self.dialer : self.launcher
-        }
+    /// The role of the current pool generation.
+    private func role(of state: State) -> any PoolConnectionRole {
+        state.forwardControl == nil ? self.dialer : self.launcher
     }
 
     private func connectionTaken(generation: UInt64) {
@@ -282,8 +285,8 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
 
     /// A user connected to this side's TARGET (forward mode): relay it now, or let it wait for a pool
     /// connection.
-    func userArrived(_ channel: any Channel) {
-        self.launcher.userArrived(channel)
+    func userArrived(_ user: RelayEnd) {
+        self.launcher.userArrived(user)
     }
 
     // MARK: the roles' owners (PoolConnectionOwners)

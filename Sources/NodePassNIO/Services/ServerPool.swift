@@ -54,9 +54,7 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
             target: target,
             // Each client keeps up to MAX_POOL_CAPACITY idle connections of its own.
             maximumIdle: self.configuration.maxPoolCapacity * Self.maximumClients,
-            maximumAwaited: self.configuration.maxPoolCapacity,
-            launchWait: self.configuration.idReadTimeout,
-            dialTimeout: self.configuration.dialTimeout,
+            configuration: self.configuration,
             owners: self,
             relays: relays,
             idleGauge: self.metrics.poolIdle

@@ -5,7 +5,7 @@ import NIOCore
 /// A session starts keyed by a channel. When its relay moves out of its channels (to the kernel, with
 /// splice) the channel is closed and the session lives on, closed through the closure it was moved with,
 /// until the relay reports its end.
-public final class SessionTracker: Sendable {
+final class SessionTracker: Sendable {
     private enum Owner {
         case channel(any Channel)
         case detached(close: @Sendable () -> Void)
@@ -29,15 +29,15 @@ public final class SessionTracker: Sendable {
 
     private let state = Locked(State())
     /// The most sessions at once.
-    public let limit: Int
+    let limit: Int
 
     /// Makes a tracker allowing `limit` sessions at once.
-    public init(limit: Int) {
+    init(limit: Int) {
         self.limit = limit
     }
 
     /// The number of live sessions.
-    public var count: Int {
+    var count: Int {
         self.state.withLock { $0.sessions.count }
     }
 
@@ -48,7 +48,7 @@ public final class SessionTracker: Sendable {
 
     /// Adds a session keyed by `channel`; false when the limit is reached. The session ends when the channel
     /// closes (unless its relay was spliced), and then `onEnd` runs.
-    public func add(_ channel: any Channel, onEnd: (@Sendable () -> Void)? = nil) -> Bool {
+    func add(_ channel: any Channel, onEnd: (@Sendable () -> Void)? = nil) -> Bool {
         let key = ObjectIdentifier(channel)
         let id = self.state.withLock { state -> UInt64? in
             guard state.sessions.count < self.limit else { return nil }
@@ -109,7 +109,7 @@ public final class SessionTracker: Sendable {
     }
 
     /// Waits until no session is live.
-    public func waitUntilEmpty() async {
+    func waitUntilEmpty() async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let resumeNow = self.state.withLock { state -> Bool in
                 if state.sessions.isEmpty { return true }
@@ -121,7 +121,7 @@ public final class SessionTracker: Sendable {
     }
 
     /// Closes every live session.
-    public func closeAll() {
+    func closeAll() {
         let owners = self.state.withLock { state in
             state.closing = true
             return state.sessions.values.map(\.owner)
@@ -135,7 +135,7 @@ public final class SessionTracker: Sendable {
     }
 
     /// Waits up to `timeout` for the sessions to end, then closes the rest. Returns how many were cut.
-    public func drain(timeout: TimeAmount) async -> Int {
+    func drain(timeout: TimeAmount) async -> Int {
         await withTaskGroup(of: Bool.self) { group in
             group.addTask {
                 await self.waitUntilEmpty()

@@ -162,8 +162,7 @@ public final class TunnelClient: Service, Sendable {
                                 key: v2?.key,
                                 dataTLS: v2?.dataTLS,
                                 pool: pool,
-                                reportInterval: configuration.reportInterval,
-                                handshakeTimeout: configuration.handshakeTimeout,
+                                configuration: configuration,
                                 connected: connected,
                                 handshakeDuration: metrics.handshakeDuration,
                                 logger: logger

@@ -260,8 +260,7 @@ public final class TunnelServer: Service, Sendable {
                             decoder,
                             ServerControlHandler(
                                 version: version,
-                                reportInterval: configuration.reportInterval,
-                                handshakeTimeout: configuration.handshakeTimeout,
+                                configuration: configuration,
                                 delegate: pool,
                                 metrics: metrics,
                                 logger: logger,
@@ -299,13 +298,15 @@ public final class TunnelServer: Service, Sendable {
                         )
                     }
                     let forward = v2?.mode == .forward
+                    let glue = relays.glue(forward ? .poolThatDials : .poolWithUsers)
                     try channel.pipeline.syncOperations.addHandlers([
                         ServerPoolConnectionHandler(
                             delegate: pool,
+                            glue: glue,
                             waitsForAuthentication: v2 != nil,
                             claimTimeout: forward ? configuration.poolWaitTimeout + configuration.dialTimeout : nil
                         ),
-                        relays.glue(forward ? .poolThatDials : .poolWithUsers),
+                        glue,
                     ])
                 }
             }

@@ -16,8 +16,7 @@ struct UserConnections: Sendable {
     }
 
     /// The child channel initializer of a user listener (it sets the relay options of `SocketTuning`).
-    func initialize(_ channel: any Channel, arrived: @escaping @Sendable (any Channel) -> Void) -> EventLoopFuture<Void>
-    {
+    func initialize(_ channel: any Channel, arrived: @escaping @Sendable (RelayEnd) -> Void) -> EventLoopFuture<Void> {
         let metrics = self.metrics
         // Counted before the session exists: its end may be reported at once (a channel already closed).
         metrics.active.increment()
@@ -43,9 +42,10 @@ struct UserConnections: Sendable {
                     IdleStateHandler(allTimeout: idleTimeout), IdleConnectionCloser(logger: logger),
                 ])
             }
+            let glue = self.relays.glue(.user)
             try channel.pipeline.syncOperations.addHandlers([
-                ChannelActiveHandler(onActive: arrived),
-                self.relays.glue(.user),
+                ChannelActiveHandler { arrived(RelayEnd(channel: $0, glue: glue)) },
+                glue,
             ])
         }
     }

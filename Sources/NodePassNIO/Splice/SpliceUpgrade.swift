@@ -12,7 +12,7 @@ import Darwin
 #endif
 
 /// What a `GlueHandler` needs to move its relay to a `SpliceEngine`.
-public struct SpliceSetup: Sendable {
+struct SpliceSetup: Sendable {
     let sessions: SessionTracker
     /// The relay ends when nothing moved for this long (nil: never); the shorter of the two sides wins.
     let idleTimeout: TimeAmount?
@@ -24,7 +24,7 @@ public struct SpliceSetup: Sendable {
     /// timer.
     let schedulesMove: Bool
 
-    public init(sessions: SessionTracker, idleTimeout: TimeAmount? = nil, logger: Logger, schedulesMove: Bool = true) {
+    init(sessions: SessionTracker, idleTimeout: TimeAmount? = nil, logger: Logger, schedulesMove: Bool = true) {
         self.init(
             sessions: sessions,
             idleTimeout: idleTimeout,

@@ -7,20 +7,20 @@ import SwiftASN1
 import X509
 
 /// A self-signed certificate and its key, made in memory at start; nothing touches the disk.
-public struct InMemoryCertificate: Sendable {
+struct InMemoryCertificate: Sendable {
     /// The certificate, as NIOSSL takes it.
-    public let certificate: NIOSSLCertificate
+    let certificate: NIOSSLCertificate
     /// The private key, as NIOSSL takes it.
-    public let privateKey: NIOSSLPrivateKey
+    let privateKey: NIOSSLPrivateKey
     /// How long a closing TLS connection waits for the peer's close_notify (the control channel carries
     /// nothing that needs it, and a shutdown must not wait for a silent peer).
     static let closeNotifyWait = TimeAmount.milliseconds(250)
 
     /// SHA-256 of the certificate's DER bytes.
-    public let fingerprint: [UInt8]
+    let fingerprint: [UInt8]
 
     /// Makes a fresh ECDSA P-256 certificate valid for one year, subject `O=nodepass-swift:VERSION`.
-    public static func generate() throws(NodePassError) -> InMemoryCertificate {
+    static func generate() throws(NodePassError) -> InMemoryCertificate {
         do {
             let key = P256.Signing.PrivateKey()
             let name = try DistinguishedName {
@@ -56,7 +56,7 @@ public struct InMemoryCertificate: Sendable {
 
     /// A TLS server context presenting this certificate (TLS 1.2 and 1.3), offering `applicationProtocols`
     /// by ALPN (the control channel offers `nodepass/2`, so that both v1 and v2 servers recognise a v2 client).
-    public func makeServerContext(applicationProtocols: [String] = []) throws(NodePassError) -> NIOSSLContext {
+    func makeServerContext(applicationProtocols: [String] = []) throws(NodePassError) -> NIOSSLContext {
         try Self.makeServerContext(
             chain: [.certificate(self.certificate)],
             key: .privateKey(self.privateKey),
@@ -82,14 +82,14 @@ public struct InMemoryCertificate: Sendable {
 }
 
 /// The certificate of v2 data connections with `tls=2`, read from the `crt=` and `key=` PEM files.
-public struct FileCertificate: Sendable {
+struct FileCertificate: Sendable {
     /// A TLS server context presenting the chain.
-    public let context: NIOSSLContext
+    let context: NIOSSLContext
     /// SHA-256 of the leaf certificate's DER bytes (the client pins it).
-    public let fingerprint: [UInt8]
+    let fingerprint: [UInt8]
 
     /// Reads and checks both files; a missing, unreadable or mismatched file is an error naming it.
-    public static func load(certificateFile: String, privateKeyFile: String) throws(NodePassError) -> FileCertificate {
+    static func load(certificateFile: String, privateKeyFile: String) throws(NodePassError) -> FileCertificate {
         let chain: [NIOSSLCertificate]
         do {
             chain = try NIOSSLCertificate.fromPEMFile(certificateFile)
@@ -131,10 +131,10 @@ public struct FileCertificate: Sendable {
 }
 
 /// TLS client contexts.
-public enum TLSClientContext {
+enum TLSClientContext {
     /// A control-channel client context: TLS 1.2 or 1.3, no certificate check (v1 has nothing to check it
     /// against; v2 binds its handshake to the certificate instead), offering `applicationProtocols` by ALPN.
-    public static func makeUnverified(applicationProtocols: [String] = []) throws(NodePassError) -> NIOSSLContext {
+    static func makeUnverified(applicationProtocols: [String] = []) throws(NodePassError) -> NIOSSLContext {
         var configuration = TLSConfiguration.makeClientConfiguration()
         configuration.minimumTLSVersion = .tlsv12
         configuration.certificateVerification = .none
@@ -149,7 +149,7 @@ public enum TLSClientContext {
 
     /// A v2 data-connection client context: the handler's verification callback pins the certificate's
     /// fingerprint (verification must not be `.none`, or the callback is never called).
-    public static func makeForPinning() throws(NodePassError) -> NIOSSLContext {
+    static func makeForPinning() throws(NodePassError) -> NIOSSLContext {
         var configuration = TLSConfiguration.makeClientConfiguration()
         configuration.minimumTLSVersion = .tlsv12
         configuration.certificateVerification = .noHostnameVerification
