@@ -58,8 +58,9 @@ private final class RecordingPool: ClientControlDelegate {
             try self.client.pipeline.syncOperations.addHandlers([
                 v2 ? ByteToMessageHandler(V2FrameDecoder()) : ByteToMessageHandler(SignalLineDecoder()),
                 ClientControlHandler(
-                    key: v2 ? ControlHandlersBackToBackTests.key : nil,
-                    dataTLS: nil,
+                    protocol: v2
+                        ? .v2(key: ControlHandlersBackToBackTests.key, dataTLS: try TLSClientContext.makeForPinning())
+                        : .v1,
                     pool: self.pool,
                     configuration: ControlHandlersBackToBackTests.configuration,
                     connected: promise,
@@ -81,16 +82,14 @@ private final class RecordingPool: ClientControlDelegate {
                     delegate: self.registry,
                     metrics: TunnelMetrics(role: "server"),
                     logger: ControlHandlersBackToBackTests.logger,
-                    makeParameters: { sessionID in
-                        V2SessionParameters(
-                            mode: mode,
-                            tls: .plain,
-                            poolPort: 4000,
-                            heartbeatMilliseconds: 1000,
-                            sessionID: sessionID,
-                            dataFingerprint: []
-                        )
-                    },
+                    parameters: V2SessionParameters(
+                        mode: mode,
+                        tls: .plain,
+                        poolPort: 4000,
+                        heartbeatMilliseconds: 1000,
+                        sessionID: [],
+                        dataFingerprint: []
+                    ),
                     onHandshakeEnded: { _ in }
                 ),
             ])
@@ -201,16 +200,14 @@ private final class RecordingPool: ClientControlDelegate {
                 delegate: RecordingServer(),
                 metrics: TunnelMetrics(role: "server"),
                 logger: Self.logger,
-                makeParameters: { sessionID in
-                    V2SessionParameters(
-                        mode: .reverse,
-                        tls: .plain,
-                        poolPort: 4000,
-                        heartbeatMilliseconds: 1000,
-                        sessionID: sessionID,
-                        dataFingerprint: []
-                    )
-                },
+                parameters: V2SessionParameters(
+                    mode: .reverse,
+                    tls: .plain,
+                    poolPort: 4000,
+                    heartbeatMilliseconds: 1000,
+                    sessionID: [],
+                    dataFingerprint: []
+                ),
                 onHandshakeEnded: { _ in ended.withLock { $0 += 1 } }
             ),
         ])

@@ -20,7 +20,7 @@ public struct TunnelURL: Hashable, Sendable {
     /// The target address: the server's listen address for users, the client's service to dial (v1).
     public var target: HostPort
     /// The `log=` query parameter.
-    public var logLevel: LogLevel
+    public var logLevel: LogLevel = .info
     /// The `metrics=HOST:PORT` query parameter: where to serve Prometheus metrics (off when nil).
     public var metrics: HostPort?
     /// The `tls=` query parameter (server, v2): nil means the default, TLS with the in-memory certificate.
@@ -41,21 +41,12 @@ public struct TunnelURL: Hashable, Sendable {
         return self.dataTLS ?? .inMemory
     }
 
-    /// Makes a URL value from its parts.
-    public init(
-        role: Role,
-        key: String? = nil,
-        tunnel: HostPort,
-        target: HostPort,
-        logLevel: LogLevel = .info,
-        metrics: HostPort? = nil
-    ) {
+    /// Makes a URL value from its parts; the query parameters keep their defaults until set.
+    public init(role: Role, key: String? = nil, tunnel: HostPort, target: HostPort) {
         self.role = role
         self.key = key
         self.tunnel = tunnel
         self.target = target
-        self.logLevel = logLevel
-        self.metrics = metrics
     }
 
     /// The environment variable that may hold the key instead of the URL (out of the process list).

@@ -15,35 +15,31 @@ final class TargetDialer: PoolConnectionRole {
     /// Set once, by the pool that makes this role, before the role is reachable from another thread.
     nonisolated(unsafe) weak var owners: (any PoolConnectionOwners)?
     private let target: HostPort
-    private let dialTimeout: TimeAmount
-    private let launchWait: TimeAmount
-    private let relays: Relays
+    private let pipelines: Pipelines
     /// The gauge of idle pool connections, when this queue is what it shows (the server's).
     private let idleGauge: Meter?
-    private let logger: Logger
+    private var logger: Logger { self.pipelines.logger }
+    /// How long a launch waits for its pool connection: every one is ready within the ID-read bound of
+    /// connecting (or it is closed).
+    private var launchWait: TimeAmount { self.pipelines.configuration.idReadTimeout }
 
     init(
         target: HostPort,
         maximumIdle: Int,
-        configuration: Configuration,
         owners: (any PoolConnectionOwners)? = nil,
-        relays: Relays,
+        pipelines: Pipelines,
         idleGauge: Meter?
     ) {
         // Launches that come before their connection are bounded as idle connections are.
         let queue = DialQueueStateMachine<PoolConnection>(
             maximumIdle: maximumIdle,
-            maximumAwaited: configuration.maxPoolCapacity
+            maximumAwaited: pipelines.configuration.maxPoolCapacity
         )
         self.state = Locked(queue)
         self.target = target
-        // A pool connection is ready within the ID-read bound of connecting (or it is closed).
-        self.launchWait = configuration.idReadTimeout
-        self.dialTimeout = configuration.dialTimeout
         self.owners = owners
-        self.relays = relays
+        self.pipelines = pipelines
         self.idleGauge = idleGauge
-        self.logger = relays.logger
     }
 
     /// Changes the state under the lock, then publishes the idle pool size, so that no change is missed.
@@ -129,8 +125,8 @@ final class TargetDialer: PoolConnectionRole {
 
     /// Dials the target on the pool connection's event loop and relays between the two.
     private func dial(_ pool: PoolConnection) {
-        let (relays, logger, target) = (self.relays, self.logger, self.target)
-        let (metrics, sessions) = (relays.metrics, relays.sessions)
+        let (pipelines, logger, target) = (self.pipelines, self.logger, self.target)
+        let (metrics, sessions) = (pipelines.metrics, pipelines.sessions)
         // Counted before the session exists: its end may be reported at once (a channel already closed).
         metrics.active.increment()
         guard sessions.add(pool.channel, onEnd: { metrics.active.decrement() }) else {
@@ -147,14 +143,10 @@ final class TargetDialer: PoolConnectionRole {
         metrics.accepted.increment()
         let targetGlue = TargetGlue()
         ClientBootstrap(group: pool.channel.eventLoop)
-            .connectTimeout(self.dialTimeout)
+            .connectTimeout(pipelines.configuration.dialTimeout)
             .channelInitializer { channel in
-                SocketTuning.apply(to: channel)
-                return channel.eventLoop.makeCompletedFuture {
-                    try SocketTuning.prepareRelay(channel)
-                    let glue = relays.glue(.target)
-                    try channel.pipeline.syncOperations.addHandler(glue)
-                    targetGlue.handler = glue
+                channel.eventLoop.makeCompletedFuture {
+                    targetGlue.handler = try pipelines.target(channel)
                 }
             }
             .dial(host: target.dialHost, port: target.port)

@@ -23,25 +23,22 @@ final class ClientControlHandler: ChannelInboundHandler {
 
     private var machine: ClientControlStateMachine
     private var timers = ControlTimers()
-    private let isV2: Bool
+    private let tunnelProtocol: ClientProtocol
     private let pool: any ClientControlDelegate
     private let handshakeTimeout: TimeAmount
     /// v1: the period of the server's `remote://`, and of the check that it still comes.
     private let reportInterval: TimeAmount
     private let connected: EventLoopPromise<Void>
     private let handshakeDuration: Timer
-    /// v2: the TLS client context of data connections (used unless the server says `tls=0`).
-    private let dataTLS: NIOSSLContext?
     private let logger: Logger
     /// The SHA-256 fingerprint of the server's certificate (from the TLS handler; tests pass their own).
     private let peerFingerprint: (ChannelHandlerContext) -> [UInt8]?
     private var serverIP: String?
     private let started = NIODeadline.now()
 
-    /// Makes the handler; `key` selects v2 (with `dataTLS` for its data connections), else v1.
+    /// Makes the handler for the client's protocol.
     init(
-        key: V2Key?,
-        dataTLS: NIOSSLContext?,
+        protocol tunnelProtocol: ClientProtocol,
         pool: any ClientControlDelegate,
         configuration: Configuration,
         connected: EventLoopPromise<Void>,
@@ -52,11 +49,11 @@ final class ClientControlHandler: ChannelInboundHandler {
         )
     ) {
         self.peerFingerprint = peerFingerprint
-        self.machine = ClientControlStateMachine(
-            version: key.map { .v2(key: $0) } ?? .v1(reportInterval: configuration.reportInterval)
-        )
-        self.isV2 = key != nil
-        self.dataTLS = dataTLS
+        switch tunnelProtocol {
+        case .v1: self.machine = ClientControlStateMachine(version: .v1(reportInterval: configuration.reportInterval))
+        case .v2(let key, _): self.machine = ClientControlStateMachine(version: .v2(key: key))
+        }
+        self.tunnelProtocol = tunnelProtocol
         self.pool = pool
         self.reportInterval = configuration.reportInterval
         self.handshakeTimeout = configuration.handshakeTimeout
@@ -145,7 +142,7 @@ final class ClientControlHandler: ChannelInboundHandler {
                 v2: V2PoolSettings(
                     sessionID: parameters.sessionID,
                     secret: secret,
-                    tls: parameters.tls == .plain ? nil : self.dataTLS,
+                    tls: parameters.tls == .plain ? nil : self.tunnelProtocol.dataTLS,
                     fingerprint: parameters.dataFingerprint
                 ),
                 forwardControl: parameters.mode == .forward ? context.channel : nil
@@ -181,7 +178,7 @@ final class ClientControlHandler: ChannelInboundHandler {
             context.writeV2(.heartbeat)
         case .close(let closure):
             // v1's message predates v2's (operators may match on either).
-            closure.log(to: self.logger, peer: self.isV2 ? "peer" : "server")
+            closure.log(to: self.logger, peer: self.tunnelProtocol.isV2 ? "peer" : "server")
             context.close(promise: nil)
         case .handshakeTimedOut, .closeQuietly:
             context.close(promise: nil)
@@ -210,7 +207,7 @@ final class ClientControlHandler: ChannelInboundHandler {
         }
         self.timers.cancelAll()
         self.machine.channelClosed()
-        let during = self.isV2 ? "the handshake" : "the TLS handshake"
+        let during = self.tunnelProtocol.isV2 ? "the handshake" : "the TLS handshake"
         self.connected.fail(NodePassError(.controlChannelLost, "the server closed the connection during \(during)"))
         context.fireChannelInactive()
     }

@@ -27,8 +27,8 @@ final class ServerControlHandler: ChannelInboundHandler {
     private let delegate: any ServerControlDelegate
     private let handshakeTimeout: TimeAmount
     private let metrics: TunnelMetrics
-    /// v2: the session's parameters for a session ID.
-    private let makeParameters: @Sendable (_ sessionID: [UInt8]) -> V2SessionParameters
+    /// v2: the parameters of every session this server starts, each with a session ID of its own.
+    private let parameters: V2SessionParameters
     private let onHandshakeEnded: @Sendable (_ channel: any Channel) -> Void
     private var logger: Logger
     private let started = NIODeadline.now()
@@ -39,7 +39,7 @@ final class ServerControlHandler: ChannelInboundHandler {
         delegate: any ServerControlDelegate,
         metrics: TunnelMetrics,
         logger: Logger,
-        makeParameters: @escaping @Sendable (_ sessionID: [UInt8]) -> V2SessionParameters,
+        parameters: V2SessionParameters,
         onHandshakeEnded: @escaping @Sendable (_ channel: any Channel) -> Void
     ) {
         self.machine = ServerControlStateMachine(version: version, heartbeatInterval: configuration.reportInterval)
@@ -47,7 +47,7 @@ final class ServerControlHandler: ChannelInboundHandler {
         self.delegate = delegate
         self.metrics = metrics
         self.logger = logger
-        self.makeParameters = makeParameters
+        self.parameters = parameters
         self.onHandshakeEnded = onHandshakeEnded
     }
 
@@ -131,8 +131,10 @@ final class ServerControlHandler: ChannelInboundHandler {
     }
 
     private func registerSession(context: ChannelHandlerContext) {
-        let sessionID = SecureRandom.bytes(V2SessionParameters.sessionIDLength)
-        guard let (welcome, secret) = self.machine.welcome(parameters: self.makeParameters(sessionID)) else { return }
+        var parameters = self.parameters
+        parameters.sessionID = SecureRandom.bytes(V2SessionParameters.sessionIDLength)
+        let sessionID = parameters.sessionID
+        guard let (welcome, secret) = self.machine.welcome(parameters: parameters) else { return }
         guard self.delegate.v2SessionStarted(context.channel, sessionID: sessionID, secret: secret) else {
             self.perform(self.machine.sessionRefused(), context: context)
             return

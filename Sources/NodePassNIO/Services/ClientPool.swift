@@ -34,9 +34,9 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
     /// each target connection is dialled on its pool connection's loop.
     let forwardLoop: any EventLoop
     private let url: TunnelURL
-    private let configuration: Configuration
     private let group: any EventLoopGroup
-    private let relays: Relays
+    private let pipelines: Pipelines
+    private var configuration: Configuration { self.pipelines.configuration }
     private let logger: Logger
     private let metrics: TunnelMetrics
     /// Reverse mode's role.
@@ -44,19 +44,14 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
     /// Forward mode's role.
     private let launcher: Launcher
 
-    init(
-        url: TunnelURL,
-        configuration: Configuration,
-        group: any EventLoopGroup,
-        relays: Relays
-    ) {
-        self.metrics = relays.metrics
+    init(url: TunnelURL, group: any EventLoopGroup, pipelines: Pipelines) {
+        let configuration = pipelines.configuration
+        self.metrics = pipelines.metrics
         self.url = url
-        self.configuration = configuration
         self.group = group
         self.forwardLoop = group.next()
-        self.relays = relays
-        self.logger = relays.logger
+        self.pipelines = pipelines
+        self.logger = pipelines.logger
         self.state = Locked(
             State(
                 machine: ClientPoolStateMachine(
@@ -69,16 +64,15 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
             target: url.target,
             // The sizing bounds the pool; claimed connections wait here for their launch on top of it.
             maximumIdle: .max,
-            configuration: configuration,
-            relays: relays,
+            pipelines: pipelines,
             idleGauge: nil
         )
         self.launcher = Launcher(
             maximumIdle: configuration.maxPoolCapacity,
             waitTimeout: configuration.poolWaitTimeout,
-            metrics: relays.metrics,
+            metrics: pipelines.metrics,
             idleGauge: nil,
-            logger: relays.logger
+            logger: pipelines.logger
         )
         self.dialer.owners = self
         self.launcher.owners = self
@@ -165,39 +159,9 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
         for _ in 0..<adjustment.open {
             let bootstrap = ClientBootstrap(group: forward ? self.forwardLoop : self.group)
                 .connectTimeout(self.configuration.dialTimeout)
-                .channelInitializer { [configuration, relays] channel in
-                    SocketTuning.apply(to: channel)
-                    return channel.eventLoop.makeCompletedFuture {
-                        try SocketTuning.prepareRelay(channel)
-                        var idReader = PoolIDReader.v1
-                        if let v2 {
-                            let nonce = V2PoolNonce()
-                            try channel.pipeline.syncOperations.addHandler(
-                                ClientPoolAuthenticationHandler(settings: v2, nonce: nonce)
-                            )
-                            idReader = PoolIDReader(
-                                length: V2PoolOpening.serverMessageLength,
-                                parse: { opening in
-                                    V2PoolOpening.verifyServerMessage(
-                                        Array(opening.readableBytesView),
-                                        secret: v2.secret,
-                                        nonce: nonce.bytes
-                                    )
-                                },
-                                reply: { id in v2.secret.poolConfirmation(nonce: nonce.bytes, id: id) }
-                            )
-                        }
-                        let glue = relays.glue(forward ? .poolWithUsers : .poolThatDials)
-                        try channel.pipeline.syncOperations.addHandlers([
-                            ClientPoolConnectionHandler(
-                                delegate: delegate,
-                                glue: glue,
-                                idReader: idReader,
-                                idReadTimeout: configuration.idReadTimeout,
-                                claimTimeout: configuration.poolWaitTimeout + configuration.dialTimeout
-                            ),
-                            glue,
-                        ])
+                .channelInitializer { [pipelines] channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try pipelines.clientPoolConnection(channel, v2: v2, forward: forward, delegate: delegate)
                     }
                 }
             bootstrap.dial(host: host, port: port).whenFailure { error in

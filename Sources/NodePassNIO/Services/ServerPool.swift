@@ -48,15 +48,14 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
         return launcher
     }
 
-    /// Forward mode: clients launch, and the server dials `target`, relaying as `relays` says.
-    func serveForward(target: HostPort, relays: Relays) {
+    /// Forward mode: clients launch, and the server dials `target`, with channels as `pipelines` makes them.
+    func serveForward(target: HostPort, pipelines: Pipelines) {
         let dialer = TargetDialer(
             target: target,
             // Each client keeps up to MAX_POOL_CAPACITY idle connections of its own.
             maximumIdle: self.configuration.maxPoolCapacity * Self.maximumClients,
-            configuration: self.configuration,
             owners: self,
-            relays: relays,
+            pipelines: pipelines,
             idleGauge: self.metrics.poolIdle
         )
         self.role.withLock { $0 = dialer }

@@ -12,13 +12,13 @@ import Synchronization
 /// With a key it speaks v2 (authenticated handshake and pool connections), else v1.
 public final class TunnelClient: Service, Sendable {
     private let url: TunnelURL
-    private let configuration: Configuration
     private let group: any EventLoopGroup
-    private let logger: Logger
-    private let sessions: SessionTracker
-    private let relays: Relays
+    private let pipelines: Pipelines
+    private var configuration: Configuration { self.pipelines.configuration }
+    private var logger: Logger { self.pipelines.logger }
+    private var metrics: TunnelMetrics { self.pipelines.metrics }
+    private var sessions: SessionTracker { self.pipelines.sessions }
     private let pool: ClientPool
-    private let metrics: TunnelMetrics
     private let connections = Atomic<Int>(0)
     /// Forward mode: the listener on TARGET where users connect, open while the server asks for forward mode.
     private let userListener = Locked<(any Channel)?>(nil)
@@ -31,14 +31,10 @@ public final class TunnelClient: Service, Sendable {
         logger: Logger,
         metrics: TunnelMetrics = TunnelMetrics(role: "client")
     ) {
-        self.metrics = metrics
         self.url = url
-        self.configuration = configuration
         self.group = group
-        self.logger = logger
-        self.sessions = SessionTracker(limit: configuration.semaphoreLimit)
-        self.relays = Relays(sessions: self.sessions, metrics: metrics, logger: logger, configuration: configuration)
-        self.pool = ClientPool(url: url, configuration: configuration, group: group, relays: self.relays)
+        self.pipelines = Pipelines(metrics: metrics, logger: logger, configuration: configuration)
+        self.pool = ClientPool(url: url, group: group, pipelines: self.pipelines)
     }
 
     /// The number of live relayed sessions.
@@ -53,16 +49,12 @@ public final class TunnelClient: Service, Sendable {
     }
 
     private func serve() async throws {
-        let v2: V2ClientSetup?
-        if let keyText = self.url.key {
-            v2 = V2ClientSetup(key: try V2Key(keyText), dataTLS: try TLSClientContext.makeForPinning())
-            if keyText.count < V2Key.recommendedLength {
-                self.logger.warning("the key is short; use at least \(V2Key.recommendedLength) random characters")
-            }
-        } else {
-            v2 = nil
+        let tunnelProtocol = try ClientProtocol(url: self.url)
+        if let keyText = self.url.key, keyText.count < V2Key.recommendedLength {
+            self.logger.warning("the key is short; use at least \(V2Key.recommendedLength) random characters")
         }
-        let tls = try TLSClientContext.makeUnverified(applicationProtocols: v2 == nil ? [] : [V2Message.alpn])
+        let alpn = tunnelProtocol.isV2 ? [V2Message.alpn] : []
+        let tls = try TLSClientContext.makeUnverified(applicationProtocols: alpn)
         self.logger.info(
             "client started",
             metadata: [
@@ -78,7 +70,7 @@ public final class TunnelClient: Service, Sendable {
             let started = NIODeadline.now()
             var failure: (message: Logger.Message, error: (any Error)?) = ("control channel lost; reconnecting", nil)
             do {
-                try await self.runControlChannel(tls: tls, v2: v2)
+                try await self.runControlChannel(tls: tls, protocol: tunnelProtocol)
             } catch {
                 failure = ("cannot connect to the server; retrying", error)
             }
@@ -129,7 +121,7 @@ public final class TunnelClient: Service, Sendable {
     }
 
     private func userBootstrap() -> ServerBootstrap {
-        let users = UserConnections(relays: self.relays)
+        let users = UserConnections(pipelines: self.pipelines)
         // On the pool's forward loop: each user and its pool connection share a thread.
         return Listener.bootstrap(group: self.pool.forwardLoop, logger: self.logger, what: "target")
             .childChannelInitializer { [pool] channel in
@@ -137,37 +129,22 @@ public final class TunnelClient: Service, Sendable {
             }
     }
 
-    private struct V2ClientSetup: Sendable {
-        var key: V2Key
-        var dataTLS: NIOSSLContext
-    }
-
-    private func runControlChannel(tls: NIOSSLContext, v2: V2ClientSetup?) async throws {
+    private func runControlChannel(tls: NIOSSLContext, protocol tunnelProtocol: ClientProtocol) async throws {
         let loop = self.group.next()
         let connected = loop.makePromise(of: Void.self)
         let channel: any Channel
         do {
             channel = try await ClientBootstrap(group: loop)
                 .connectTimeout(self.configuration.dialTimeout)
-                .channelInitializer { [pool, configuration, logger, metrics] channel in
-                    SocketTuning.apply(to: channel)
-                    return channel.eventLoop.makeCompletedFuture {
-                        let decoder: any ChannelHandler =
-                            v2 == nil
-                            ? ByteToMessageHandler(SignalLineDecoder()) : ByteToMessageHandler(V2FrameDecoder())
-                        try channel.pipeline.syncOperations.addHandlers([
-                            try NIOSSLClientHandler(context: tls, serverHostname: nil),
-                            decoder,
-                            ClientControlHandler(
-                                key: v2?.key,
-                                dataTLS: v2?.dataTLS,
-                                pool: pool,
-                                configuration: configuration,
-                                connected: connected,
-                                handshakeDuration: metrics.handshakeDuration,
-                                logger: logger
-                            ),
-                        ])
+                .channelInitializer { [pool, pipelines] channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try pipelines.clientControl(
+                            channel,
+                            tls: tls,
+                            protocol: tunnelProtocol,
+                            pool: pool,
+                            connected: connected
+                        )
                     }
                 }
                 .connect(host: self.url.tunnel.dialHost, port: self.url.tunnel.port)

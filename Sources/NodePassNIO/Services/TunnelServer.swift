@@ -23,18 +23,18 @@ public struct ServerPorts: Sendable, Hashable {
 /// connections are authenticated (and TLS with `tls=1`/`tls=2`), and several clients share the users.
 public final class TunnelServer: Service, Sendable {
     private let url: TunnelURL
-    private let configuration: Configuration
     private let group: any EventLoopGroup
-    private let logger: Logger
     private let onListening: (@Sendable (ServerPorts) -> Void)?
     private let pool: ServerPool
-    private let sessions: SessionTracker
     private let pendingHandshakes: PendingHandshakes
     /// v2 pool connections whose opening has not been authenticated yet.
     private let pendingPoolOpenings: PendingHandshakes
-    private let relays: Relays
+    private let pipelines: Pipelines
+    private var configuration: Configuration { self.pipelines.configuration }
+    private var logger: Logger { self.pipelines.logger }
+    private var metrics: TunnelMetrics { self.pipelines.metrics }
+    private var sessions: SessionTracker { self.pipelines.sessions }
     private let users: UserConnections
-    private let metrics: TunnelMetrics
     /// The event loop of every pool and user connection: both halves of a relay on one thread, so that
     /// relaying a buffer is a direct call instead of a task handed to another thread.
     private let dataLoop: any EventLoop
@@ -48,56 +48,15 @@ public final class TunnelServer: Service, Sendable {
         metrics: TunnelMetrics = TunnelMetrics(role: "server"),
         onListening: (@Sendable (ServerPorts) -> Void)? = nil
     ) {
-        self.metrics = metrics
         self.dataLoop = group.next()
         self.url = url
-        self.configuration = configuration
         self.group = group
-        self.logger = logger
         self.onListening = onListening
         self.pool = ServerPool(configuration: configuration, metrics: metrics, logger: logger)
-        self.sessions = SessionTracker(limit: configuration.semaphoreLimit)
-        self.relays = Relays(sessions: self.sessions, metrics: metrics, logger: logger, configuration: configuration)
-        self.users = UserConnections(relays: self.relays)
+        self.pipelines = Pipelines(metrics: metrics, logger: logger, configuration: configuration)
+        self.users = UserConnections(pipelines: self.pipelines)
         self.pendingHandshakes = PendingHandshakes(limit: configuration.maxPendingHandshakes)
         self.pendingPoolOpenings = PendingHandshakes(limit: configuration.maxPendingHandshakes * 4)
-    }
-
-    /// What v2 needs at run time: the stretched key and the data connections' TLS.
-    private struct V2Setup: Sendable {
-        var key: V2Key
-        var dataTLS: NIOSSLContext?
-        var dataFingerprint: [UInt8]
-        var tls: DataTLSMode
-        var mode: TunnelMode
-    }
-
-    private func makeV2Setup(keyText: String, certificate: InMemoryCertificate) throws -> V2Setup {
-        let key = try V2Key(keyText)
-        switch self.url.effectiveDataTLS {
-        case .plain:
-            return V2Setup(key: key, dataTLS: nil, dataFingerprint: [], tls: .plain, mode: .reverse)
-        case .inMemory:
-            return V2Setup(
-                key: key,
-                dataTLS: try certificate.makeServerContext(),
-                dataFingerprint: certificate.fingerprint,
-                tls: .inMemory,
-                mode: .reverse
-            )
-        case .files:
-            let loaded = try FileCertificate.load(
-                certificateFile: self.url.certificateFile ?? "",
-                privateKeyFile: self.url.privateKeyFile ?? ""
-            )
-            return V2Setup(
-                key: key,
-                dataTLS: loaded.context,
-                dataFingerprint: loaded.fingerprint,
-                tls: .files,
-                mode: .reverse
-            )
-        }
     }
 
     /// The number of live user sessions (relaying or waiting).
@@ -112,15 +71,15 @@ public final class TunnelServer: Service, Sendable {
     private func serve() async throws {
         let certificate = try InMemoryCertificate.generate()
         let tls = try certificate.makeServerContext(applicationProtocols: [V2Message.alpn])
-        var v2 = try self.url.key.map { try self.makeV2Setup(keyText: $0, certificate: certificate) }
+        var tunnelProtocol = try ServerProtocol(url: self.url, certificate: certificate)
 
-        let userListener = try await self.bindUsers(v2: &v2)
+        let userListener = try await self.bindUsers(protocol: &tunnelProtocol)
         var listeners: [any Channel] = userListener.map { [$0] } ?? []
         let poolPort: Int
         let tunnelPort: Int
         do {
             let poolListener = try await Listener.bind(
-                self.poolBootstrap(v2: v2),
+                self.poolBootstrap(protocol: tunnelProtocol),
                 host: self.url.tunnel.host,
                 port: 0,
                 what: "pool port at"
@@ -128,7 +87,12 @@ public final class TunnelServer: Service, Sendable {
             listeners.append(poolListener)
             poolPort = poolListener.localAddress?.port ?? 0
             let controlListener = try await Listener.bind(
-                self.controlBootstrap(tls: tls, poolPort: poolPort, v2: v2, fingerprint: certificate.fingerprint),
+                self.controlBootstrap(
+                    tls: tls,
+                    protocol: tunnelProtocol,
+                    fingerprint: certificate.fingerprint,
+                    poolPort: poolPort
+                ),
                 host: self.url.tunnel.host,
                 port: self.url.tunnel.port,
                 what: "tunnel address"
@@ -140,7 +104,7 @@ public final class TunnelServer: Service, Sendable {
             throw error
         }
         let ports = ServerPorts(tunnel: tunnelPort, pool: poolPort, target: userListener?.localAddress?.port ?? 0)
-        if let v2 {
+        if case .v2(let v2) = tunnelProtocol {
             self.logger.info(
                 "protocol v2: clients and pool connections must prove the key",
                 metadata: ["np.mode": "\(v2.mode)", "np.tls": "\(self.url.effectiveDataTLS.rawValue)"]
@@ -183,11 +147,11 @@ public final class TunnelServer: Service, Sendable {
 
     /// Decides the direction and, in reverse mode, listens for users on TARGET. `mode=0` tries to listen
     /// and falls back to forward mode (the server dials TARGET) when it cannot.
-    private func bindUsers(v2: inout V2Setup?) async throws -> (any Channel)? {
-        let requested = v2 == nil ? .reverse : self.url.mode
+    private func bindUsers(protocol tunnelProtocol: inout ServerProtocol) async throws -> (any Channel)? {
+        let requested = tunnelProtocol.isV2 ? self.url.mode : .reverse
         if requested == .forward {
-            self.pool.serveForward(target: self.url.target, relays: self.relays)
-            v2?.mode = .forward
+            self.pool.serveForward(target: self.url.target, pipelines: self.pipelines)
+            tunnelProtocol.chooseForward()
             return nil
         }
         do {
@@ -210,8 +174,8 @@ public final class TunnelServer: Service, Sendable {
                 "mode=0 chose forward mode: users connect to the client, the server dials its TARGET",
                 metadata: ["np.target": "\(self.url.target)", "np.reason": "\(error.message)"]
             )
-            self.pool.serveForward(target: self.url.target, relays: self.relays)
-            v2?.mode = .forward
+            self.pool.serveForward(target: self.url.target, pipelines: self.pipelines)
+            tunnelProtocol.chooseForward()
             return nil
         }
     }
@@ -222,14 +186,13 @@ public final class TunnelServer: Service, Sendable {
 
     private func controlBootstrap(
         tls: NIOSSLContext,
-        poolPort: Int,
-        v2: V2Setup?,
-        fingerprint: [UInt8]
+        protocol tunnelProtocol: ServerProtocol,
+        fingerprint: [UInt8],
+        poolPort: Int
     ) -> ServerBootstrap {
-        let configuration = self.configuration
-        return self.baseBootstrap(what: "tunnel")
+        self.baseBootstrap(what: "tunnel")
             .childChannelOption(.allowRemoteHalfClosure, value: true)
-            .childChannelInitializer { [pool, logger, pendingHandshakes, metrics] channel in
+            .childChannelInitializer { [pool, logger, pendingHandshakes, pipelines] channel in
                 if let evicted = pendingHandshakes.admit(channel) {
                     logger.debug(
                         "too many TLS handshakes in progress; the oldest was closed",
@@ -237,37 +200,17 @@ public final class TunnelServer: Service, Sendable {
                     )
                     evicted.close(promise: nil)
                 }
-                SocketTuning.setUserTimeout(configuration.reportInterval * 3, on: channel)
-                let version: ServerControlStateMachine.Version =
-                    v2.map { .v2(key: $0.key, fingerprint: fingerprint) } ?? .v1(poolPort: poolPort)
-                let parameters: @Sendable ([UInt8]) -> V2SessionParameters = { sessionID in
-                    V2SessionParameters(
-                        mode: v2?.mode ?? .reverse,
-                        tls: v2?.tls ?? .plain,
-                        poolPort: poolPort,
-                        heartbeatMilliseconds: UInt32(clamping: configuration.reportInterval.nanoseconds / 1_000_000),
-                        sessionID: sessionID,
-                        dataFingerprint: v2?.dataFingerprint ?? []
-                    )
-                }
                 return channel.eventLoop.makeCompletedFuture {
-                    // v1 clients send nothing; what a stranger sends is split into bounded lines and dropped.
-                    let decoder: any ChannelHandler =
-                        v2 == nil ? ByteToMessageHandler(SignalLineDecoder()) : ByteToMessageHandler(V2FrameDecoder())
                     do {
-                        try channel.pipeline.syncOperations.addHandlers([
-                            NIOSSLServerHandler(context: tls),
-                            decoder,
-                            ServerControlHandler(
-                                version: version,
-                                configuration: configuration,
-                                delegate: pool,
-                                metrics: metrics,
-                                logger: logger,
-                                makeParameters: parameters,
-                                onHandshakeEnded: { pendingHandshakes.finish($0) }
-                            ),
-                        ])
+                        try pipelines.serverControl(
+                            channel,
+                            tls: tls,
+                            protocol: tunnelProtocol,
+                            fingerprint: fingerprint,
+                            poolPort: poolPort,
+                            delegate: pool,
+                            handshakes: pendingHandshakes
+                        )
                     } catch {
                         pendingHandshakes.finish(channel)
                         throw error
@@ -276,38 +219,29 @@ public final class TunnelServer: Service, Sendable {
             }
     }
 
-    private func poolBootstrap(v2: V2Setup?) -> ServerBootstrap {
-        let configuration = self.configuration
+    private func poolBootstrap(protocol tunnelProtocol: ServerProtocol) -> ServerBootstrap {
+        // Made once: every pool connection of a v2 server is checked with the same settings.
+        var authentication: ServerPoolAuthenticationHandler.Settings?
+        if case .v2(let v2) = tunnelProtocol {
+            authentication = ServerPoolAuthenticationHandler.Settings(
+                tls: v2.dataTLS,
+                timeout: self.configuration.idReadTimeout,
+                secretForSession: { [pool] in pool.secret(forSession: $0) },
+                openings: self.pendingPoolOpenings,
+                metrics: self.metrics,
+                logger: self.logger
+            )
+        }
+        let forward = tunnelProtocol.mode == .forward
         return self.baseBootstrap(on: self.dataLoop, what: "pool")
-            .childChannelInitializer { [pool, metrics, logger, pendingPoolOpenings, relays] channel in
+            .childChannelInitializer { [pool, pipelines, authentication] channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try SocketTuning.prepareRelay(channel)
-                    if let v2 {
-                        if let evicted = pendingPoolOpenings.admit(channel) {
-                            evicted.close(promise: nil)
-                        }
-                        try channel.pipeline.syncOperations.addHandler(
-                            ServerPoolAuthenticationHandler(
-                                tls: v2.dataTLS,
-                                timeout: configuration.idReadTimeout,
-                                metrics: metrics,
-                                logger: logger,
-                                secretForSession: { pool.secret(forSession: $0) },
-                                onEnded: { pendingPoolOpenings.finish($0) }
-                            )
-                        )
-                    }
-                    let forward = v2?.mode == .forward
-                    let glue = relays.glue(forward ? .poolThatDials : .poolWithUsers)
-                    try channel.pipeline.syncOperations.addHandlers([
-                        ServerPoolConnectionHandler(
-                            delegate: pool,
-                            glue: glue,
-                            waitsForAuthentication: v2 != nil,
-                            claimTimeout: forward ? configuration.poolWaitTimeout + configuration.dialTimeout : nil
-                        ),
-                        glue,
-                    ])
+                    try pipelines.serverPoolConnection(
+                        channel,
+                        authentication: authentication,
+                        forward: forward,
+                        pool: pool
+                    )
                 }
             }
     }

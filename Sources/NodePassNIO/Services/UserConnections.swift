@@ -5,17 +5,17 @@ import NIOCore
 /// Accepted user connections on the side with the users (the server in reverse mode, the client in forward
 /// mode): counted against SEMAPHORE_LIMIT, then handed to the pool once active.
 struct UserConnections: Sendable {
-    let relays: Relays
-    private var sessions: SessionTracker { self.relays.sessions }
-    private var metrics: TunnelMetrics { self.relays.metrics }
-    private var logger: Logger { self.relays.logger }
+    let pipelines: Pipelines
+    private var sessions: SessionTracker { self.pipelines.sessions }
+    private var metrics: TunnelMetrics { self.pipelines.metrics }
+    private var logger: Logger { self.pipelines.logger }
     private let lastLimitLog = LimitLogClock()
 
-    init(relays: Relays) {
-        self.relays = relays
+    init(pipelines: Pipelines) {
+        self.pipelines = pipelines
     }
 
-    /// The child channel initializer of a user listener (it sets the relay options of `SocketTuning`).
+    /// The child channel initializer of a user listener: admits the user, then makes its pipeline.
     func initialize(_ channel: any Channel, arrived: @escaping @Sendable (RelayEnd) -> Void) -> EventLoopFuture<Void> {
         let metrics = self.metrics
         // Counted before the session exists: its end may be reported at once (a channel already closed).
@@ -32,21 +32,8 @@ struct UserConnections: Sendable {
             return channel.close()
         }
         metrics.accepted.increment()
-        let idleTimeout = self.relays.idleTimeout
-        let logger = self.logger
-        return channel.eventLoop.makeCompletedFuture {
-            try SocketTuning.prepareRelay(channel)
-            if let idleTimeout {
-                // Reads from the user and writes to the user both count as activity.
-                try channel.pipeline.syncOperations.addHandlers([
-                    IdleStateHandler(allTimeout: idleTimeout), IdleConnectionCloser(logger: logger),
-                ])
-            }
-            let glue = self.relays.glue(.user)
-            try channel.pipeline.syncOperations.addHandlers([
-                ChannelActiveHandler { arrived(RelayEnd(channel: $0, glue: glue)) },
-                glue,
-            ])
+        return channel.eventLoop.makeCompletedFuture { [pipelines] in
+            try pipelines.user(channel, arrived: arrived)
         }
     }
 }

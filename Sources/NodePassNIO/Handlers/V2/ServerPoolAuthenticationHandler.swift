@@ -17,30 +17,27 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
         case failed
     }
 
+    /// What every pool connection of one server is checked with; made once when the server starts.
+    struct Settings: Sendable {
+        /// The TLS that follows a proven opening (`tls=1`/`tls=2`); nil with `tls=0`.
+        var tls: NIOSSLContext?
+        /// How long a client has to send its session ID and proof.
+        var timeout: TimeAmount
+        /// The secret of a connected session, by its ID.
+        var secretForSession: @Sendable ([UInt8]) -> V2SessionSecret?
+        /// The openings not proven yet: each connection stays counted until it proves the key or fails.
+        var openings: PendingHandshakes
+        var metrics: TunnelMetrics
+        var logger: Logger
+    }
+
     private var state: State
-    private let secretForSession: @Sendable ([UInt8]) -> V2SessionSecret?
-    private let tls: NIOSSLContext?
-    private let timeout: TimeAmount
-    private let metrics: TunnelMetrics
-    private let logger: Logger
-    private let onEnded: @Sendable (any Channel) -> Void
+    private let settings: Settings
     private var timer: Scheduled<Void>?
 
-    init(
-        tls: NIOSSLContext?,
-        timeout: TimeAmount,
-        metrics: TunnelMetrics,
-        logger: Logger,
-        secretForSession: @escaping @Sendable ([UInt8]) -> V2SessionSecret?,
-        onEnded: @escaping @Sendable (any Channel) -> Void
-    ) {
+    init(settings: Settings) {
         self.state = .awaitingProof(nonce: SecureRandom.bytes(V2PoolOpening.nonceLength), received: ByteBuffer())
-        self.tls = tls
-        self.timeout = timeout
-        self.metrics = metrics
-        self.logger = logger
-        self.secretForSession = secretForSession
-        self.onEnded = onEnded
+        self.settings = settings
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -49,7 +46,7 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
             return
         }
         let channel = context.channel
-        self.timer = context.eventLoop.scheduleTask(in: self.timeout) { channel.close(promise: nil) }
+        self.timer = context.eventLoop.scheduleTask(in: self.settings.timeout) { channel.close(promise: nil) }
         var buffer = context.channel.allocator.buffer(capacity: nonce.count)
         buffer.writeBytes(nonce)
         context.writeAndFlush(NIOAny(buffer), promise: nil)
@@ -70,7 +67,7 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
         }
         let message = received.readBytes(length: V2PoolOpening.clientMessageLength) ?? []
         guard let (sessionID, proof) = V2PoolOpening.splitClientMessage(message),
-            let secret = self.secretForSession(sessionID),
+            let secret = self.settings.secretForSession(sessionID),
             secret.isValidPoolClientProof(proof, nonce: nonce)
         else {
             self.fail(context: context)
@@ -79,8 +76,8 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
         self.timer?.cancel()
         self.timer = nil
         self.state = .authenticated
-        self.onEnded(context.channel)
-        if let tls = self.tls {
+        self.settings.openings.finish(context.channel)
+        if let tls = self.settings.tls {
             do {
                 try context.pipeline.syncOperations.addHandler(
                     NIOSSLServerHandler(context: tls),
@@ -102,12 +99,12 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
         self.state = .failed
         self.timer?.cancel()
         self.timer = nil
-        self.metrics.authenticationFailures.increment()
-        self.logger.warning(
+        self.settings.metrics.authenticationFailures.increment()
+        self.settings.logger.warning(
             "pool connection refused: authentication failed",
             metadata: ["np.peer": "\(context.channel.peerDescription)"]
         )
-        self.onEnded(context.channel)
+        self.settings.openings.finish(context.channel)
         context.close(promise: nil)
     }
 
@@ -132,7 +129,7 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
         self.timer = nil
         if case .awaitingProof = self.state {
             self.state = .failed
-            self.onEnded(context.channel)
+            self.settings.openings.finish(context.channel)
         }
         context.fireChannelInactive()
     }

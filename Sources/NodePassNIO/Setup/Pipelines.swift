@@ -1,0 +1,234 @@
+import CoreMetrics
+import Logging
+import NIOCore
+import NIOSSL
+import NodePassCore
+
+/// What every channel of one tunnel process is made of, in one place: control channels (TLS, the decoder
+/// of the protocol, the control handler), pool connections (v2's authentication, the pool handler, the
+/// relay end), users' and the target's connections (the relay end). The services decide when a channel
+/// is made and what becomes of it; these functions, called from its initializer on its event loop, decide
+/// which handlers it has and in which order.
+///
+/// Every `GlueHandler` is made here as well (`glue(_:)`), so that the two roles and both processes relay
+/// alike. A class: it is captured by the initializer of every connection.
+final class Pipelines: Sendable {
+    /// The channel an end of a relay reads from.
+    enum End {
+        /// A user's connection (what it reads goes towards the service).
+        case user
+        /// The target's connection (what it reads goes back to the user).
+        case target
+        /// A pool connection on the side with the users (it reads what the service sent back).
+        case poolWithUsers
+        /// A pool connection on the side that dials (it reads what the user sent).
+        case poolThatDials
+    }
+
+    /// Every relay of the tunnel, wherever it runs (SwiftNIO or the kernel).
+    let sessions: SessionTracker
+    let metrics: TunnelMetrics
+    let logger: Logger
+    let configuration: Configuration
+
+    /// Makes the pipelines of one tunnel, with its sessions bounded by SEMAPHORE_LIMIT.
+    init(metrics: TunnelMetrics, logger: Logger, configuration: Configuration) {
+        self.sessions = SessionTracker(limit: configuration.semaphoreLimit)
+        self.metrics = metrics
+        self.logger = logger
+        self.configuration = configuration
+    }
+
+    /// The unconnected `GlueHandler` of `end`; it may move to the kernel unless `NODEPASS_SPLICE=0`.
+    func glue(_ end: End) -> GlueHandler {
+        let bytes: Counter
+        switch end {
+        case .user, .poolThatDials: bytes = self.metrics.bytesUpstream
+        case .target, .poolWithUsers: bytes = self.metrics.bytesDownstream
+        }
+        guard self.configuration.splice else { return GlueHandler(bytes: bytes) }
+        let setup: SpliceSetup
+        switch end {
+        case .user:
+            let idleTimeout = self.configuration.idleTimeout
+            setup = SpliceSetup(sessions: self.sessions, idleTimeout: idleTimeout, logger: self.logger)
+        case .target:
+            setup = SpliceSetup(sessions: self.sessions, logger: self.logger)
+        case .poolWithUsers, .poolThatDials:
+            // The other half of the pair keeps the time of the move.
+            setup = SpliceSetup(sessions: self.sessions, logger: self.logger, schedulesMove: false)
+        }
+        return GlueHandler(bytes: bytes, splice: setup)
+    }
+
+    // MARK: control channels
+
+    /// The decoder of a control channel: v2's frames, or v1's lines (a v1 client sends nothing after the
+    /// handshake; what a stranger sends is split into bounded lines and dropped).
+    private static func controlDecoder(isV2: Bool) -> any ChannelHandler {
+        isV2 ? ByteToMessageHandler(V2FrameDecoder()) : ByteToMessageHandler(SignalLineDecoder())
+    }
+
+    /// A control channel the server accepted. `fingerprint` is the control certificate's (v2 binds its
+    /// handshake to it); `poolPort` is announced (v1) or sent in the session's parameters (v2).
+    func serverControl(
+        _ channel: any Channel,
+        tls: NIOSSLContext,
+        protocol tunnelProtocol: ServerProtocol,
+        fingerprint: [UInt8],
+        poolPort: Int,
+        delegate: any ServerControlDelegate,
+        handshakes: PendingHandshakes
+    ) throws {
+        SocketTuning.setUserTimeout(self.configuration.reportInterval * 3, on: channel)
+        let version: ServerControlStateMachine.Version
+        var parameters = V2SessionParameters(
+            mode: .reverse,
+            tls: .plain,
+            poolPort: poolPort,
+            heartbeatMilliseconds: UInt32(clamping: self.configuration.reportInterval.nanoseconds / 1_000_000),
+            sessionID: [],
+            dataFingerprint: []
+        )
+        switch tunnelProtocol {
+        case .v1:
+            version = .v1(poolPort: poolPort)
+        case .v2(let v2):
+            version = .v2(key: v2.key, fingerprint: fingerprint)
+            (parameters.mode, parameters.tls, parameters.dataFingerprint) = (v2.mode, v2.tls, v2.dataFingerprint)
+        }
+        try channel.pipeline.syncOperations.addHandlers([
+            NIOSSLServerHandler(context: tls),
+            Self.controlDecoder(isV2: tunnelProtocol.isV2),
+            ServerControlHandler(
+                version: version,
+                configuration: self.configuration,
+                delegate: delegate,
+                metrics: self.metrics,
+                logger: self.logger,
+                parameters: parameters,
+                onHandshakeEnded: { handshakes.finish($0) }
+            ),
+        ])
+    }
+
+    /// The control channel the client dialled; `connected` completes when the server accepts it.
+    func clientControl(
+        _ channel: any Channel,
+        tls: NIOSSLContext,
+        protocol tunnelProtocol: ClientProtocol,
+        pool: any ClientControlDelegate,
+        connected: EventLoopPromise<Void>
+    ) throws {
+        SocketTuning.apply(to: channel)
+        try channel.pipeline.syncOperations.addHandlers([
+            try NIOSSLClientHandler(context: tls, serverHostname: nil),
+            Self.controlDecoder(isV2: tunnelProtocol.isV2),
+            ClientControlHandler(
+                protocol: tunnelProtocol,
+                pool: pool,
+                configuration: self.configuration,
+                connected: connected,
+                handshakeDuration: self.metrics.handshakeDuration,
+                logger: self.logger
+            ),
+        ])
+    }
+
+    // MARK: pool connections
+
+    /// A pool connection the server accepted: v2 proves its session first (`authentication`, nil in v1).
+    /// `forward`: the server dials for it (forward mode), else it carries the server's users.
+    func serverPoolConnection(
+        _ channel: any Channel,
+        authentication: ServerPoolAuthenticationHandler.Settings?,
+        forward: Bool,
+        pool: any ServerPoolConnectionDelegate
+    ) throws {
+        try SocketTuning.prepareRelay(channel)
+        if let authentication {
+            if let evicted = authentication.openings.admit(channel) {
+                evicted.close(promise: nil)
+            }
+            try channel.pipeline.syncOperations.addHandler(ServerPoolAuthenticationHandler(settings: authentication))
+        }
+        let glue = self.glue(forward ? .poolThatDials : .poolWithUsers)
+        let claimTimeout = self.configuration.poolWaitTimeout + self.configuration.dialTimeout
+        try channel.pipeline.syncOperations.addHandlers([
+            ServerPoolConnectionHandler(
+                delegate: pool,
+                glue: glue,
+                waitsForAuthentication: authentication != nil,
+                claimTimeout: forward ? claimTimeout : nil
+            ),
+            glue,
+        ])
+    }
+
+    /// A pool connection the client dialled: v2 authenticates its opening with `v2` (nil in v1).
+    /// `forward`: it carries the client's users, else the client dials for it.
+    func clientPoolConnection(
+        _ channel: any Channel,
+        v2: V2PoolSettings?,
+        forward: Bool,
+        delegate: any ClientPoolConnectionDelegate
+    ) throws {
+        SocketTuning.apply(to: channel)
+        try SocketTuning.prepareRelay(channel)
+        var idReader = PoolIDReader.v1
+        if let v2 {
+            let nonce = V2PoolNonce()
+            try channel.pipeline.syncOperations.addHandler(ClientPoolAuthenticationHandler(settings: v2, nonce: nonce))
+            idReader = PoolIDReader(
+                length: V2PoolOpening.serverMessageLength,
+                parse: { opening in
+                    V2PoolOpening.verifyServerMessage(
+                        Array(opening.readableBytesView),
+                        secret: v2.secret,
+                        nonce: nonce.bytes
+                    )
+                },
+                reply: { id in v2.secret.poolConfirmation(nonce: nonce.bytes, id: id) }
+            )
+        }
+        let glue = self.glue(forward ? .poolWithUsers : .poolThatDials)
+        try channel.pipeline.syncOperations.addHandlers([
+            ClientPoolConnectionHandler(
+                delegate: delegate,
+                glue: glue,
+                idReader: idReader,
+                idReadTimeout: self.configuration.idReadTimeout,
+                claimTimeout: self.configuration.poolWaitTimeout + self.configuration.dialTimeout
+            ),
+            glue,
+        ])
+    }
+
+    // MARK: users and the target
+
+    /// A user's connection (already counted against SEMAPHORE_LIMIT): `arrived` gets its relay end once
+    /// it is active.
+    func user(_ channel: any Channel, arrived: @escaping @Sendable (RelayEnd) -> Void) throws {
+        try SocketTuning.prepareRelay(channel)
+        if let idleTimeout = self.configuration.idleTimeout {
+            // Reads from the user and writes to the user both count as activity.
+            try channel.pipeline.syncOperations.addHandlers([
+                IdleStateHandler(allTimeout: idleTimeout), IdleConnectionCloser(logger: self.logger),
+            ])
+        }
+        let glue = self.glue(.user)
+        try channel.pipeline.syncOperations.addHandlers([
+            ChannelActiveHandler { arrived(RelayEnd(channel: $0, glue: glue)) },
+            glue,
+        ])
+    }
+
+    /// A connection dialled to the target; returns its relay end's handler.
+    func target(_ channel: any Channel) throws -> GlueHandler {
+        SocketTuning.apply(to: channel)
+        try SocketTuning.prepareRelay(channel)
+        let glue = self.glue(.target)
+        try channel.pipeline.syncOperations.addHandler(glue)
+        return glue
+    }
+}
