@@ -122,15 +122,6 @@ private struct SplicedRelay {
             }
     }
 
-    /// Waits (bounded) until `condition` holds.
-    func wait(for what: String, _ condition: () -> Bool) async throws {
-        for _ in 0..<500 {
-            if condition() { return }
-            try await Task.sleep(for: .milliseconds(10))
-        }
-        Issue.record("timed out waiting for \(what)")
-    }
-
     /// Waits for the relay's session to end (under the suite's time limit), then stops the relay and the service.
     func finish() async throws {
         await self.sessions.waitUntilEmpty()
@@ -169,7 +160,7 @@ private struct SplicedRelay {
             while received.readableBytes < 4, let chunk = try await iterator.next() {
                 received.writeImmutableBuffer(chunk)
             }
-            try await relay.wait(for: "the relay to be spliced") { relay.sessions.splicedCount == 1 }
+            await relay.sessions.waitUntilSpliced(1)
             try await withThrowingTaskGroup(of: Void.self) { io in
                 io.addTask { [rest] in
                     var rest = rest
@@ -196,7 +187,7 @@ private struct SplicedRelay {
             var iterator = inbound.makeAsyncIterator()
             try await outbound.write(ByteBuffer(string: "ping"))
             #expect(try await iterator.next() == ByteBuffer(string: "ping"))
-            try await relay.wait(for: "the relay to be spliced") { relay.sessions.splicedCount == 1 }
+            await relay.sessions.waitUntilSpliced(1)
             relay.sessions.closeAll()
             // The user sees the end of the stream, not a hang.
             #expect(try await iterator.next() == nil)
@@ -212,7 +203,7 @@ private struct SplicedRelay {
             var iterator = inbound.makeAsyncIterator()
             try await outbound.write(ByteBuffer(string: "ping"))
             #expect(try await iterator.next() == ByteBuffer(string: "ping"))
-            try await relay.wait(for: "the relay to be spliced") { relay.sessions.splicedCount == 1 }
+            await relay.sessions.waitUntilSpliced(1)
             let quiet = ContinuousClock.now
             // Nothing moves: the sweep (every second) ends the relay, and the user sees the end of the stream.
             #expect(try await iterator.next() == nil)
@@ -234,7 +225,7 @@ private struct SplicedRelay {
             name: .so_linger,
             value: linger(l_onoff: 1, l_linger: 0)
         ).get()
-        try await relay.wait(for: "the relay to be spliced") { relay.sessions.splicedCount == 1 }
+        await relay.sessions.waitUntilSpliced(1)
         // The user half-closes (the relay's reading of it is done), then resets.
         try await user.close(mode: .output).get()
         try await Task.sleep(for: .milliseconds(100))
@@ -257,7 +248,7 @@ private struct SplicedRelay {
             // Past 64 KiB in one direction, the relay moves.
             try await outbound.write(ByteBuffer(repeating: 0x61, count: 256 * 1024))
             while received < 4 + 256 * 1024, let chunk = try await iterator.next() { received += chunk.readableBytes }
-            try await relay.wait(for: "the relay to be spliced") { relay.sessions.splicedCount == 1 }
+            await relay.sessions.waitUntilSpliced(1)
             outbound.finish()
             while let chunk = try await iterator.next() { received += chunk.readableBytes }
             #expect(received == 4 + 256 * 1024)

@@ -25,6 +25,19 @@ final class SessionTracker: Sendable {
         /// Set by `closeAll`: a relay moving to the engine afterwards is closed at once.
         var closing = false
         var drained: [CheckedContinuation<Void, Never>] = []
+        /// Those waiting for a number of spliced sessions.
+        var splicedWaiters: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
+
+        var splicedCount: Int { self.sessions.count - self.byChannel.count }
+
+        /// Takes out the waiters whose number of spliced sessions is reached.
+        mutating func reachedSplicedWaiters() -> [CheckedContinuation<Void, Never>] {
+            guard !self.splicedWaiters.isEmpty else { return [] }
+            let spliced = self.splicedCount
+            let reached = self.splicedWaiters.filter { $0.count <= spliced }.map(\.continuation)
+            self.splicedWaiters.removeAll { $0.count <= spliced }
+            return reached
+        }
     }
 
     private let state = Locked(State())
@@ -43,7 +56,19 @@ final class SessionTracker: Sendable {
 
     /// The number of live sessions whose relay runs outside their channels (spliced).
     var splicedCount: Int {
-        self.state.withLock { $0.sessions.count - $0.byChannel.count }
+        self.state.withLock { $0.splicedCount }
+    }
+
+    /// Waits until at least `count` live sessions are spliced (moved out of their channels).
+    func waitUntilSpliced(_ count: Int) async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let resumeNow = self.state.withLock { state -> Bool in
+                if state.splicedCount >= count { return true }
+                state.splicedWaiters.append((count, continuation))
+                return false
+            }
+            if resumeNow { continuation.resume() }
+        }
     }
 
     /// Adds a session keyed by `channel`; false when the limit is reached. The session ends when the channel
@@ -67,13 +92,16 @@ final class SessionTracker: Sendable {
     /// Moves the sessions of any of `channels` out of them, before the channels are closed: from now on
     /// `close` ends the relay. Returns the sessions moved, to pass to `end(_:)` when the relay ends.
     func transfer(_ channels: [any Channel], close: @escaping @Sendable () -> Void) -> [UInt64] {
-        self.state.withLock { state in
-            channels.compactMap { channel in
+        let (moved, waiters) = self.state.withLock { state in
+            let moved = channels.compactMap { channel -> UInt64? in
                 guard let id = state.byChannel.removeValue(forKey: ObjectIdentifier(channel)) else { return nil }
                 state.sessions[id]?.owner = .detached(close: close)
                 return id
             }
+            return (moved, state.reachedSplicedWaiters())
         }
+        for waiter in waiters { waiter.resume() }
+        return moved
     }
 
     /// Whether `closeAll` was called: a relay just handed to the engine must then be closed (its session may
