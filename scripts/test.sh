@@ -14,6 +14,9 @@ command -v openssl >/dev/null || need_packages+=(openssl)
 command -v socat >/dev/null || need_packages+=(socat)
 command -v gcc >/dev/null || need_packages+=(gcc)
 command -v tcpdump >/dev/null || need_packages+=(tcpdump)
+command -v dig >/dev/null || need_packages+=(dnsutils)
+[ -x /usr/sbin/dnsmasq ] || command -v dnsmasq >/dev/null || need_packages+=(dnsmasq-base)
+command -v dnsperf >/dev/null || need_packages+=(dnsperf)
 command -v python3 >/dev/null || need_packages+=(python3 python3-pip)
 if [ ${#need_packages[@]} -gt 0 ]; then
     say "installing Debian packages: ${need_packages[*]}"

@@ -3,5 +3,5 @@ public enum NodePassVersion {
     /// The program's version.
     public static let current = "0.1.0"
     /// The wire protocols this build speaks.
-    public static let protocols = "v1 (NodePass 1.0 compatible, no key), v2 (with a key)"
+    public static let protocols = "v1 (NodePass 1.0 compatible, no key, TCP), v2 (with a key, TCP and UDP)"
 }

@@ -21,7 +21,8 @@ import Darwin
 struct NodePassCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "nodepass",
-        abstract: "A TCP tunnel through NATs and firewalls: a TLS control channel and a pool of data connections.",
+        abstract:
+            "A TCP and UDP tunnel through NATs and firewalls: a TLS control channel and a pool of data connections.",
         discussion: """
             URL:
               server://[KEY@]TUNNEL_HOST:PORT/TARGET_HOST:PORT?log=LEVEL
@@ -31,6 +32,9 @@ struct NodePassCommand: AsyncParsableCommand {
             port that it announces to the client, and on TARGET, where users
             connect. The client connects to the server's TUNNEL and dials its
             own TARGET (the real service) for each user connection.
+            With a KEY the tunnel carries UDP too, on the same TARGET address:
+            each user's datagrams reach the service one by one, whole, and the
+            replies go back to that user. Without a key: TCP only.
             A host is a name, an IPv4 address, [an IPv6 address] or empty
             (all interfaces).
 
@@ -57,6 +61,8 @@ struct NodePassCommand: AsyncParsableCommand {
                                  the server dials its TARGET
               mode=0             (default) 1 if the server can listen on its
                                  TARGET, else 2
+              noudp=1            carry TCP only (no UDP listener on TARGET)
+              notcp=1            carry UDP only
 
             ENVIRONMENT (integers; durations as 5s, 500ms, 1m):
               SEMAPHORE_LIMIT    1024  concurrent user / relayed connections
@@ -68,6 +74,10 @@ struct NodePassCommand: AsyncParsableCommand {
               SHUTDOWN_TIMEOUT   5s    grace for live connections on exit
               IDLE_TIMEOUT       1h    close a user connection idle this long
                                        both ways (0: never)
+              UDP_IDLE_TIMEOUT   60s   forget a UDP flow (a user's address) idle
+                                       this long both ways
+              UDP_MAX_FLOWS      8192  UDP flows at once; datagrams of new flows
+                                       are dropped past it
               NODEPASS_SPLICE    1     0: relay plain connections in user space
                                        only, never with splice(2)
 
@@ -108,6 +118,7 @@ struct NodePassCommand: AsyncParsableCommand {
             Self.printError(error.message)
             throw ExitCode(78)
         }
+        Self.raiseDescriptorLimit()
         let colour = isatty(STDOUT_FILENO) == 1
         LoggingSystem.bootstrap { _ in NodePassLogHandler(level: url.logLevel, colour: colour) }
         let logger = Logger(label: "nodepass")
@@ -150,6 +161,20 @@ struct NodePassCommand: AsyncParsableCommand {
             logger.critical("cannot run the tunnel", metadata: ["np.error": "\(error)"])
             throw ExitCode(1)
         }
+    }
+
+    /// Every relayed connection and UDP flow holds descriptors: the soft limit (often 1024) is raised to
+    /// the hard one, as most network daemons do.
+    private static func raiseDescriptorLimit() {
+        #if os(Linux)
+        let resource = Int32(RLIMIT_NOFILE.rawValue)
+        #else
+        let resource = RLIMIT_NOFILE
+        #endif
+        var limit = rlimit()
+        guard getrlimit(resource, &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
+        limit.rlim_cur = limit.rlim_max
+        _ = setrlimit(resource, &limit)
     }
 
     private static func environment() -> [String: String] {

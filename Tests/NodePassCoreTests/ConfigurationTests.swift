@@ -12,6 +12,8 @@ import Testing
         #expect(configuration.reportInterval == .seconds(5))
         #expect(configuration.serviceCooldown == .seconds(5))
         #expect(configuration.shutdownTimeout == .seconds(5))
+        #expect(configuration.udpIdleTimeout == .seconds(60))
+        #expect(configuration.udpMaxFlows == 8192)
     }
 
     @Test func idleTimeoutDefaultsToAnHourAndZeroTurnsItOff() throws {
@@ -29,9 +31,11 @@ import Testing
         let configuration = try Configuration(environment: [
             "SEMAPHORE_LIMIT": "10", "MIN_POOL_CAPACITY": "2", "MAX_POOL_CAPACITY": "8",
             "REPORT_INTERVAL": "1s", "SERVICE_COOLDOWN": "500ms", "SHUTDOWN_TIMEOUT": "1m30s",
-            "IDLE_TIMEOUT": "10m",
+            "IDLE_TIMEOUT": "10m", "UDP_IDLE_TIMEOUT": "30s", "UDP_MAX_FLOWS": "100",
         ])
         #expect(configuration.idleTimeout == .minutes(10))
+        #expect(configuration.udpIdleTimeout == .seconds(30))
+        #expect(configuration.udpMaxFlows == 100)
         #expect(configuration.semaphoreLimit == 10)
         #expect(configuration.minPoolCapacity == 2)
         #expect(configuration.maxPoolCapacity == 8)
@@ -46,6 +50,7 @@ import Testing
         ("REPORT_INTERVAL", "-1s"), ("REPORT_INTERVAL", "5"), ("REPORT_INTERVAL", "0s"),
         ("SERVICE_COOLDOWN", "5x"), ("SHUTDOWN_TIMEOUT", "25h"), ("SHUTDOWN_TIMEOUT", "1s2"),
         ("IDLE_TIMEOUT", "00"), ("IDLE_TIMEOUT", "-5m"), ("NODEPASS_SPLICE", "2"), ("NODEPASS_SPLICE", "off"),
+        ("UDP_IDLE_TIMEOUT", "0"), ("UDP_IDLE_TIMEOUT", "1ms"), ("UDP_MAX_FLOWS", "0"), ("UDP_MAX_FLOWS", "2000000"),
     ])
     func refusesBadValuesNamingTheVariable(_ name: String, _ value: String) {
         do {

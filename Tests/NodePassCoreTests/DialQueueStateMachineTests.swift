@@ -32,7 +32,8 @@ import Testing
             Issue.record("an early launch waits")
             return
         }
-        guard case .dial(let connection) = machine.connectionReady(id: PoolID(3), owner: 1, connection: "c") else {
+        guard case .dial(let connection, .stream) = machine.connectionReady(id: PoolID(3), owner: 1, connection: "c")
+        else {
             Issue.record("the awaited connection is dialled at once")
             return
         }

@@ -12,20 +12,33 @@ import Testing
 private final class RecordingServer: ServerControlDelegate {
     let events = Mutex<[String]>([])
     func controlConnected(_ channel: any Channel) { self.events.withLock { $0.append("connected") } }
-    func v2SessionStarted(_ channel: any Channel, sessionID: [UInt8], secret: V2SessionSecret) -> Bool {
-        self.events.withLock { $0.append("session") }
+    func v2SessionStarted(_ channel: any Channel, sessionID: [UInt8], secret: V2SessionSecret, datagrams: Bool) -> Bool
+    {
+        self.events.withLock { $0.append("session udp=\(datagrams)") }
         return true
     }
     func controlClosed(_ channel: any Channel) { self.events.withLock { $0.append("closed") } }
-    func launchReceived(_ id: PoolID, from channel: any Channel) { self.events.withLock { $0.append("launch \(id)") } }
+    func launchReceived(_ id: PoolID, launch: PoolLaunch, from channel: any Channel) {
+        self.events.withLock { $0.append(launch == .stream ? "launch \(id)" : "launch datagrams \(id)") }
+    }
 }
 
 private final class RecordingPool: ClientControlDelegate {
     let events = Mutex<[String]>([])
-    func start(port: Int, host: String?, v2: V2PoolSettings?, forwardControl: (any Channel)?) {
-        self.events.withLock { $0.append("start \(port) v2=\(v2 != nil) forward=\(forwardControl != nil)") }
+    func start(
+        port: Int,
+        host: String?,
+        v2: V2PoolSettings?,
+        forwardControl: (any Channel)?,
+        transports: TunnelTransports
+    ) {
+        self.events.withLock {
+            $0.append("start \(port) v2=\(v2 != nil) forward=\(forwardControl != nil) udp=\(transports.contains(.udp))")
+        }
     }
-    func launch(_ id: PoolID) { self.events.withLock { $0.append("launch \(id)") } }
+    func launch(_ id: PoolID, _ launch: PoolLaunch) {
+        self.events.withLock { $0.append(launch == .stream ? "launch \(id)" : "launch datagrams \(id)") }
+    }
 }
 
 /// The client's and the server's control handlers, back to back on one embedded event loop (no TLS: the
@@ -50,7 +63,13 @@ private final class RecordingPool: ClientControlDelegate {
         let registry = RecordingServer()
         let connected: EventLoopFuture<Void>
 
-        init(v2: Bool, mode: TunnelMode = .reverse) throws {
+        /// `alpn`: what TLS negotiated (v2: `nodepass/2` unless given); `transports`: what the server carries.
+        init(
+            v2: Bool,
+            mode: TunnelMode = .reverse,
+            alpn: String? = V2Message.alpn,
+            transports: TunnelTransports = [.tcp, .udp]
+        ) throws {
             self.client = EmbeddedChannel(loop: self.loop)
             self.server = EmbeddedChannel(loop: self.loop)
             let promise = self.loop.makePromise(of: Void.self)
@@ -75,7 +94,8 @@ private final class RecordingPool: ClientControlDelegate {
                     version: v2
                         ? .v2(
                             key: ControlHandlersBackToBackTests.key,
-                            fingerprint: ControlHandlersBackToBackTests.fingerprint
+                            fingerprint: ControlHandlersBackToBackTests.fingerprint,
+                            transports: transports
                         )
                         : .v1(poolPort: 4000),
                     configuration: ControlHandlersBackToBackTests.configuration,
@@ -96,7 +116,7 @@ private final class RecordingPool: ClientControlDelegate {
             let address = try SocketAddress(ipAddress: "127.0.0.1", port: 1)
             try self.client.connect(to: address).wait()
             try self.server.connect(to: address).wait()
-            let alpn = v2 ? V2Message.alpn : nil
+            let alpn = v2 ? alpn : nil
             self.server.pipeline.fireUserInboundEventTriggered(
                 TLSUserEvent.handshakeCompleted(negotiatedProtocol: alpn)
             )
@@ -136,8 +156,8 @@ private final class RecordingPool: ClientControlDelegate {
     @Test func v2HandshakeStartsThePoolAndHeartbeatsKeepTheSessionAlive() throws {
         let pair = try Pair(v2: true)
         try pair.connected.wait()
-        #expect(pair.registry.events.withLock { $0 } == ["session"])
-        #expect(pair.pool.events.withLock { $0 } == ["start 4000 v2=true forward=false"])
+        #expect(pair.registry.events.withLock { $0 } == ["session udp=false"])
+        #expect(pair.pool.events.withLock { $0 } == ["start 4000 v2=true forward=false udp=false"])
         // A launch from the server reaches the pool.
         var launch = ByteBuffer()
         V2Message.launch(PoolID(0x2a)).write(to: &launch)
@@ -155,10 +175,52 @@ private final class RecordingPool: ClientControlDelegate {
         #expect(pair.registry.events.withLock { $0.last } == "closed")
     }
 
+    @Test func nodepass21CarriesUDPAndPassesDatagramLaunchesBothWays() throws {
+        let pair = try Pair(v2: true, alpn: V2Message.alpnDatagrams)
+        try pair.connected.wait()
+        #expect(pair.registry.events.withLock { $0 } == ["session udp=true"])
+        #expect(pair.pool.events.withLock { $0 } == ["start 4000 v2=true forward=false udp=true"])
+        var launch = ByteBuffer()
+        V2Message.launchDatagrams(PoolID(0x2b)).write(to: &launch)
+        pair.server.writeAndFlush(launch, promise: nil)
+        try pair.exchange()
+        #expect(pair.pool.events.withLock { $0.last } == "launch datagrams 0000002b")
+        var clientLaunch = ByteBuffer()
+        V2Message.launchDatagrams(PoolID(0x2c)).write(to: &clientLaunch)
+        pair.client.writeAndFlush(clientLaunch, promise: nil)
+        try pair.exchange()
+        #expect(pair.registry.events.withLock { $0.last } == "launch datagrams 0000002c")
+        _ = try? pair.client.finish()
+        _ = try? pair.server.finish()
+    }
+
+    @Test func underNodepass2ADatagramLaunchIsIgnoredAsAnyUnknownFrame() throws {
+        let pair = try Pair(v2: true, alpn: V2Message.alpn)
+        try pair.connected.wait()
+        var launch = ByteBuffer()
+        V2Message.launchDatagrams(PoolID(0x2b)).write(to: &launch)
+        pair.server.writeAndFlush(launch, promise: nil)
+        pair.client.writeAndFlush(launch, promise: nil)
+        try pair.exchange()
+        #expect(pair.pool.events.withLock { $0 } == ["start 4000 v2=true forward=false udp=false"])
+        #expect(pair.registry.events.withLock { $0 } == ["session udp=false"])
+        #expect(pair.client.isActive && pair.server.isActive)
+        _ = try? pair.client.finish()
+        _ = try? pair.server.finish()
+    }
+
+    @Test func aServerThatCarriesUDPOnlyRefusesAClientOfNodepass2() throws {
+        let pair = try Pair(v2: true, alpn: V2Message.alpn, transports: [.udp])
+        #expect(throws: NodePassError.self) { try pair.connected.wait() }
+        #expect(pair.registry.events.withLock { $0 }.isEmpty)
+        #expect(pair.pool.events.withLock { $0 }.isEmpty)
+        #expect(!pair.server.isActive)
+    }
+
     @Test func v2ForwardModeClientIgnoresTheServersLaunches() throws {
         let pair = try Pair(v2: true, mode: .forward)
         try pair.connected.wait()
-        #expect(pair.pool.events.withLock { $0 } == ["start 4000 v2=true forward=true"])
+        #expect(pair.pool.events.withLock { $0 } == ["start 4000 v2=true forward=true udp=false"])
         var launch = ByteBuffer()
         V2Message.launch(PoolID(1)).write(to: &launch)
         pair.server.writeAndFlush(launch, promise: nil)
@@ -178,7 +240,7 @@ private final class RecordingPool: ClientControlDelegate {
         let pair = try Pair(v2: false)
         try pair.connected.wait()
         #expect(pair.registry.events.withLock { $0 } == ["connected"])
-        #expect(pair.pool.events.withLock { $0 } == ["start 4000 v2=false forward=false"])
+        #expect(pair.pool.events.withLock { $0 } == ["start 4000 v2=false forward=false udp=false"])
         try pair.advance(seconds: 10)
         #expect(pair.client.isActive)
         #expect(pair.pool.events.withLock { $0.count } == 1, "the same port does not restart the pool")

@@ -94,12 +94,12 @@ private final class RecordingClientDelegate: ClientPoolConnectionDelegate {
         let partner = EmbeddedChannel(loop: channel.embeddedEventLoop)
         try partner.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 2)).wait()
         let handler = try channel.pipeline.syncOperations.handler(type: ServerPoolConnectionHandler.self)
-        #expect(handler.handOff(to: partner))
+        #expect(handler.handOff(to: .relay(partner: partner)))
         channel.embeddedEventLoop.run()
         var relayed = ByteBuffer()
         while var part = try partner.readOutbound(as: ByteBuffer.self) { relayed.writeBuffer(&part) }
         #expect(relayed == ByteBuffer(string: "GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
-        #expect(!handler.handOff(to: partner), "a connection is handed off once")
+        #expect(!handler.handOff(to: .relay(partner: partner)), "a connection is handed off once")
         _ = try? partner.finish()
         _ = try? channel.finish()
     }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from v2_peer import derive_key, mac, transcript
+from v2_peer import datagram_frame, derive_key, end_frame, mac, transcript
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 
@@ -42,3 +42,8 @@ def test_documented_vectors_match_an_independent_implementation():
     forward = bytes([2, 0]) + (10101).to_bytes(2, "big") + (5000).to_bytes(4, "big") + session_id
     assert forward.hex() == v["parameters_forward_plain"]
     assert mac(k, b"server proof", t, forward).hex() == v["server_proof_forward_plain"]
+    forward_udp = forward + bytes([3])
+    assert forward_udp.hex() == v["parameters_forward_plain_udp"]
+    assert mac(k, b"server proof", t, forward_udp).hex() == v["server_proof_forward_plain_udp"]
+    assert datagram_frame(1, b"pong").hex() == v["datagram_frame"]
+    assert end_frame(42).hex() == v["end_frame"]

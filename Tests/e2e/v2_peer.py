@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 ALPN = "nodepass/2"
+ALPN_DATAGRAMS = "nodepass/2.1"  # v2 with UDP
 HELLO, CHALLENGE, AUTHENTICATE, WELCOME, FAILURE, HEARTBEAT, LAUNCH = 0x01, 0x02, 0x03, 0x04, 0x05, 0x10, 0x11
+LAUNCH_DATAGRAMS = 0x12
+CARRIES_TCP, CARRIES_UDP = 1, 2
+DATAGRAM, END = 0x01, 0x02
+MAX_DATAGRAM = 65527
 FAILURE_REASONS = {1: "authentication failed", 2: "unsupported version", 3: "protocol violation",
                    4: "too many clients", 5: "no key"}
 
@@ -52,13 +57,29 @@ def read_frame(sock) -> Tuple[int, bytes]:
     return kind, recv_exact(sock, length)
 
 
-def tls_client_context(alpn: bool = True) -> ssl.SSLContext:
+def tls_client_context(alpn: bool = True, datagrams: bool = False) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     if alpn:
-        ctx.set_alpn_protocols([ALPN])
+        ctx.set_alpn_protocols([ALPN_DATAGRAMS, ALPN] if datagrams else [ALPN])
     return ctx
+
+
+def datagram_frame(flow: int, payload: bytes) -> bytes:
+    return struct.pack(">BIH", DATAGRAM, flow, len(payload)) + payload
+
+
+def end_frame(flow: int) -> bytes:
+    return struct.pack(">BIH", END, flow, 0)
+
+
+def read_datagram_frame(sock) -> Tuple[int, int, bytes]:
+    """One frame of a datagram carrier: (kind, flow, payload)."""
+    kind, flow, length = struct.unpack(">BIH", recv_exact(sock, 7))
+    if kind not in (DATAGRAM, END) or length > MAX_DATAGRAM or (kind == END and length):
+        raise AssertionError(f"bad carrier frame header: kind {kind}, length {length}")
+    return kind, flow, recv_exact(sock, length)
 
 
 @dataclass
@@ -70,25 +91,35 @@ class Session:
     session_id: bytes
     data_fingerprint: bytes
     secret: bytes
+    transports: Optional[int] = None  # nodepass/2.1 only: CARRIES_TCP | CARRIES_UDP
 
 
 class ServerRefused(Exception):
     """The server sent a failure frame or closed the connection."""
 
 
-def parse_parameters(raw: bytes) -> Tuple[int, int, int, int, bytes, bytes]:
+def parse_parameters(raw: bytes, with_transports: bool = False):
+    """(mode, tls, pool port, heartbeat, session ID, fingerprint, transports or None); the length must fit."""
     mode, tls, port, heartbeat = struct.unpack(">BBHI", raw[:8])
     session_id = raw[8:24]
+    end = 56 if tls else 24
     fingerprint = raw[24:56] if tls else b""
-    return mode, tls, port, heartbeat, session_id, fingerprint
+    transports = None
+    if with_transports:
+        transports = raw[end]
+        assert transports in (1, 2, 3), f"unknown transports byte {transports}"
+        end += 1
+    assert len(raw) == end, f"parameters of {len(raw)} bytes, expected {end}"
+    return mode, tls, port, heartbeat, session_id, fingerprint, transports
 
 
 class Control:
     """A TLS control connection to a v2 server."""
 
-    def __init__(self, host: str, port: int, alpn: bool = True, timeout: float = 10.0):
+    def __init__(self, host: str, port: int, alpn: bool = True, timeout: float = 10.0, datagrams: bool = False):
         raw = socket.create_connection((host, port), timeout=timeout)
-        self.sock = tls_client_context(alpn).wrap_socket(raw)
+        self.sock = tls_client_context(alpn, datagrams).wrap_socket(raw)
+        self.alpn = self.sock.selected_alpn_protocol()
         self.sock.settimeout(timeout)
         self.fingerprint = hashlib.sha256(self.sock.getpeercert(binary_form=True)).digest()
         self.sent = []  # the frames this side sent, for replay tests
@@ -124,8 +155,10 @@ class Control:
         proof, raw = welcome[:32], welcome[32:]
         if not hmac.compare_digest(proof, mac(k, b"server proof", t, raw)):
             raise AssertionError("the server's proof does not verify")
-        mode, tls, port, heartbeat, session_id, fingerprint = parse_parameters(raw)
-        return Session(mode, tls, port, heartbeat, session_id, fingerprint, mac(k, b"session secret", t, session_id))
+        mode, tls, port, heartbeat, session_id, fingerprint, transports = parse_parameters(
+            raw, with_transports=self.alpn == ALPN_DATAGRAMS)
+        return Session(mode, tls, port, heartbeat, session_id, fingerprint, mac(k, b"session secret", t, session_id),
+                       transports)
 
     def close(self) -> None:
         try:
@@ -134,8 +167,8 @@ class Control:
             pass
 
 
-def handshake(host: str, port: int, key: str) -> Tuple[Control, Session]:
-    control = Control(host, port)
+def handshake(host: str, port: int, key: str, datagrams: bool = False) -> Tuple[Control, Session]:
+    control = Control(host, port, datagrams=datagrams)
     control.hello()
     return control, control.authenticate(derive_key(key))
 

@@ -19,6 +19,10 @@ public struct Configuration: Hashable, Sendable {
     /// Whether plain relays may move to the kernel (splice(2) on Linux); `NODEPASS_SPLICE=0` keeps every
     /// relay in SwiftNIO.
     public var splice: Bool = true
+    /// A UDP flow that carried nothing either way for this long is forgotten (v2).
+    public var udpIdleTimeout: TimeAmount = .seconds(60)
+    /// UDP flows at once, on each side (v2); a new flow past the bound is dropped.
+    public var udpMaxFlows: Int = 8192
 
     /// Bound on the TLS handshake of the control channel.
     public var handshakeTimeout: TimeAmount = .seconds(10)
@@ -37,7 +41,8 @@ public struct Configuration: Hashable, Sendable {
     /// The names of the variables read, in the order of the documentation.
     public static let variableNames = [
         "SEMAPHORE_LIMIT", "MIN_POOL_CAPACITY", "MAX_POOL_CAPACITY",
-        "REPORT_INTERVAL", "SERVICE_COOLDOWN", "SHUTDOWN_TIMEOUT", "IDLE_TIMEOUT", "NODEPASS_SPLICE",
+        "REPORT_INTERVAL", "SERVICE_COOLDOWN", "SHUTDOWN_TIMEOUT", "IDLE_TIMEOUT", "UDP_IDLE_TIMEOUT",
+        "UDP_MAX_FLOWS", "NODEPASS_SPLICE",
     ]
 
     /// Reads the variables from `environment`; an unset or empty variable keeps its default.
@@ -71,6 +76,13 @@ public struct Configuration: Hashable, Sendable {
         } else if let idle = self.idleTimeout {
             self.idleTimeout = try Self.duration("IDLE_TIMEOUT", environment, default: idle)
         }
+        self.udpIdleTimeout = try Self.duration("UDP_IDLE_TIMEOUT", environment, default: self.udpIdleTimeout)
+        self.udpMaxFlows = try Self.integer(
+            "UDP_MAX_FLOWS",
+            environment,
+            default: self.udpMaxFlows,
+            range: 1...1_000_000
+        )
         self.splice = try Self.integer("NODEPASS_SPLICE", environment, default: 1, range: 0...1) == 1
         guard self.minPoolCapacity <= self.maxPoolCapacity else {
             throw NodePassError(

@@ -31,6 +31,8 @@ public struct TunnelURL: Hashable, Sendable {
     public var privateKeyFile: String?
     /// The `mode=` query parameter (server, v2): which side has the users.
     public var mode: TunnelMode = .auto
+    /// What the tunnel carries (server, v2): `notcp=1` and `noudp=1` remove TCP and UDP. v1 carries TCP only.
+    public var transports: TunnelTransports = [.tcp, .udp]
 
     /// The protocol this URL selects: 2 with a key, 1 without.
     public var protocolVersion: Int { self.key == nil ? 1 : 2 }
@@ -185,6 +187,13 @@ public struct TunnelURL: Hashable, Sendable {
                 }
                 self.mode = mode
                 v2Only.append("mode")
+            case "notcp", "noudp":
+                guard value == "0" || value == "1" else {
+                    throw NodePassError(.invalidURL, "\(name)='\(value.prefix(16))' is not 0 or 1")
+                }
+                let transport: TunnelTransports = name == "notcp" ? .tcp : .udp
+                if value == "1" { self.transports.remove(transport) } else { self.transports.insert(transport) }
+                v2Only.append(String(name))
             case "crt", "key":
                 guard !value.isEmpty else {
                     throw NodePassError(.invalidURL, "\(name)= needs a file path")
@@ -194,7 +203,8 @@ public struct TunnelURL: Hashable, Sendable {
             default:
                 throw NodePassError(
                     .invalidURL,
-                    "unknown query parameter '\(name.prefix(32))' (known: log, metrics, tls, crt, key, mode)"
+                    "unknown query parameter '\(name.prefix(32))' "
+                        + "(known: log, metrics, tls, crt, key, mode, notcp, noudp)"
                 )
             }
         }
@@ -215,6 +225,9 @@ public struct TunnelURL: Hashable, Sendable {
                 "\(first)= is set on the server; the client follows what the server announces"
             )
         }
+        guard !self.transports.isEmpty else {
+            throw NodePassError(.invalidURL, "notcp=1 and noudp=1 together leave nothing to carry")
+        }
         let hasFiles = self.certificateFile != nil || self.privateKeyFile != nil
         if self.dataTLS == .files {
             guard self.certificateFile != nil, self.privateKeyFile != nil else {
@@ -234,6 +247,8 @@ public struct TunnelURL: Hashable, Sendable {
         if let file = self.certificateFile { query += "&crt=\(file)" }
         if let file = self.privateKeyFile { query += "&key=\(file)" }
         if self.mode != .auto { query += "&mode=\(self.mode.rawValue)" }
+        if !self.transports.contains(.tcp) { query += "&notcp=1" }
+        if !self.transports.contains(.udp) { query += "&noudp=1" }
         return "\(self.role.rawValue)://\(keyPart)\(self.tunnel)/\(self.target)?\(query)"
     }
 }

@@ -25,7 +25,8 @@ public struct ClientControlStateMachine: Sendable {
         /// The v2 handshake is running.
         case v2Handshaking(V2ClientHandshakeStateMachine)
         /// The v2 session runs; in forward mode this side has the users and the server sends no launches.
-        case v2Established(HeartbeatMonitor, forward: Bool)
+        /// `datagrams`: `nodepass/2.1`, the server may launch datagram carriers.
+        case v2Established(HeartbeatMonitor, forward: Bool, datagrams: Bool)
         /// Closed or closing.
         case closed
     }
@@ -47,6 +48,8 @@ public struct ClientControlStateMachine: Sendable {
         case startPool(port: Int, restart: Bool)
         /// Relay the pool connection with this ID.
         case launch(PoolID)
+        /// Carry datagrams over the pool connection with this ID (`nodepass/2.1`).
+        case launchDatagrams(PoolID)
         /// A launch that this side must not act on: log it and go on.
         case ignoreLaunch(PoolID, IgnoredLaunch)
         /// Send a v2 heartbeat.
@@ -97,7 +100,7 @@ public struct ClientControlStateMachine: Sendable {
             self.state = .v1(control)
             return .connected
         case .v2(let key):
-            guard alpn == V2Message.alpn else {
+            guard alpn == V2Message.alpn || alpn == V2Message.alpnDatagrams else {
                 return self.fail(
                     nil,
                     NodePassError(
@@ -109,7 +112,12 @@ public struct ClientControlStateMachine: Sendable {
             guard let fingerprint else {
                 return self.fail(nil, NodePassError(.tls, "the server presented no certificate"))
             }
-            var handshake = V2ClientHandshakeStateMachine(key: key, clientNonce: nonce, fingerprint: fingerprint)
+            var handshake = V2ClientHandshakeStateMachine(
+                key: key,
+                clientNonce: nonce,
+                fingerprint: fingerprint,
+                withTransports: alpn == V2Message.alpnDatagrams
+            )
             let hello = handshake.started()
             self.state = .v2Handshaking(handshake)
             return .send(hello)
@@ -147,18 +155,23 @@ public struct ClientControlStateMachine: Sendable {
                 let interval = TimeAmount.milliseconds(Int64(parameters.heartbeatMilliseconds))
                 self.state = .v2Established(
                     HeartbeatMonitor(interval: interval, now: now),
-                    forward: parameters.mode == .forward
+                    forward: parameters.mode == .forward,
+                    datagrams: parameters.transports?.contains(.udp) ?? false
                 )
                 return .established(parameters, secret)
             }
-        case .v2Established(var monitor, let forward):
+        case .v2Established(var monitor, let forward, let datagrams):
             let meaning = monitor.sessionMessageReceived(message, now: now)
-            self.state = .v2Established(monitor, forward: forward)
+            self.state = .v2Established(monitor, forward: forward, datagrams: datagrams)
             switch meaning {
             case .nothing:
                 return .none
             case .launch(let id):
                 return forward ? .ignoreLaunch(id, .forwardMode) : .launch(id)
+            case .launchDatagrams(let id):
+                // Under `nodepass/2` the frame is unknown, and ignored as any unknown frame.
+                guard datagrams else { return .none }
+                return forward ? .ignoreLaunch(id, .forwardMode) : .launchDatagrams(id)
             case .close(let closure):
                 self.state = .closed
                 return .close(closure)
@@ -188,7 +201,7 @@ public struct ClientControlStateMachine: Sendable {
             guard action == .closeDeadChannel else { return .none }
             self.state = .closed
             return .close(.silent(control.deadAfter))
-        case .v2Established(let monitor, _):
+        case .v2Established(let monitor, _, _):
             guard monitor.isDead(now: now) else { return .sendHeartbeat }
             self.state = .closed
             return .close(.silent(monitor.deadAfter))

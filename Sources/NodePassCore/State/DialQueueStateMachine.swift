@@ -1,3 +1,11 @@
+/// What a launch asks of a pool connection.
+public enum PoolLaunch: Hashable, Sendable {
+    /// Relay one TCP connection (`launch`).
+    case stream
+    /// Carry datagrams (`launch datagrams`, `nodepass/2.1`).
+    case datagrams
+}
+
 /// The side that dials the target (the client in reverse mode, the server in forward mode): idle pool
 /// connections kept by ID until the other side launches them, and launches that came before their
 /// connection was ready.
@@ -11,8 +19,8 @@ public struct DialQueueStateMachine<Connection> {
     public enum ReadyAction {
         /// Keep it idle until its launch.
         case keep
-        /// Its launch came first: dial the target for it now.
-        case dial(Connection)
+        /// Its launch came first: serve it now, as that launch said (dial the target, or carry datagrams).
+        case dial(Connection, PoolLaunch)
         /// Close it: its ID is taken by another idle connection, or the pool is full.
         case close(Connection)
     }
@@ -42,7 +50,7 @@ public struct DialQueueStateMachine<Connection> {
     }
 
     @usableFromInline var idle: [PoolID: Entry] = [:]
-    @usableFromInline var awaited: [PoolID: UInt64] = [:]
+    @usableFromInline var awaited: [PoolID: (owner: UInt64, launch: PoolLaunch)] = [:]
     /// The most idle connections kept.
     public let maximumIdle: Int
     /// The most launches waiting for their connection.
@@ -76,18 +84,18 @@ public struct DialQueueStateMachine<Connection> {
     /// The connection `id` of `owner` is ready (it has its ID and, in v2, its confirmation).
     @inlinable
     public mutating func connectionReady(id: PoolID, owner: UInt64, connection: Connection) -> ReadyAction {
-        if self.awaited[id] == owner {
+        if let awaited = self.awaited[id], awaited.owner == owner {
             self.awaited[id] = nil
-            return .dial(connection)
+            return .dial(connection, awaited.launch)
         }
         guard self.idle[id] == nil, self.idle.count < self.maximumIdle else { return .close(connection) }
         self.idle[id] = Entry(connection: connection, owner: owner)
         return .keep
     }
 
-    /// `owner` launched `id`.
+    /// `owner` launched `id`, for a TCP connection (`.stream`) or as a datagram carrier.
     @inlinable
-    public mutating func launchReceived(id: PoolID, owner: UInt64) -> LaunchAction {
+    public mutating func launchReceived(id: PoolID, owner: UInt64, launch: PoolLaunch = .stream) -> LaunchAction {
         if let entry = self.idle[id], entry.owner == owner {
             self.idle[id] = nil
             return .dial(entry.connection, wasClaimed: entry.claimed)
@@ -95,14 +103,14 @@ public struct DialQueueStateMachine<Connection> {
         guard self.idle[id] == nil, self.awaited[id] == nil, self.awaited.count < self.maximumAwaited else {
             return .unknown
         }
-        self.awaited[id] = owner
+        self.awaited[id] = (owner, launch)
         return .awaitConnection
     }
 
     /// The wait of `owner`'s launch of `id` is over; true when it was still waiting (it is dropped).
     @inlinable
     public mutating func launchExpired(id: PoolID, owner: UInt64) -> Bool {
-        guard self.awaited[id] == owner else { return false }
+        guard self.awaited[id]?.owner == owner else { return false }
         self.awaited[id] = nil
         return true
     }
@@ -127,7 +135,7 @@ public struct DialQueueStateMachine<Connection> {
     /// `owner` is gone: its idle connections are returned to be closed and its launches forgotten.
     @inlinable
     public mutating func ownerLost(_ owner: UInt64) -> [Connection] {
-        self.awaited = self.awaited.filter { $0.value != owner }
+        self.awaited = self.awaited.filter { $0.value.owner != owner }
         let lost = self.idle.filter { $0.value.owner == owner }
         for id in lost.keys { self.idle[id] = nil }
         return lost.values.map(\.connection)

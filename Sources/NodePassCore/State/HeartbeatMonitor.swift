@@ -25,6 +25,8 @@ public struct HeartbeatMonitor: Sendable {
         case nothing
         /// The peer launched one of its pool connections.
         case launch(PoolID)
+        /// The peer launched one of its pool connections as a datagram carrier (`nodepass/2.1`).
+        case launchDatagrams(PoolID)
         /// The session must end.
         case close(ControlClosure)
     }
@@ -35,6 +37,7 @@ public struct HeartbeatMonitor: Sendable {
         switch message {
         case .heartbeat, .unknown: return .nothing
         case .launch(let id): return .launch(id)
+        case .launchDatagrams(let id): return .launchDatagrams(id)
         case .failure(let reason, let text): return .close(.peerGaveUp(reason, text: text))
         case .hello, .challenge, .authenticate, .welcome: return .close(.handshakeMessageAfterHandshake)
         }

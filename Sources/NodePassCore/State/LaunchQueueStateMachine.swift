@@ -81,6 +81,15 @@ public struct LaunchQueueStateMachine<Connection, User> {
         return true
     }
 
+    /// Takes the oldest idle connection that `accepts` (for a datagram carrier), if any.
+    @inlinable
+    public mutating func takeIdle(where accepts: (Connection) -> Bool) -> (id: PoolID, connection: Connection)? {
+        guard let index = self.idle.firstIndex(where: { accepts($0.connection) }) else { return nil }
+        let taken = self.idle.remove(at: index)
+        self.forget(taken.id)
+        return taken
+    }
+
     /// One idle entry with `id` left the pool.
     @inlinable
     mutating func forget(_ id: PoolID) {

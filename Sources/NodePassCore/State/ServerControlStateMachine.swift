@@ -13,8 +13,9 @@ public struct ServerControlStateMachine: Sendable {
     public enum Version: Sendable {
         /// No key: v1, announcing this pool port.
         case v1(poolPort: Int)
-        /// A key: v2, bound to the control certificate's SHA-256 fingerprint.
-        case v2(key: V2Key, fingerprint: [UInt8])
+        /// A key: v2, bound to the control certificate's SHA-256 fingerprint; `transports` is what the
+        /// tunnel carries for clients that negotiate `nodepass/2.1` (the others get TCP only).
+        case v2(key: V2Key, fingerprint: [UInt8], transports: TunnelTransports = [.tcp, .udp])
     }
 
     private enum State: Sendable {
@@ -55,6 +56,8 @@ public struct ServerControlStateMachine: Sendable {
         case sendHeartbeat
         /// The client launched one of its pool connections (forward mode).
         case launch(PoolID)
+        /// The client launched one of its pool connections as a datagram carrier (forward mode, 2.1).
+        case launchDatagrams(PoolID)
         /// Close the channel, logging why as an error.
         case close(ControlClosure)
         /// The handshake took too long: log it and close.
@@ -75,6 +78,8 @@ public struct ServerControlStateMachine: Sendable {
 
     private var state: State = .tls
     private let version: Version
+    /// What this client's session carries: set when TLS completes, nil under `nodepass/2` (TCP only).
+    public private(set) var transports: TunnelTransports?
     /// The heartbeat period; silence for three of them ends a v2 session.
     public let heartbeatInterval: TimeAmount
 
@@ -95,7 +100,7 @@ public struct ServerControlStateMachine: Sendable {
     /// The TLS handshake completed; `alpn` is the protocol negotiated, `nonce` a fresh server nonce.
     public mutating func tlsHandshakeCompleted(alpn: String?, nonce: [UInt8]) -> Action {
         guard case .tls = self.state else { return .none }
-        let offersV2 = alpn == V2Message.alpn
+        let offersV2 = alpn == V2Message.alpn || alpn == V2Message.alpnDatagrams
         switch self.version {
         case .v1(let poolPort):
             guard !offersV2 else {
@@ -106,11 +111,23 @@ public struct ServerControlStateMachine: Sendable {
             }
             self.state = .v1Running(poolPort: poolPort)
             return .startV1(poolPort: poolPort)
-        case .v2(let key, let fingerprint):
+        case .v2(let key, let fingerprint, let transports):
             guard offersV2 else {
                 return self.refuse(
                     nil,
                     NodePassError(.versionMismatch, "the client has no key (protocol v1); this server requires one")
+                )
+            }
+            if alpn == V2Message.alpnDatagrams {
+                self.transports = transports
+            } else if !transports.contains(.tcp) {
+                // An older v2 client carries TCP only, which this server does not.
+                return self.refuse(
+                    .failure(.unsupportedVersion, text: "this server carries UDP only (notcp=1): update the client"),
+                    NodePassError(
+                        .versionMismatch,
+                        "the client carries TCP only (an older version); notcp=1 refuses it"
+                    )
                 )
             }
             self.state = .v2Handshaking(
@@ -143,6 +160,10 @@ public struct ServerControlStateMachine: Sendable {
             switch meaning {
             case .nothing: return .none
             case .launch(let id): return .launch(id)
+            case .launchDatagrams(let id):
+                // Under `nodepass/2` the frame is unknown, and ignored as any unknown frame.
+                guard self.transports?.contains(.udp) == true else { return .none }
+                return .launchDatagrams(id)
             case .close(let closure): return self.close(closure)
             }
         }
@@ -156,6 +177,8 @@ public struct ServerControlStateMachine: Sendable {
     /// The `welcome` for `parameters` and the session's secret, once the client proved the key.
     public func welcome(parameters: V2SessionParameters) -> (message: V2Message, secret: V2SessionSecret)? {
         guard case .v2Authenticated(let handshake) = self.state else { return nil }
+        var parameters = parameters
+        parameters.transports = self.transports
         return handshake.welcome(parameters: parameters)
     }
 

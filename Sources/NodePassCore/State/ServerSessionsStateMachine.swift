@@ -98,6 +98,12 @@ public struct ServerSessionsStateMachine<Control> {
     @inlinable
     public var count: Int { self.sessions.count }
 
+    /// The number of connected clients whose control channel `matches`.
+    @inlinable
+    public func count(where matches: (Control) -> Bool) -> Int {
+        self.sessions.values.reduce(0) { $0 + (matches($1.control) ? 1 : 0) }
+    }
+
     /// The session `owner`, if it is connected.
     @inlinable
     public func session(_ owner: UInt64) -> Session? { self.sessions[owner] }

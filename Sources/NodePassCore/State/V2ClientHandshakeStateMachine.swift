@@ -34,12 +34,16 @@ public struct V2ClientHandshakeStateMachine: Sendable {
     private let key: V2Key
     private let clientNonce: [UInt8]
     private let fingerprint: [UInt8]
+    /// `nodepass/2.1` was negotiated: the welcome's parameters end with what the tunnel carries.
+    private let withTransports: Bool
 
-    /// Makes a machine with the client's fresh nonce and the fingerprint of the server's certificate.
-    public init(key: V2Key, clientNonce: [UInt8], fingerprint: [UInt8]) {
+    /// Makes a machine with the client's fresh nonce and the fingerprint of the server's certificate;
+    /// `withTransports` under `nodepass/2.1`.
+    public init(key: V2Key, clientNonce: [UInt8], fingerprint: [UInt8], withTransports: Bool = false) {
         self.key = key
         self.clientNonce = clientNonce
         self.fingerprint = fingerprint
+        self.withTransports = withTransports
     }
 
     /// TLS is up: the first message to send.
@@ -79,7 +83,7 @@ public struct V2ClientHandshakeStateMachine: Sendable {
             }
             var buffer = ByteBuffer(bytes: encoded)
             do {
-                let parameters = try V2SessionParameters.read(from: &buffer)
+                let parameters = try V2SessionParameters.read(from: &buffer, withTransports: self.withTransports)
                 self.state = .established
                 return .established(
                     parameters,

@@ -32,6 +32,14 @@ final class Launcher: PoolConnectionRole {
     /// The gauge of idle pool connections, when this queue is what it shows (the server's).
     private let idleGauge: Meter?
     private let logger: Logger
+    private let ownerLostHooks = Locked<(@Sendable (UInt64?) -> Void)?>(nil)
+
+    /// Told when an owner's pool connections go (nil: everyone's), so that the owner's datagram carriers go
+    /// with them (`DatagramUsers`).
+    var ownerLostHook: (@Sendable (UInt64?) -> Void)? {
+        get { self.ownerLostHooks.withLock { $0 } }
+        set { self.ownerLostHooks.withLock { $0 = newValue } }
+    }
 
     init(
         maximumIdle: Int,
@@ -90,6 +98,7 @@ final class Launcher: PoolConnectionRole {
     func ownerLost(_ owner: UInt64) -> Int {
         let lost = self.updating { $0.queue.controlLost { $0.owner == owner } }
         for connection in lost { connection.channel.close(promise: nil) }
+        self.ownerLostHook?(owner)
         return lost.count
     }
 
@@ -97,6 +106,21 @@ final class Launcher: PoolConnectionRole {
         let drained = self.updating { $0.queue.drain() }
         for connection in drained.connections { connection.channel.close(promise: nil) }
         for user in drained.users { user.channel.close(promise: nil) }
+        self.ownerLostHook?(nil)
+    }
+
+    // MARK: datagram carriers
+
+    /// Takes the oldest idle pool connection whose owner `accepts`, for a datagram carrier (`nodepass/2.1`),
+    /// with the writer of its owner's launches; nil when there is none.
+    func takeForCarrier(where accepts: (UInt64) -> Bool) -> (PoolConnection, SignalWriter)? {
+        guard let (_, connection) = self.updating({ $0.queue.takeIdle { accepts($0.owner) } }) else { return nil }
+        self.owners?.connectionTaken(connection, wasClaimed: false)
+        guard let signals = self.owners?.launchWriter(for: connection.owner) else {
+            connection.channel.close(promise: nil)
+            return nil
+        }
+        return (connection, signals)
     }
 
     // MARK: users

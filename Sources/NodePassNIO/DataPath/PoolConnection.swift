@@ -4,9 +4,18 @@ import NodePassCore
 /// The handler at the front of a pool connection that holds it until its relay starts
 /// (`ServerPoolConnectionHandler`, `ClientPoolConnectionHandler`).
 protocol PoolConnectionHolder: AnyObject {
-    /// Ends the waiting phase: connects the relay behind the handler to `partner` and passes on what was held.
-    /// Runs on the connection's event loop; false when the connection is no longer usable.
-    func handOff(to partner: any Channel) -> Bool
+    /// Ends the waiting phase: gives the connection to `consumer` and passes on what was held. Runs on the
+    /// connection's event loop; false when the connection is no longer usable.
+    func handOff(to consumer: PoolConnectionConsumer) -> Bool
+}
+
+/// What a launched pool connection serves.
+enum PoolConnectionConsumer {
+    /// One TCP connection: the relay behind the holder is connected to `partner`.
+    case relay(partner: any Channel)
+    /// Datagrams (`nodepass/2.1`): `handler` is put right behind the holder and reads all that comes; the
+    /// relay behind it stays unconnected.
+    case carrier(any ChannelHandler)
 }
 
 /// A pool connection with its ID, ready to carry one relay: what a pool (`ServerPool`, `ClientPool`) gives
@@ -29,7 +38,12 @@ struct PoolConnection: Sendable {
     /// Starts relaying this connection to `partner`; see `PoolConnectionHolder.handOff(to:)`. Must run on the
     /// connection's event loop.
     func handOff(to partner: any Channel) -> Bool {
-        self.holder.value.handOff(to: partner)
+        self.holder.value.handOff(to: .relay(partner: partner))
+    }
+
+    /// Makes this connection a datagram carrier read by `handler`. Must run on the connection's event loop.
+    func handOff(toCarrier handler: any ChannelHandler) -> Bool {
+        self.holder.value.handOff(to: .carrier(handler))
     }
 }
 
@@ -64,4 +78,8 @@ protocol PoolConnectionOwners: AnyObject, Sendable {
     func launchWriter(for owner: UInt64) -> SignalWriter?
     /// A pool connection was taken for a relay (`wasClaimed`: it was already counted as used).
     func connectionTaken(_ connection: PoolConnection, wasClaimed: Bool)
+    /// Whether `owner`'s session negotiated UDP (`nodepass/2.1`, UDP on).
+    func carriesDatagrams(_ owner: UInt64) -> Bool
+    /// How many owners carry UDP.
+    var datagramOwnerCount: Int { get }
 }

@@ -5,7 +5,8 @@ import NIOPosix
 import NodePassCore
 
 /// The side that dials the target (the client in reverse mode, the server in forward mode): keeps idle pool
-/// connections by ID, and for each launch dials TARGET on the launched connection's event loop and relays.
+/// connections by ID, and for each launch dials TARGET on the launched connection's event loop and relays;
+/// a connection launched for datagrams (`nodepass/2.1`) becomes a carrier served by a `DatagramDialer`.
 ///
 /// A launch may come before its connection is ready (they travel on different TCP connections): it waits
 /// for it for at most `launchWait`. Called from any thread; the bookkeeping is a `DialQueueStateMachine`
@@ -22,6 +23,9 @@ final class TargetDialer: PoolConnectionRole {
     /// How long a launch waits for its pool connection: every one is ready within the ID-read bound of
     /// connecting (or it is closed).
     private var launchWait: TimeAmount { self.pipelines.configuration.idReadTimeout }
+    /// The datagram carriers, by owner, closed with their owner.
+    private let carriers = Locked<[UInt64: [ObjectIdentifier: any Channel]]>([:])
+    private let nextCarrier = Locked<UInt64>(0)
 
     init(
         target: HostPort,
@@ -70,9 +74,9 @@ final class TargetDialer: PoolConnectionRole {
         switch action {
         case .keep:
             return true
-        case .dial(let connection):
+        case .dial(let connection, let launch):
             self.owners?.connectionTaken(connection, wasClaimed: false)
-            self.dial(connection)
+            self.serve(connection, launch)
             return true
         case .close(let connection):
             connection.channel.close(promise: nil)
@@ -92,21 +96,28 @@ final class TargetDialer: PoolConnectionRole {
     func ownerLost(_ owner: UInt64) -> Int {
         let lost = self.updating { $0.ownerLost(owner) }
         for connection in lost { connection.channel.close(promise: nil) }
+        let carriers = self.carriers.withLock { $0.removeValue(forKey: owner) ?? [:] }
+        for carrier in carriers.values { carrier.close(promise: nil) }
         return lost.count
     }
 
     func closeAll() {
         for connection in self.updating({ $0.drain() }) { connection.channel.close(promise: nil) }
+        let carriers = self.carriers.withLock { carriers in
+            defer { carriers = [:] }
+            return carriers.values.flatMap(\.values)
+        }
+        for carrier in carriers { carrier.close(promise: nil) }
     }
 
     // MARK: launches
 
-    /// `owner` launched its pool connection `id`: dial the target for it now, or once it is ready.
-    func launchReceived(_ id: PoolID, owner: UInt64, on loop: any EventLoop) {
-        switch self.updating({ $0.launchReceived(id: id, owner: owner) }) {
+    /// `owner` launched its pool connection `id` for `launch`: serve it now, or once it is ready.
+    func launchReceived(_ id: PoolID, owner: UInt64, launch: PoolLaunch = .stream, on loop: any EventLoop) {
+        switch self.updating({ $0.launchReceived(id: id, owner: owner, launch: launch) }) {
         case .dial(let connection, let wasClaimed):
             self.owners?.connectionTaken(connection, wasClaimed: wasClaimed)
-            self.dial(connection)
+            self.serve(connection, launch)
         case .awaitConnection:
             // Every pool connection is ready within `launchWait` of connecting (or is closed), and the other
             // side can only launch it after it connected: that bound is long enough.
@@ -121,6 +132,52 @@ final class TargetDialer: PoolConnectionRole {
         case .unknown:
             self.logger.warning("launch for an unknown pool connection ignored", metadata: ["np.pool.id": "\(id)"])
         }
+    }
+
+    private func serve(_ pool: PoolConnection, _ launch: PoolLaunch) {
+        switch launch {
+        case .stream: self.dial(pool)
+        case .datagrams: pool.channel.eventLoop.execute { self.carry(pool) }
+        }
+    }
+
+    /// On the pool connection's event loop: makes it a datagram carrier whose flows go to TARGET over UDP.
+    private func carry(_ pool: PoolConnection) {
+        let target: SocketAddress
+        do {
+            // An IP address is used as it is; a name is resolved once per carrier.
+            target =
+                try (try? SocketAddress(ipAddress: self.target.dialHost, port: self.target.port))
+                ?? SocketAddress.makeAddressResolvingHost(self.target.dialHost, port: self.target.port)
+        } catch {
+            self.logger.warning(
+                "cannot resolve the target for UDP",
+                metadata: ["np.target": "\(self.target)", "np.error": "\(error)"]
+            )
+            pool.channel.close(promise: nil)
+            return
+        }
+        let id = self.nextCarrier.withLock { next in
+            next += 1
+            return next
+        }
+        let dialer = DatagramDialer(
+            target: target,
+            loop: pool.channel.eventLoop,
+            configuration: self.pipelines.configuration,
+            metrics: self.pipelines.metrics.datagrams,
+            logger: self.logger
+        )
+        guard pool.handOff(toCarrier: dialer.start(carrierID: id)) else {
+            pool.channel.close(promise: nil)
+            return
+        }
+        let (owner, key, channel) = (pool.owner, ObjectIdentifier(pool.channel), pool.channel)
+        self.carriers.withLock { $0[owner, default: [:]][key] = channel }
+        channel.closeFuture.whenComplete { _ in
+            self.carriers.withLock { $0[owner]?[key] = nil }
+        }
+        self.logger.debug("datagram carrier started", metadata: ["np.pool.id": "\(pool.id)"])
     }
 
     /// Dials the target on the pool connection's event loop and relays between the two.

@@ -9,9 +9,15 @@ import NodePassCore
 /// What a client control channel asks of the client's pool (`ClientPool`).
 protocol ClientControlDelegate: AnyObject, Sendable {
     /// The server named its pool port: (re)start the pool towards it (see `ClientPool.start`).
-    func start(port: Int, host: String?, v2: V2PoolSettings?, forwardControl: (any Channel)?)
-    /// The server launched the pool connection `id`.
-    func launch(_ id: PoolID)
+    func start(
+        port: Int,
+        host: String?,
+        v2: V2PoolSettings?,
+        forwardControl: (any Channel)?,
+        transports: TunnelTransports
+    )
+    /// The server launched the pool connection `id` (`.datagrams`: as a datagram carrier).
+    func launch(_ id: PoolID, _ launch: PoolLaunch)
 }
 
 /// The client end of a control channel (v1 and v2), after `NIOSSLClientHandler` and the decoder of its
@@ -134,6 +140,7 @@ final class ClientControlHandler: ChannelInboundHandler {
                 metadata: [
                     "np.pool.port": "\(parameters.poolPort)", "np.mode": "\(parameters.mode)",
                     "np.tls": "\(parameters.tls.rawValue)",
+                    "np.udp": "\(parameters.transports?.contains(.udp) == true ? "on" : "off")",
                 ]
             )
             self.pool.start(
@@ -145,7 +152,8 @@ final class ClientControlHandler: ChannelInboundHandler {
                     tls: parameters.tls == .plain ? nil : self.tunnelProtocol.dataTLS,
                     fingerprint: parameters.dataFingerprint
                 ),
-                forwardControl: parameters.mode == .forward ? context.channel : nil
+                forwardControl: parameters.mode == .forward ? context.channel : nil,
+                transports: parameters.transports ?? [.tcp]
             )
             // After the pool's start: the client opens its user listener if the pool is in forward mode.
             self.connected.succeed()
@@ -163,10 +171,13 @@ final class ClientControlHandler: ChannelInboundHandler {
                 restart
                 ? "server announced a new pool port" : "connected to the server; pool port announced"
             self.logger.info(message, metadata: ["np.pool.port": "\(port)"])
-            self.pool.start(port: port, host: self.serverIP, v2: nil, forwardControl: nil)
+            self.pool.start(port: port, host: self.serverIP, v2: nil, forwardControl: nil, transports: [.tcp])
         case .launch(let id):
             self.logger.debug("launch received", metadata: ["np.pool.id": "\(id)"])
-            self.pool.launch(id)
+            self.pool.launch(id, .stream)
+        case .launchDatagrams(let id):
+            self.logger.debug("datagram carrier launch received", metadata: ["np.pool.id": "\(id)"])
+            self.pool.launch(id, .datagrams)
         case .ignoreLaunch(let id, .beforePoolPort):
             self.logger.warning("launch before the pool port was announced; ignored", metadata: ["np.pool.id": "\(id)"])
         case .ignoreLaunch(let id, .forwardMode):

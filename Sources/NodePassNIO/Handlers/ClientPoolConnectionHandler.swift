@@ -203,12 +203,12 @@ final class ClientPoolConnectionHandler: ChannelInboundHandler, PoolConnectionHo
     /// Ends the waiting phase: connects the `GlueHandler` behind this handler to `partner` and passes on the
     /// bytes and the end of input received so far; from now on every event passes through.
     /// Must run on the channel's event loop. Returns false when the connection is no longer usable.
-    func handOff(to partner: any Channel) -> Bool {
+    func handOff(to consumer: PoolConnectionConsumer) -> Bool {
         guard self.id != nil, let context = self.context else { return false }
         self.timeout?.cancel()
         self.timeout = nil
         self.state = .handedOff
-        return self.early.handOff(context: context, to: partner, glue: self.glue)
+        return self.early.handOff(context: context, to: consumer, glue: self.glue)
     }
 }
 

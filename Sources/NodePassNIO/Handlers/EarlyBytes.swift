@@ -20,10 +20,22 @@ struct EarlyBytes {
         self.inputEnded = true
     }
 
-    /// Passes on what was held to `glue` (the `GlueHandler` after `context`) and connects it to `partner`.
-    /// Returns false when the channel is closed.
-    mutating func handOff(context: ChannelHandlerContext, to partner: any Channel, glue: GlueHandler) -> Bool {
+    /// Passes on what was held to `consumer`: to `glue` (the `GlueHandler` after `context`), then connects
+    /// it to the partner; or to the carrier's handler, first put right after `context`. Returns false when
+    /// the channel is closed.
+    mutating func handOff(
+        context: ChannelHandlerContext,
+        to consumer: PoolConnectionConsumer,
+        glue: GlueHandler
+    ) -> Bool {
         guard context.channel.isActive else { return false }
+        if case .carrier(let handler) = consumer {
+            do {
+                try context.pipeline.syncOperations.addHandler(handler, position: .after(context.handler))
+            } catch {
+                return false
+            }
+        }
         // The held bytes and end of input reach the glue before its partner is known: it passes them on
         // first when it connects, before any move to the splice engine can start.
         if self.buffer.readableBytes > 0 {
@@ -35,6 +47,9 @@ struct EarlyBytes {
         if self.inputEnded {
             context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
         }
-        return glue.connect(to: partner)
+        switch consumer {
+        case .relay(let partner): return glue.connect(to: partner)
+        case .carrier: return true
+        }
     }
 }

@@ -9,11 +9,11 @@ protocol ServerControlDelegate: AnyObject, Sendable {
     /// v1: a client is connected (it replaces any other).
     func controlConnected(_ channel: any Channel)
     /// v2: a client proved the key: register its session; false when no more clients are accepted.
-    func v2SessionStarted(_ channel: any Channel, sessionID: [UInt8], secret: V2SessionSecret) -> Bool
+    func v2SessionStarted(_ channel: any Channel, sessionID: [UInt8], secret: V2SessionSecret, datagrams: Bool) -> Bool
     /// A connected client's control channel closed.
     func controlClosed(_ channel: any Channel)
-    /// The client launched one of its pool connections (forward mode).
-    func launchReceived(_ id: PoolID, from channel: any Channel)
+    /// The client launched one of its pool connections (forward mode; `.datagrams`: as a datagram carrier).
+    func launchReceived(_ id: PoolID, launch: PoolLaunch, from channel: any Channel)
 }
 
 /// The server end of a control channel (v1 and v2), after `NIOSSLServerHandler` and the decoder of its
@@ -112,7 +112,9 @@ final class ServerControlHandler: ChannelInboundHandler {
         case .sendHeartbeat:
             context.writeV2(.heartbeat)
         case .launch(let id):
-            self.delegate.launchReceived(id, from: context.channel)
+            self.delegate.launchReceived(id, launch: .stream, from: context.channel)
+        case .launchDatagrams(let id):
+            self.delegate.launchReceived(id, launch: .datagrams, from: context.channel)
         case .close(let closure):
             closure.log(to: self.logger, peer: "peer")
             context.close(promise: nil)
@@ -135,13 +137,19 @@ final class ServerControlHandler: ChannelInboundHandler {
         parameters.sessionID = SecureRandom.bytes(V2SessionParameters.sessionIDLength)
         let sessionID = parameters.sessionID
         guard let (welcome, secret) = self.machine.welcome(parameters: parameters) else { return }
-        guard self.delegate.v2SessionStarted(context.channel, sessionID: sessionID, secret: secret) else {
+        let datagrams = self.machine.transports?.contains(.udp) ?? false
+        guard
+            self.delegate.v2SessionStarted(context.channel, sessionID: sessionID, secret: secret, datagrams: datagrams)
+        else {
             self.perform(self.machine.sessionRefused(), context: context)
             return
         }
         self.machine.sessionRegistered(now: context.eventLoop.now)
         self.handshakeSucceeded(context: context)
-        self.logger.info("client authenticated")
+        self.logger.info(
+            "client authenticated",
+            metadata: ["np.udp": "\(datagrams ? "on" : self.machine.transports == nil ? "off (older client)" : "off")"]
+        )
         context.writeV2(welcome)
         self.startHeartbeat(context: context)
     }

@@ -229,14 +229,14 @@ final class ServerPoolConnectionHandler: ChannelInboundHandler, PoolConnectionHo
 
     /// Ends the waiting phase, connects the `GlueHandler` behind this handler to `partner` and passes on
     /// what was held (forward mode). Returns false when the connection is no longer usable.
-    func handOff(to partner: any Channel) -> Bool {
+    func handOff(to consumer: PoolConnectionConsumer) -> Bool {
         guard let context = self.context else { return false }
         switch self.state {
         case .idle, .claimed:
             self.timeout?.cancel()
             self.timeout = nil
             self.state = .done
-            return self.early.handOff(context: context, to: partner, glue: self.glue)
+            return self.early.handOff(context: context, to: consumer, glue: self.glue)
         case .opening, .confirming, .done:
             return false
         }

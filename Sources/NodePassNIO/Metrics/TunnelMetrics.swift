@@ -31,6 +31,8 @@ public final class TunnelMetrics: Sendable {
     /// From a user's connection to the start of its relay (server), or from a launch to the target's
     /// connection (client).
     public let newConnectionDuration: Timer
+    /// UDP (v2): datagrams, bytes, flows and drops.
+    let datagrams: DatagramMetrics
 
     /// Why a connection failed.
     public enum FailureReason: Sendable {
@@ -70,6 +72,7 @@ public final class TunnelMetrics: Sendable {
         self.authenticationFailures = Counter(label: "nodepass_authentication_failures_total", dimensions: [role])
         self.handshakeDuration = Timer(label: "nodepass_tls_handshake_duration_seconds", dimensions: [role])
         self.newConnectionDuration = Timer(label: "nodepass_new_connection_duration_seconds", dimensions: [role])
+        self.datagrams = DatagramMetrics(role: role.1)
     }
 
     /// Counts a failed connection.

@@ -20,6 +20,8 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
         var v2: V2PoolSettings?
         /// Forward mode: writes this side's launches on the control channel.
         var forwardControl: SignalWriter?
+        /// What the session carries (UDP only under `nodepass/2.1`).
+        var transports: TunnelTransports = [.tcp]
         var ticker: RepeatedTask?
         var lastDialFailureLog = NIODeadline.distantPast
     }
@@ -96,12 +98,23 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
     var idleCount: Int { self.state.withLock { $0.machine.idle } }
     /// Whether the current session is in forward mode (this side has the users).
     var isForward: Bool { self.state.withLock { $0.forwardControl != nil } }
+    /// What the current session carries.
+    var transports: TunnelTransports { self.state.withLock { $0.transports } }
+    /// Forward mode: the side with the users, for the UDP listener on TARGET.
+    var forwardLauncher: Launcher { self.launcher }
 
     /// The server named its pool port: (re)start the pool towards it, at `host` (the address the control
     /// channel reached, so that pool connections come from the same client address the server expects),
     /// or at the tunnel's host name when that is unknown. `v2` authenticates the connections of a v2 session;
-    /// `forwardControl` (v2 forward mode) is the control channel on which this side sends its launches.
-    func start(port: Int, host: String?, v2: V2PoolSettings? = nil, forwardControl: (any Channel)? = nil) {
+    /// `forwardControl` (v2 forward mode) is the control channel on which this side sends its launches;
+    /// `transports`: what the session carries.
+    func start(
+        port: Int,
+        host: String?,
+        v2: V2PoolSettings? = nil,
+        forwardControl: (any Channel)? = nil,
+        transports: TunnelTransports = [.tcp]
+    ) {
         self.stop()
         let loop = self.group.next()
         let (generation, adjustment) = self.updating { state in
@@ -110,6 +123,7 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
             state.poolHost = host
             state.v2 = v2
             state.forwardControl = forwardControl.map { SignalWriter(channel: $0, isV2: true) }
+            state.transports = transports
             state.machine.reset()
             let generation = state.generation
             state.ticker = loop.scheduleRepeatedTask(
@@ -130,6 +144,7 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
             defer { state.generation &+= 1 }
             state.poolPort = nil
             state.forwardControl = nil
+            state.transports = [.tcp]
             state.ticker?.cancel()
             state.ticker = nil
             state.machine.reset()
@@ -238,13 +253,14 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
         self.apply(adjustment, generation: generation)
     }
 
-    /// The server sent `launch://ID`: dial the target and relay over that pool connection.
-    func launch(_ id: PoolID) {
+    /// The server launched the pool connection `id`: dial the target and relay over it, or (`.datagrams`)
+    /// carry datagrams over it.
+    func launch(_ id: PoolID, _ launch: PoolLaunch) {
         guard let generation = self.state.withLock({ $0.poolPort == nil ? nil : $0.generation }) else {
             self.logger.warning("launch for an unknown pool connection ignored", metadata: ["np.pool.id": "\(id)"])
             return
         }
-        self.dialer.launchReceived(id, owner: generation, on: self.group.next())
+        self.dialer.launchReceived(id, owner: generation, launch: launch, on: self.group.next())
     }
 
     /// A user connected to this side's TARGET (forward mode): relay it now, or let it wait for a pool
@@ -264,6 +280,12 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
         guard !wasClaimed else { return }
         self.connectionTaken(generation: connection.owner)
     }
+
+    func carriesDatagrams(_ owner: UInt64) -> Bool {
+        self.state.withLock { $0.generation == owner && $0.transports.contains(.udp) }
+    }
+
+    var datagramOwnerCount: Int { self.state.withLock { $0.transports.contains(.udp) ? 1 : 0 } }
 }
 
 /// Forwards one pool generation's connection events, so that late events of an old generation are dropped.

@@ -15,6 +15,8 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
     struct Control: Sendable {
         var channel: any Channel
         var signals: SignalWriter
+        /// The session carries UDP (`nodepass/2.1`, UDP on).
+        var datagrams = false
     }
 
     /// The most v2 clients served at once.
@@ -86,8 +88,14 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
         }
     }
 
-    func v2SessionStarted(_ channel: any Channel, sessionID: [UInt8], secret: V2SessionSecret) -> Bool {
-        let control = Control(channel: channel, signals: SignalWriter(channel: channel, isV2: true))
+    func v2SessionStarted(
+        _ channel: any Channel,
+        sessionID: [UInt8],
+        secret: V2SessionSecret,
+        datagrams: Bool
+    ) -> Bool {
+        let signals = SignalWriter(channel: channel, isV2: true)
+        let control = Control(channel: channel, signals: signals, datagrams: datagrams)
         let started = self.sessions.withLock {
             $0.v2ClientAuthenticated(
                 control,
@@ -122,7 +130,7 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
         )
     }
 
-    func launchReceived(_ id: PoolID, from channel: any Channel) {
+    func launchReceived(_ id: PoolID, launch: PoolLaunch, from channel: any Channel) {
         guard let dialer = self.currentRole as? TargetDialer else {
             self.logger.warning(
                 "launch from a client ignored: this server has the users (reverse mode)",
@@ -134,7 +142,7 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
             self.logger.warning("launch for an unknown pool connection ignored", metadata: ["np.pool.id": "\(id)"])
             return
         }
-        dialer.launchReceived(id, owner: owner, on: channel.eventLoop)
+        dialer.launchReceived(id, owner: owner, launch: launch, on: channel.eventLoop)
     }
 
     /// The peer's IP address as text, with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) written as IPv4.
@@ -154,6 +162,17 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
     }
 
     func connectionTaken(_ connection: PoolConnection, wasClaimed: Bool) {}
+
+    func carriesDatagrams(_ owner: UInt64) -> Bool {
+        self.sessions.withLock { $0.session(owner)?.control.datagrams ?? false }
+    }
+
+    var datagramOwnerCount: Int {
+        self.sessions.withLock { $0.count { $0.datagrams } }
+    }
+
+    /// Reverse mode: the side with the users, for the UDP listener on TARGET.
+    var reverseLauncher: Launcher? { self.currentRole as? Launcher }
 
     // MARK: pool connections (ServerPoolConnectionDelegate)
 

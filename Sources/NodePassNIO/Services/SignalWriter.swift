@@ -16,12 +16,12 @@ final class SignalWriter: Sendable {
         self.isV2 = isV2
     }
 
-    /// Sends the launch of the pool connection `id`, in the channel's protocol.
-    func sendLaunch(_ id: PoolID) {
-        if self.isV2 {
-            self.send { V2Message.launch(id).write(to: &$0) }
-        } else {
-            self.send { Signal.launch(id).write(to: &$0) }
+    /// Sends the launch of the pool connection `id`, in the channel's protocol (`.datagrams`: v2 only).
+    func sendLaunch(_ id: PoolID, _ launch: PoolLaunch = .stream) {
+        switch (self.isV2, launch) {
+        case (true, .stream): self.send { V2Message.launch(id).write(to: &$0) }
+        case (true, .datagrams): self.send { V2Message.launchDatagrams(id).write(to: &$0) }
+        case (false, _): self.send { Signal.launch(id).write(to: &$0) }
         }
     }
 

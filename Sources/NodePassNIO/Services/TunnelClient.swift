@@ -20,8 +20,9 @@ public final class TunnelClient: Service, Sendable {
     private var sessions: SessionTracker { self.pipelines.sessions }
     private let pool: ClientPool
     private let connections = Atomic<Int>(0)
-    /// Forward mode: the listener on TARGET where users connect, open while the server asks for forward mode.
-    private let userListener = Locked<(any Channel)?>(nil)
+    /// Forward mode: the listeners on TARGET where users connect (TCP, UDP), open while the server asks
+    /// for forward mode, with what they carry.
+    private let userListeners = Locked<(transports: TunnelTransports, channels: [any Channel])>(([], []))
 
     /// Makes a client for `url` (role client).
     public init(
@@ -53,8 +54,7 @@ public final class TunnelClient: Service, Sendable {
         if let keyText = self.url.key, keyText.count < V2Key.recommendedLength {
             self.logger.warning("the key is short; use at least \(V2Key.recommendedLength) random characters")
         }
-        let alpn = tunnelProtocol.isV2 ? [V2Message.alpn] : []
-        let tls = try TLSClientContext.makeUnverified(applicationProtocols: alpn)
+        let tls = try TLSClientContext.makeUnverified(applicationProtocols: tunnelProtocol.alpn)
         self.logger.info(
             "client started",
             metadata: [
@@ -88,7 +88,7 @@ public final class TunnelClient: Service, Sendable {
             }
         }
         self.pool.stop()
-        try? await self.updateUserListener(forward: false)
+        try? await self.updateUserListeners(forward: false)
         self.logger.info("shutting down", metadata: ["np.sessions": "\(self.sessions.count)"])
         let cut = await self.sessions.drain(timeout: self.configuration.shutdownTimeout)
         if cut > 0 {
@@ -97,26 +97,51 @@ public final class TunnelClient: Service, Sendable {
         self.logger.info("client stopped")
     }
 
-    /// Opens the TARGET listener when the server asks for forward mode, closes it otherwise.
-    private func updateUserListener(forward: Bool) async throws {
-        let current = self.userListener.withLock { $0 }
-        if !forward {
-            guard let current else { return }
-            self.userListener.withLock { $0 = nil }
-            try? await current.close()
-            return
+    /// Opens the TARGET listeners (TCP, and UDP when the session carries it) when the server asks for
+    /// forward mode; closes them otherwise, or to reopen them when what the tunnel carries changed.
+    private func updateUserListeners(forward: Bool, transports: TunnelTransports = []) async throws {
+        let wanted = forward ? transports : []
+        let current = self.userListeners.withLock { $0 }
+        guard current.transports != wanted else { return }
+        self.userListeners.withLock { $0 = ([], []) }
+        for listener in current.channels { try? await listener.close() }
+        guard !wanted.isEmpty else { return }
+        var opened: [any Channel] = []
+        do {
+            var port = self.url.target.port
+            if wanted.contains(.tcp) {
+                let listener = try await Listener.bind(
+                    self.userBootstrap(),
+                    host: self.url.target.host,
+                    port: port,
+                    what: "target address (forward mode)"
+                )
+                opened.append(listener)
+                // Port 0: UDP takes the port TCP was given.
+                port = listener.localAddress?.port ?? port
+            }
+            if wanted.contains(.udp) {
+                opened.append(
+                    try await DatagramUsers.bind(
+                        host: self.url.target.host,
+                        port: port,
+                        on: self.pool.forwardLoop,
+                        launcher: self.pool.forwardLauncher,
+                        pipelines: self.pipelines
+                    )
+                )
+            }
+        } catch {
+            for listener in opened { try? await listener.close() }
+            throw error
         }
-        guard current == nil else { return }
-        let listener = try await Listener.bind(
-            self.userBootstrap(),
-            host: self.url.target.host,
-            port: self.url.target.port,
-            what: "target address (forward mode)"
-        )
-        self.userListener.withLock { $0 = listener }
+        self.userListeners.withLock { $0 = (wanted, opened) }
         self.logger.info(
             "forward mode: users connect to this side's TARGET",
-            metadata: ["np.target": "\(PeerAddress.describe(listener.localAddress))"]
+            metadata: [
+                "np.target": "\(PeerAddress.describe(opened.first?.localAddress))",
+                "np.udp": "\(wanted.contains(.udp) ? "on" : "off")",
+            ]
         )
     }
 
@@ -159,7 +184,7 @@ public final class TunnelClient: Service, Sendable {
                 self.metrics.reconnects.increment()
             }
             do {
-                try await self.updateUserListener(forward: self.pool.isForward)
+                try await self.updateUserListeners(forward: self.pool.isForward, transports: self.pool.transports)
             } catch {
                 channel.close(promise: nil)
                 throw error

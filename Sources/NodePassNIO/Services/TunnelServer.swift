@@ -70,11 +70,11 @@ public final class TunnelServer: Service, Sendable {
 
     private func serve() async throws {
         let certificate = try InMemoryCertificate.generate()
-        let tls = try certificate.makeServerContext(applicationProtocols: [V2Message.alpn])
+        let tls = try certificate.makeServerContext(applicationProtocols: ServerProtocol.alpn)
         var tunnelProtocol = try ServerProtocol(url: self.url, certificate: certificate)
 
-        let userListener = try await self.bindUsers(protocol: &tunnelProtocol)
-        var listeners: [any Channel] = userListener.map { [$0] } ?? []
+        let userListeners = try await self.bindUsers(protocol: &tunnelProtocol)
+        var listeners = userListeners
         let poolPort: Int
         let tunnelPort: Int
         do {
@@ -103,11 +103,15 @@ public final class TunnelServer: Service, Sendable {
             for listener in listeners { try? await listener.close() }
             throw error
         }
-        let ports = ServerPorts(tunnel: tunnelPort, pool: poolPort, target: userListener?.localAddress?.port ?? 0)
+        let targetPort = userListeners.first?.localAddress?.port ?? 0
+        let ports = ServerPorts(tunnel: tunnelPort, pool: poolPort, target: targetPort)
         if case .v2(let v2) = tunnelProtocol {
             self.logger.info(
                 "protocol v2: clients and pool connections must prove the key",
-                metadata: ["np.mode": "\(v2.mode)", "np.tls": "\(self.url.effectiveDataTLS.rawValue)"]
+                metadata: [
+                    "np.mode": "\(v2.mode)", "np.tls": "\(self.url.effectiveDataTLS.rawValue)",
+                    "np.carries": "\(v2.transports)",
+                ]
             )
             if self.url.effectiveDataTLS == .plain {
                 self.logger.warning("tls=0: data connections are authenticated but not encrypted")
@@ -145,38 +149,59 @@ public final class TunnelServer: Service, Sendable {
         self.logger.info("server stopped")
     }
 
-    /// Decides the direction and, in reverse mode, listens for users on TARGET. `mode=0` tries to listen
-    /// and falls back to forward mode (the server dials TARGET) when it cannot.
-    private func bindUsers(protocol tunnelProtocol: inout ServerProtocol) async throws -> (any Channel)? {
+    /// Decides the direction and, in reverse mode, listens for users on TARGET: TCP, and UDP (v2, unless
+    /// `noudp=1`) on the same port. `mode=0` tries to listen and falls back to forward mode (the server
+    /// dials TARGET) when it cannot.
+    private func bindUsers(protocol tunnelProtocol: inout ServerProtocol) async throws -> [any Channel] {
         let requested = tunnelProtocol.isV2 ? self.url.mode : .reverse
         if requested == .forward {
             self.pool.serveForward(target: self.url.target, pipelines: self.pipelines)
             tunnelProtocol.chooseForward()
-            return nil
+            return []
         }
+        var listeners: [any Channel] = []
         do {
-            let listener = try await Listener.bind(
-                self.userBootstrap(launcher: self.pool.serveReverse()),
-                host: self.url.target.host,
-                port: self.url.target.port,
-                what: "target address"
-            )
+            let launcher = self.pool.serveReverse()
+            var port = self.url.target.port
+            if tunnelProtocol.transports.contains(.tcp) {
+                let listener = try await Listener.bind(
+                    self.userBootstrap(launcher: launcher),
+                    host: self.url.target.host,
+                    port: port,
+                    what: "target address"
+                )
+                listeners.append(listener)
+                // Port 0: UDP takes the port TCP was given.
+                port = listener.localAddress?.port ?? port
+            }
+            if tunnelProtocol.transports.contains(.udp) {
+                listeners.append(
+                    try await DatagramUsers.bind(
+                        host: self.url.target.host,
+                        port: port,
+                        on: self.dataLoop,
+                        launcher: launcher,
+                        pipelines: self.pipelines
+                    )
+                )
+            }
             if requested == .auto {
                 self.logger.info(
                     "mode=0 chose reverse mode: users connect to the server's TARGET",
                     metadata: ["np.target": "\(self.url.target)"]
                 )
             }
-            return listener
+            return listeners
         } catch {
+            for listener in listeners { try? await listener.close() }
             guard requested == .auto else { throw error }
             self.logger.info(
                 "mode=0 chose forward mode: users connect to the client, the server dials its TARGET",
-                metadata: ["np.target": "\(self.url.target)", "np.reason": "\(error.message)"]
+                metadata: ["np.target": "\(self.url.target)", "np.reason": "\(error)"]
             )
             self.pool.serveForward(target: self.url.target, pipelines: self.pipelines)
             tunnelProtocol.chooseForward()
-            return nil
+            return []
         }
     }
 

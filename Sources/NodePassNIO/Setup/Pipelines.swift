@@ -94,7 +94,7 @@ final class Pipelines: Sendable {
         case .v1:
             version = .v1(poolPort: poolPort)
         case .v2(let v2):
-            version = .v2(key: v2.key, fingerprint: fingerprint)
+            version = .v2(key: v2.key, fingerprint: fingerprint, transports: v2.transports)
             (parameters.mode, parameters.tls, parameters.dataFingerprint) = (v2.mode, v2.tls, v2.dataFingerprint)
         }
         try channel.pipeline.syncOperations.addHandlers([

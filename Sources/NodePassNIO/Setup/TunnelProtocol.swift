@@ -19,6 +19,8 @@ enum ServerProtocol: Sendable {
         var dataTLS: NIOSSLContext?
         /// SHA-256 of the data connections' certificate (DER); empty with `tls=0`.
         var dataFingerprint: [UInt8]
+        /// What the tunnel carries for clients of `nodepass/2.1` (`notcp=1`, `noudp=1`).
+        var transports: TunnelTransports
     }
 
     /// The protocol `url` selects, in reverse mode until the server chooses (`chooseForward`). `certificate`
@@ -44,9 +46,26 @@ enum ServerProtocol: Sendable {
             )
             (dataTLS, fingerprint) = (loaded.context, loaded.fingerprint)
         }
-        let v2 = V2(key: key, mode: .reverse, tls: url.effectiveDataTLS, dataTLS: dataTLS, dataFingerprint: fingerprint)
-        self = .v2(v2)
+        self = .v2(
+            V2(
+                key: key,
+                mode: .reverse,
+                tls: url.effectiveDataTLS,
+                dataTLS: dataTLS,
+                dataFingerprint: fingerprint,
+                transports: url.transports
+            )
+        )
     }
+
+    /// What the tunnel carries at most: v1 TCP only.
+    var transports: TunnelTransports {
+        guard case .v2(let v2) = self else { return [.tcp] }
+        return v2.transports
+    }
+
+    /// The ALPN protocols the control channel's TLS accepts, preferred first.
+    static let alpn = [V2Message.alpnDatagrams, V2Message.alpn]
 
     /// Which side has the users: the client in v2 forward mode, else the server.
     var mode: TunnelMode {
@@ -86,6 +105,9 @@ enum ClientProtocol: Sendable {
         if case .v2 = self { return true }
         return false
     }
+
+    /// The ALPN protocols the client offers: v2 with UDP first, then v2; none for v1.
+    var alpn: [String] { self.isV2 ? ServerProtocol.alpn : [] }
 
     /// v2: the TLS client context of data connections.
     var dataTLS: NIOSSLContext? {

@@ -41,6 +41,11 @@ import Testing
         ("server://k@:1/:2?tls=1&key=b.pem", "go with tls=2"),
         ("server://k@:1/:2?crt=", "needs a file path"),
         ("server://@:1/:2", "empty"),
+        ("server://:1/:2?noudp=1", "needs protocol v2"),
+        ("client://k@:1/:2?notcp=1", "set on the server"),
+        ("server://k@:1/:2?noudp=2", "is not 0 or 1"),
+        ("server://k@:1/:2?notcp=", "is not 0 or 1"),
+        ("server://k@:1/:2?notcp=1&noudp=1", "nothing to carry"),
     ])
     func badV2OptionsAreRefusedWithAReason(text: String, reason: String) {
         do {
@@ -50,6 +55,16 @@ import Testing
             #expect(error.code == .invalidURL)
             #expect(error.message.contains(reason), "\(error.message)")
         }
+    }
+
+    @Test func notcpAndNoudpChooseWhatTheTunnelCarries() throws {
+        #expect(try TunnelURL.parse("server://k@:1/:2").transports == [.tcp, .udp])
+        let udpOnly = try TunnelURL.parse("server://k@:1/:2?notcp=1")
+        #expect(udpOnly.transports == [.udp])
+        #expect(udpOnly.redacted.hasSuffix("&notcp=1"))
+        #expect(try TunnelURL.parse(udpOnly.redacted.replacingOccurrences(of: "***", with: "k")) == udpOnly)
+        #expect(try TunnelURL.parse("server://k@:1/:2?noudp=1").transports == [.tcp])
+        #expect(try TunnelURL.parse("server://k@:1/:2?noudp=1&noudp=0").transports == [.tcp, .udp])
     }
 
     @Test func errorMessagesNeverEchoTheKey() {

@@ -22,6 +22,8 @@ public enum V2Message: Hashable, Sendable {
     public static let version: UInt8 = 2
     /// The ALPN protocol name a v2 client offers on the control channel's TLS handshake.
     public static let alpn = "nodepass/2"
+    /// The ALPN protocol name of v2 with UDP: offered (first) and preferred by the sides that carry UDP.
+    public static let alpnDatagrams = "nodepass/2.1"
     /// Length of a handshake nonce in bytes.
     public static let nonceLength = 32
     /// Length of a proof (HMAC-SHA256) in bytes.
@@ -43,6 +45,9 @@ public enum V2Message: Hashable, Sendable {
     case heartbeat
     /// Either way, after the handshake: the sender relays a user over the pool connection with this ID.
     case launch(PoolID)
+    /// `nodepass/2.1`, from the side with the users: the pool connection with this ID becomes a datagram
+    /// carrier.
+    case launchDatagrams(PoolID)
     /// A frame type this version does not know (ignored after the handshake).
     case unknown(type: UInt8)
 
@@ -62,6 +67,8 @@ public enum V2Message: Hashable, Sendable {
         case heartbeat = 0x10
         /// `launch`
         case launch = 0x11
+        /// `launchDatagrams`
+        case launchDatagrams = 0x12
     }
 
     /// The message as a frame.
@@ -92,6 +99,9 @@ public enum V2Message: Hashable, Sendable {
             kind = Kind.heartbeat.rawValue
         case .launch(let id):
             kind = Kind.launch.rawValue
+            payload.writeInteger(id.value)
+        case .launchDatagrams(let id):
+            kind = Kind.launchDatagrams.rawValue
             payload.writeInteger(id.value)
         case .unknown(let type):
             kind = type
@@ -145,11 +155,11 @@ public enum V2Message: Hashable, Sendable {
                 throw NodePassError(.protocolViolation, "heartbeat message with a payload")
             }
             self = .heartbeat
-        case .launch:
+        case .launch, .launchDatagrams:
             guard payload.readableBytes == 4, let value = payload.readInteger(as: UInt32.self) else {
-                throw NodePassError(.protocolViolation, "launch message of \(frame.payload.readableBytes) bytes")
+                throw NodePassError(.protocolViolation, "\(kind) message of \(frame.payload.readableBytes) bytes")
             }
-            self = .launch(PoolID(value))
+            self = kind == .launch ? .launch(PoolID(value)) : .launchDatagrams(PoolID(value))
         }
     }
 }

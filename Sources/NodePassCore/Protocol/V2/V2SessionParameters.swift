@@ -20,6 +20,28 @@ public enum DataTLSMode: UInt8, Hashable, Sendable, CaseIterable {
     case files = 2
 }
 
+/// What a tunnel carries (`nodepass/2.1`): the server's `notcp=1` and `noudp=1` clear a member.
+public struct TunnelTransports: OptionSet, Hashable, Sendable {
+    public let rawValue: UInt8
+
+    public init(rawValue: UInt8) {
+        self.rawValue = rawValue
+    }
+
+    /// TCP connections, each over a pool connection of its own.
+    public static let tcp = TunnelTransports(rawValue: 1)
+    /// UDP datagrams, over a datagram carrier.
+    public static let udp = TunnelTransports(rawValue: 2)
+}
+
+extension TunnelTransports: CustomStringConvertible {
+    /// `tcp+udp`, `tcp`, `udp` or `none`.
+    public var description: String {
+        let names = [self.contains(.tcp) ? "tcp" : nil, self.contains(.udp) ? "udp" : nil].compactMap { $0 }
+        return names.isEmpty ? "none" : names.joined(separator: "+")
+    }
+}
+
 /// What the server tells an authenticated client in its `welcome` message.
 public struct V2SessionParameters: Hashable, Sendable {
     /// Length of a session ID in bytes.
@@ -39,6 +61,8 @@ public struct V2SessionParameters: Hashable, Sendable {
     public var sessionID: [UInt8]
     /// SHA-256 of the data connections' certificate (DER); empty when `tls` is `.plain`.
     public var dataFingerprint: [UInt8]
+    /// `nodepass/2.1`: what the tunnel carries (one more byte); nil under `nodepass/2` (TCP only).
+    public var transports: TunnelTransports?
 
     /// Makes parameters.
     public init(
@@ -47,7 +71,8 @@ public struct V2SessionParameters: Hashable, Sendable {
         poolPort: Int,
         heartbeatMilliseconds: UInt32,
         sessionID: [UInt8],
-        dataFingerprint: [UInt8]
+        dataFingerprint: [UInt8],
+        transports: TunnelTransports? = nil
     ) {
         self.mode = mode
         self.tls = tls
@@ -55,11 +80,13 @@ public struct V2SessionParameters: Hashable, Sendable {
         self.heartbeatMilliseconds = heartbeatMilliseconds
         self.sessionID = sessionID
         self.dataFingerprint = dataFingerprint
+        self.transports = transports
     }
 
-    /// The encoded length: 24 bytes, plus 32 with a fingerprint.
+    /// The encoded length: 24 bytes, plus 32 with a fingerprint, plus 1 with the transports.
     public var encodedLength: Int {
         8 + Self.sessionIDLength + (self.tls == .plain ? 0 : Self.fingerprintLength)
+            + (self.transports == nil ? 0 : 1)
     }
 
     /// Writes mode (1), tls (1), pool port (2), heartbeat ms (4), session ID (16), fingerprint (32, only
@@ -73,6 +100,9 @@ public struct V2SessionParameters: Hashable, Sendable {
         if self.tls != .plain {
             buffer.writeBytes(self.dataFingerprint)
         }
+        if let transports = self.transports {
+            buffer.writeInteger(transports.rawValue)
+        }
     }
 
     /// The encoded bytes.
@@ -82,8 +112,12 @@ public struct V2SessionParameters: Hashable, Sendable {
         return Array(buffer.readableBytesView)
     }
 
-    /// Reads parameters that fill `buffer` exactly; throws `.protocolViolation` otherwise.
-    public static func read(from buffer: inout ByteBuffer) throws(NodePassError) -> V2SessionParameters {
+    /// Reads parameters that fill `buffer` exactly, ending with the transports byte when `withTransports`
+    /// (`nodepass/2.1`); throws `.protocolViolation` otherwise.
+    public static func read(
+        from buffer: inout ByteBuffer,
+        withTransports: Bool = false
+    ) throws(NodePassError) -> V2SessionParameters {
         guard let modeByte = buffer.readInteger(as: UInt8.self),
             let tlsByte = buffer.readInteger(as: UInt8.self),
             let port = buffer.readInteger(as: UInt16.self),
@@ -111,6 +145,17 @@ public struct V2SessionParameters: Hashable, Sendable {
             }
             fingerprint = bytes
         }
+        var transports: TunnelTransports?
+        if withTransports {
+            guard let byte = buffer.readInteger(as: UInt8.self) else {
+                throw NodePassError(.protocolViolation, "welcome lacks what the tunnel carries")
+            }
+            let carried = TunnelTransports(rawValue: byte)
+            guard !carried.isEmpty, carried.isSubset(of: [.tcp, .udp]) else {
+                throw NodePassError(.protocolViolation, "welcome says the tunnel carries \(byte)")
+            }
+            transports = carried
+        }
         guard buffer.readableBytes == 0 else {
             throw NodePassError(.protocolViolation, "welcome parameters have \(buffer.readableBytes) extra bytes")
         }
@@ -120,7 +165,8 @@ public struct V2SessionParameters: Hashable, Sendable {
             poolPort: Int(port),
             heartbeatMilliseconds: heartbeat,
             sessionID: sessionID,
-            dataFingerprint: fingerprint
+            dataFingerprint: fingerprint,
+            transports: transports
         )
     }
 }

@@ -1,0 +1,160 @@
+import Logging
+import NIOCore
+import NodePassCore
+
+/// What a datagram carrier reports to its side, on the carrier's event loop.
+protocol CarrierDelegate: AnyObject {
+    /// A whole frame came on carrier `id`.
+    func carrier(_ id: UInt64, received frame: DatagramFrame)
+    /// A read of carrier `id` ended: flush what its frames produced.
+    func carrierReadComplete(_ id: UInt64)
+    /// Carrier `id` closed (or broke the protocol and is closing).
+    func carrierClosed(_ id: UInt64)
+}
+
+/// Both ends of a datagram carrier (`nodepass/2.1`): a launched pool connection that carries datagram frames
+/// both ways. It reads and parses frames for its delegate and writes the frames its side sends; it never
+/// holds a datagram back for the connection (UDP has no back-pressure: a frame that finds the write buffer
+/// full is refused, and its datagram dropped).
+///
+/// Put behind the pool connection's holder when the connection is launched; the channel has `autoRead` off,
+/// and this handler always asks for the next read.
+final class CarrierHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+
+    let id: UInt64
+    /// Strong: the delegate lets go of this handler when the carrier closes.
+    private let delegate: any CarrierDelegate
+    private let logger: Logger
+    private var context: ChannelHandlerContext?
+    /// The start of a frame that is not whole yet.
+    private var partial: ByteBuffer?
+    private var pendingFlush = false
+    private var closed = false
+
+    init(id: UInt64, delegate: any CarrierDelegate, logger: Logger) {
+        self.id = id
+        self.delegate = delegate
+        self.logger = logger
+    }
+
+    /// The channel, while the handler is in its pipeline.
+    var channel: (any Channel)? { self.context?.channel }
+
+    /// The carrier's write buffer: a burst of datagrams fits in it while the kernel takes the previous one.
+    static let writeBuffer = ChannelOptions.Types.WriteBufferWaterMark(low: 512 * 1024, high: 1024 * 1024)
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        try? context.channel.syncOptions?.setOption(.writeBufferWaterMark, value: Self.writeBuffer)
+        if context.channel.isActive { context.read() }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    // MARK: writing
+
+    /// Writes a `datagram` frame (flushed by `flush()`); false when the carrier cannot take it now.
+    func write(flow: UInt32, payload: ByteBuffer) -> Bool {
+        guard let context, !self.closed else { return false }
+        if !context.channel.isWritable {
+            // Hand what is written to the kernel first: the datagram is dropped only if that does not help.
+            self.flush()
+            guard context.channel.isWritable else { return false }
+        }
+        var frame = context.channel.allocator.buffer(capacity: DatagramFrame.headerLength + payload.readableBytes)
+        DatagramFrame.writeDatagramHeader(flow: flow, length: payload.readableBytes, to: &frame)
+        frame.writeImmutableBuffer(payload)
+        context.write(NIOAny(frame), promise: nil)
+        self.pendingFlush = true
+        return true
+    }
+
+    /// Writes an `end` frame (flushed by `flush()`).
+    func writeEnd(flow: UInt32) {
+        guard let context, !self.closed else { return }
+        var frame = context.channel.allocator.buffer(capacity: DatagramFrame.headerLength)
+        DatagramFrame.end(flow: flow).write(to: &frame)
+        context.write(NIOAny(frame), promise: nil)
+        self.pendingFlush = true
+    }
+
+    /// Sends what was written.
+    func flush() {
+        guard self.pendingFlush, let context else { return }
+        self.pendingFlush = false
+        context.flush()
+    }
+
+    /// Closes the carrier.
+    func close() {
+        self.context?.close(promise: nil)
+    }
+
+    // MARK: reading
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !self.closed else { return }
+        var buffer = self.unwrapInboundIn(data)
+        if var partial = self.partial {
+            self.partial = nil
+            partial.writeBuffer(&buffer)
+            buffer = partial
+        }
+        do {
+            while let frame = try DatagramFrame.read(from: &buffer) {
+                self.delegate.carrier(self.id, received: frame)
+                // The delegate may have closed the carrier.
+                guard !self.closed else { return }
+            }
+        } catch {
+            self.logger.warning(
+                "datagram carrier closed: the peer broke the protocol",
+                metadata: ["np.error": "\(error)", "np.peer": "\(context.channel.peerDescription)"]
+            )
+            self.closed = true
+            context.close(promise: nil)
+            return
+        }
+        if buffer.readableBytes > 0 {
+            buffer.discardReadBytes()
+            self.partial = buffer
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        self.delegate.carrierReadComplete(self.id)
+        self.flush()
+        if !self.closed { context.read() }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event {
+            // The other side is done with the carrier.
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.closed = true
+        self.partial = nil
+        self.delegate.carrierClosed(self.id)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        self.logger.debug("datagram carrier error", metadata: ["np.error": "\(error)"])
+        context.close(promise: nil)
+    }
+}
+
+@available(*, unavailable)
+extension CarrierHandler: Sendable {}

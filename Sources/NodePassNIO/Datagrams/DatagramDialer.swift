@@ -1,0 +1,205 @@
+import CoreMetrics
+import Logging
+import NIOCore
+import NIOPosix
+import NodePassCore
+
+/// The side that dials, for one datagram carrier (`nodepass/2.1`): each flow gets a UDP socket of its own
+/// towards TARGET, opened on the first datagram of the flow; what the service sends back on it returns over
+/// the carrier as datagrams of that flow. The bookkeeping is a `DialedFlowsStateMachine`; everything runs on
+/// the carrier's event loop.
+final class DatagramDialer: CarrierDelegate {
+    private var flows: DialedFlowsStateMachine<any Channel>
+    private let target: SocketAddress
+    private let loop: any EventLoop
+    private let metrics: DatagramMetrics
+    private let logger: Logger
+    private var carrier: CarrierHandler?
+    private var sweep: Scheduled<Void>?
+    /// Sockets written since the last flush.
+    private var unflushed: [any Channel] = []
+
+    /// Makes the dialer of one carrier on `loop`; `target` is TARGET's address.
+    init(
+        target: SocketAddress,
+        loop: any EventLoop,
+        configuration: Configuration,
+        metrics: DatagramMetrics,
+        logger: Logger
+    ) {
+        self.flows = DialedFlowsStateMachine(
+            maximumFlows: configuration.udpMaxFlows,
+            idleTimeout: configuration.udpIdleTimeout
+        )
+        self.target = target
+        self.loop = loop
+        self.metrics = metrics
+        self.logger = logger
+    }
+
+    /// Makes the carrier's handler and starts the idle sweep, on the carrier's event loop; the caller hands
+    /// the pool connection to the handler.
+    func start(carrierID: UInt64) -> CarrierHandler {
+        let handler = CarrierHandler(id: carrierID, delegate: self, logger: self.logger)
+        self.carrier = handler
+        self.scheduleSweep()
+        return handler
+    }
+
+    private func scheduleSweep() {
+        let period = DatagramUsers.sweepPeriod(idleTimeout: self.flows.idleTimeout)
+        self.sweep = self.loop.assumeIsolated().scheduleTask(in: period) { [weak self] in
+            guard let self, self.carrier != nil else { return }
+            self.expire()
+            self.scheduleSweep()
+        }
+    }
+
+    // MARK: CarrierDelegate
+
+    func carrier(_ id: UInt64, received frame: DatagramFrame) {
+        switch frame {
+        case .datagram(let flow, let payload):
+            self.metrics.datagramsUpstream.increment()
+            self.metrics.bytesUpstream.increment(by: payload.readableBytes)
+            switch self.flows.datagramArrived(flow: flow, payload: payload, now: .now()) {
+            case .send(let socket):
+                self.send(payload, on: socket)
+            case .open:
+                self.metrics.flows.increment()
+                self.open(flow: flow)
+            case .held:
+                break
+            case .drop(let reason):
+                self.metrics.dropped(reason)
+            }
+        case .end(let flow):
+            if let socket = self.flows.flowEnded(flow: flow) {
+                self.metrics.flows.decrement()
+                socket.close(promise: nil)
+            }
+        }
+    }
+
+    func carrierReadComplete(_ id: UInt64) {
+        for socket in self.unflushed { socket.flush() }
+        self.unflushed.removeAll(keepingCapacity: true)
+    }
+
+    func carrierClosed(_ id: UInt64) {
+        self.sweep?.cancel()
+        self.sweep = nil
+        let sockets = self.flows.closeAll()
+        self.metrics.flows.decrement(by: Double(sockets.count))
+        for socket in sockets { socket.close(promise: nil) }
+        self.carrier = nil
+    }
+
+    // MARK: flows
+
+    private func send(_ payload: ByteBuffer, on socket: any Channel) {
+        if !socket.isWritable {
+            // Hand what is written to the kernel first: the datagram is dropped only if that does not help.
+            socket.flush()
+            guard socket.isWritable else {
+                self.metrics.dropped(.congested)
+                return
+            }
+        }
+        socket.write(payload, promise: nil)
+        self.unflushed.append(socket)
+    }
+
+    private func open(flow: UInt32) {
+        let dialer = NIOLoopBound(self, eventLoop: self.loop)
+        DatagramBootstrap(group: self.loop)
+            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: DatagramUsers.readSize))
+            .channelOption(.socketOption(.so_rcvbuf), value: SocketOptionValue(DatagramUsers.flowBuffer))
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(FlowSocketHandler(dialer: dialer.value, flow: flow))
+                }
+            }
+            .connect(to: self.target)
+            .assumeIsolated()
+            .whenComplete { result in
+                switch result {
+                case .success(let socket):
+                    guard let held = self.flows.socketOpened(flow: flow, socket: socket) else {
+                        socket.close(promise: nil)
+                        return
+                    }
+                    self.logger.debug("UDP flow started", metadata: ["np.flow": "\(flow)"])
+                    for payload in held { self.send(payload, on: socket) }
+                    socket.flush()
+                case .failure(let error):
+                    guard let held = self.flows.socketFailed(flow: flow) else { return }
+                    self.metrics.flows.decrement()
+                    self.metrics.dropped(.target, count: held)
+                    self.logger.warning(
+                        "cannot open a UDP socket to the target",
+                        metadata: ["np.target": "\(self.target)", "np.error": "\(error)"]
+                    )
+                    self.carrier?.writeEnd(flow: flow)
+                    self.carrier?.flush()
+                }
+            }
+    }
+
+    /// The service sent `payload` back on the socket of `flow`.
+    fileprivate func reply(_ payload: ByteBuffer, flow: UInt32) {
+        guard self.flows.replyArrived(flow: flow, now: .now()) else {
+            self.metrics.dropped(.unknownFlow)
+            return
+        }
+        guard let carrier = self.carrier, carrier.write(flow: flow, payload: payload) else {
+            self.metrics.dropped(.congested)
+            return
+        }
+        self.metrics.datagramsDownstream.increment()
+        self.metrics.bytesDownstream.increment(by: payload.readableBytes)
+    }
+
+    fileprivate func repliesRead() {
+        self.carrier?.flush()
+    }
+
+    private func expire() {
+        let expired = self.flows.expire(now: .now())
+        guard !expired.isEmpty else { return }
+        self.metrics.flows.decrement(by: Double(expired.count))
+        for (flow, socket) in expired {
+            socket?.close(promise: nil)
+            self.carrier?.writeEnd(flow: flow)
+            self.logger.debug("UDP flow ended (idle)", metadata: ["np.flow": "\(flow)"])
+        }
+        self.carrier?.flush()
+    }
+}
+
+/// The handler of one flow's UDP socket on the side that dials: passes what the service sends back to the
+/// flow's `DatagramDialer`.
+private final class FlowSocketHandler: ChannelInboundHandler {
+    typealias InboundIn = AddressedEnvelope<ByteBuffer>
+
+    private let dialer: DatagramDialer
+    private let flow: UInt32
+
+    init(dialer: DatagramDialer, flow: UInt32) {
+        self.dialer = dialer
+        self.flow = flow
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        self.dialer.reply(self.unwrapInboundIn(data).data, flow: self.flow)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        self.dialer.repliesRead()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // A connected UDP socket reports the ICMP errors of earlier datagrams (the service is not
+        // listening): the datagrams are lost as they would be without the tunnel; the socket stays.
+    }
+}

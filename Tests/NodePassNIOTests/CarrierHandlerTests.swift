@@ -1,0 +1,85 @@
+import Logging
+import NIOCore
+import NIOEmbedded
+import NodePassCore
+import Testing
+
+@testable import NodePassNIO
+
+/// Records what a carrier reports.
+private final class RecordingSide: CarrierDelegate {
+    var frames: [DatagramFrame] = []
+    var readsCompleted = 0
+    var closed = false
+
+    func carrier(_ id: UInt64, received frame: DatagramFrame) { self.frames.append(frame) }
+    func carrierReadComplete(_ id: UInt64) { self.readsCompleted += 1 }
+    func carrierClosed(_ id: UInt64) { self.closed = true }
+}
+
+@Suite struct CarrierHandlerTests {
+    static let logger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+
+    private func carrier() throws -> (EmbeddedChannel, CarrierHandler, RecordingSide) {
+        let side = RecordingSide()
+        let handler = CarrierHandler(id: 1, delegate: side, logger: Self.logger)
+        let channel = EmbeddedChannel()
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        try channel.pipeline.syncOperations.addHandler(handler)
+        return (channel, handler, side)
+    }
+
+    @Test func framesSplitAcrossReadsArriveWholeAndInOrder() throws {
+        let (channel, _, side) = try self.carrier()
+        var stream = ByteBuffer()
+        let big = ByteBuffer(bytes: (0..<65_507).map { UInt8(truncatingIfNeeded: $0) })
+        DatagramFrame.datagram(flow: 1, payload: ByteBuffer(string: "a")).write(to: &stream)
+        DatagramFrame.datagram(flow: 2, payload: big).write(to: &stream)
+        DatagramFrame.datagram(flow: 3, payload: ByteBuffer()).write(to: &stream)
+        DatagramFrame.end(flow: 1).write(to: &stream)
+        // Cut at every awkward place: inside a header, inside the big payload, between frames.
+        for cut in [3, 10, 9_000, 40_000, stream.readableBytes] {
+            let slice = stream.readSlice(length: min(cut, stream.readableBytes)) ?? ByteBuffer()
+            try channel.writeInbound(slice)
+        }
+        #expect(
+            side.frames == [
+                .datagram(flow: 1, payload: ByteBuffer(string: "a")), .datagram(flow: 2, payload: big),
+                .datagram(flow: 3, payload: ByteBuffer()), .end(flow: 1),
+            ]
+        )
+        #expect(side.readsCompleted == 5)
+        #expect(channel.isActive)
+        _ = try channel.finish()
+        #expect(side.closed)
+    }
+
+    @Test func aBrokenFrameClosesTheCarrier() throws {
+        let (channel, _, side) = try self.carrier()
+        var buffer = ByteBuffer()
+        DatagramFrame.datagram(flow: 1, payload: ByteBuffer(string: "ok")).write(to: &buffer)
+        buffer.writeBytes([0x09, 0, 0, 0, 1, 0, 0])
+        try channel.writeInbound(buffer)
+        #expect(side.frames.count == 1)
+        #expect(!channel.isActive)
+        #expect(side.closed)
+    }
+
+    @Test func writesAreFramedAndAFullCarrierRefusesADatagram() throws {
+        let (channel, handler, _) = try self.carrier()
+        #expect(handler.write(flow: 7, payload: ByteBuffer(string: "pong")))
+        handler.writeEnd(flow: 7)
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil, "nothing leaves before the flush")
+        handler.flush()
+        var written = ByteBuffer()
+        while var part = try channel.readOutbound(as: ByteBuffer.self) { written.writeBuffer(&part) }
+        #expect(try DatagramFrame.read(from: &written) == .datagram(flow: 7, payload: ByteBuffer(string: "pong")))
+        #expect(try DatagramFrame.read(from: &written) == .end(flow: 7))
+        // A carrier that stays unwritable after a flush refuses the datagram instead of queueing it.
+        channel.isWritable = false
+        #expect(!handler.write(flow: 1, payload: ByteBuffer(string: "dropped")))
+        channel.isWritable = true
+        #expect(handler.write(flow: 1, payload: ByteBuffer(string: "sent")))
+        _ = try? channel.finish()
+    }
+}
