@@ -17,6 +17,7 @@ command -v tcpdump >/dev/null || need_packages+=(tcpdump)
 command -v dig >/dev/null || need_packages+=(dnsutils)
 [ -x /usr/sbin/dnsmasq ] || command -v dnsmasq >/dev/null || need_packages+=(dnsmasq-base)
 command -v dnsperf >/dev/null || need_packages+=(dnsperf)
+command -v iperf3 >/dev/null || need_packages+=(iperf3)
 command -v python3 >/dev/null || need_packages+=(python3 python3-pip)
 if [ ${#need_packages[@]} -gt 0 ]; then
     say "installing Debian packages: ${need_packages[*]}"
@@ -25,10 +26,11 @@ if [ ${#need_packages[@]} -gt 0 ]; then
     $sudo_cmd apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need_packages[@]}" >/dev/null
 fi
-if ! python3 -c 'import pytest, pytest_timeout' 2>/dev/null; then
-    say "installing pytest and pytest-timeout from PyPI"
-    python3 -m pip install --quiet --disable-pip-version-check pytest pytest-timeout 2>/dev/null \
-        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages pytest pytest-timeout
+if ! python3 -c 'import pytest, pytest_timeout, aioquic' 2>/dev/null; then
+    say "installing pytest, pytest-timeout and aioquic from PyPI"
+    python3 -m pip install --quiet --disable-pip-version-check pytest pytest-timeout aioquic 2>/dev/null \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages pytest pytest-timeout \
+            aioquic
 fi
 
 say "format (swift-format, swift-nio's settings in .swift-format)"

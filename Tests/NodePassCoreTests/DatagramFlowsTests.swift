@@ -124,10 +124,24 @@ import Testing
         #expect(known && !unknown)
         let expired = machine.expire(now: Self.start + .seconds(10))
         #expect(expired.map(\.flow) == [1] && expired.first?.socket == "s1")
-        #expect(machine.flowEnded(flow: 1) == nil)
+        #expect(machine.flowEnded(flow: 1).live == false)
         _ = machine.datagramArrived(flow: 3, payload: self.payload("c"), now: Self.start + .seconds(11))
         _ = machine.socketOpened(flow: 3, socket: "s3")
-        #expect(Set(machine.closeAll()) == ["s2", "s3"])
+        let closed = machine.closeAll()
+        #expect(closed.flows == 2)
+        #expect(Set(closed.sockets) == ["s2", "s3"])
         #expect(machine.flowCount == 0)
+    }
+
+    @Test func aFlowWhoseSocketIsStillOpeningCountsAsLive() {
+        var machine = Machine(maximumFlows: 8, idleTimeout: .seconds(10))
+        _ = machine.datagramArrived(flow: 4, payload: self.payload("d"), now: Self.start)
+        let opening = machine.flowEnded(flow: 4)
+        #expect(opening.live && opening.socket == nil)
+        _ = machine.datagramArrived(flow: 5, payload: self.payload("e"), now: Self.start)
+        _ = machine.datagramArrived(flow: 6, payload: self.payload("f"), now: Self.start)
+        _ = machine.socketOpened(flow: 6, socket: "s6")
+        let closed = machine.closeAll()
+        #expect(closed.flows == 2 && closed.sockets == ["s6"])
     }
 }

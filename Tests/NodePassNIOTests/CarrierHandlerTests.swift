@@ -82,4 +82,20 @@ private final class RecordingSide: CarrierDelegate {
         #expect(handler.write(flow: 1, payload: ByteBuffer(string: "sent")))
         _ = try? channel.finish()
     }
+
+    @Test func theFlowBudgetBoundsEveryCarrierTogether() async {
+        let budget = DatagramFlowBudget(maximum: 100)
+        // Two carriers' threads take flows at once: exactly the bound is granted.
+        let granted = await withTaskGroup(of: Int.self) { group in
+            for _ in 0..<2 {
+                group.addTask { (0..<80).reduce(0) { count, _ in count + (budget.take() ? 1 : 0) } }
+            }
+            return await group.reduce(0, +)
+        }
+        #expect(granted == 100)
+        #expect(!budget.take())
+        budget.give(3)
+        #expect(budget.take() && budget.take() && budget.take())
+        #expect(!budget.take())
+    }
 }

@@ -4,6 +4,8 @@ clients, and the wire checked by the independent Python peer (v2_peer.py)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
@@ -22,6 +24,7 @@ import pytest
 
 from support.ports import free_port
 from support.processes import Proc
+from support.procfs import is_listening
 from support.sockets import connect, recv_exact
 from support.tunnel import Tunnel
 from support.waiting import wait_for
@@ -309,6 +312,64 @@ def test_dig_and_dnsperf_against_dnsmasq_through_the_tunnel(procs, nodepass_bin,
     through = dnsperf(tunnel.target_port, queries, seconds=2, rate=3000)
     print(f"dnsperf at 3000 q/s: direct {direct}, through the tunnel {through}")
     assert through["completed"] > 0 and through["lost"] <= 0.01 * (through["completed"] + through["lost"]), through
+
+
+# --------------------------------------------------------------------------- iperf3 and HTTP/3
+
+
+def iperf3_udp(port: int, rate: str, seconds: int) -> Dict[str, float]:
+    result = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-u", "-b", rate, "-l", "1200",
+                             "-t", str(seconds), "--json"], capture_output=True, text=True, timeout=seconds + 30)
+    report = json.loads(result.stdout or "{}")
+    assert "end" in report and "sum" in report["end"], f"iperf3 said: {result.stdout[-1500:]} {result.stderr[-500:]}"
+    total = report["end"]["sum"]
+    return {"lost_percent": float(total["lost_percent"]), "jitter_ms": float(total["jitter_ms"]),
+            "packets": float(total["packets"])}
+
+
+def test_iperf3_udp_at_a_fixed_rate_through_the_tunnel(procs, nodepass_bin):
+    if shutil.which("iperf3") is None:
+        pytest.skip("iperf3 not installed (Debian package: iperf3)")
+    port = free_port()
+    # iperf3 takes its control connection over TCP and its data over UDP, on one port: both through the tunnel.
+    server = procs.start("iperf3", ["iperf3", "-s", "-p", str(port), "-B", "127.0.0.1"])
+    wait_for(lambda: is_listening(server.pid, port), 10, "iperf3 to listen")
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, port).use_key(KEY)
+    tunnel.start_server()
+    tunnel.start_client()
+    tunnel.wait_client_connected(15)
+    direct = iperf3_udp(port, "100M", 2)
+    through = iperf3_udp(tunnel.target_port, "100M", 2)
+    print(f"iperf3 -u 100 Mbit/s, 1200-byte datagrams: direct {direct}, through the tunnel {through}")
+    assert through["packets"] >= 0.9 * direct["packets"]
+    assert through["lost_percent"] <= 1.0, through
+
+
+def test_http3_get_of_10_mib_arrives_intact(procs, nodepass_bin, tmp_path):
+    pytest.importorskip("aioquic", reason="aioquic not installed (pip install aioquic)")
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed (Debian package: openssl)")
+    crt, key = tmp_path / "h3.crt", tmp_path / "h3.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(crt), "-days", "2", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True, timeout=60)
+    h3 = Path(__file__).resolve().parent / "helpers" / "h3.py"
+    port = free_port()
+    server = procs.start("h3-server", [sys.executable, str(h3), "serve", "--port", str(port), "--cert", str(crt),
+                                       "--key", str(key)])
+    wait_log(server, r"ready", 15, "the HTTP/3 server")
+    # UDP only: the HTTP/3 server has nothing on TCP.
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, port).use_key(KEY)
+    tunnel.server_query = "&notcp=1"
+    tunnel.start_server()
+    tunnel.start_client()
+    tunnel.wait_client_connected(15)
+    size = 10 * 1024 * 1024
+    block = bytes(range(256)) * 64  # the server's body: helpers/h3.py's pattern
+    expected = hashlib.sha256((block * (size // len(block) + 1))[:size]).hexdigest()
+    result = subprocess.run([sys.executable, str(h3), "get", "--port", str(tunnel.target_port), "--path",
+                             f"/blob/{size}", "--timeout", "90"], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == f"status 200 bytes {size} sha256 {expected}", result.stdout + result.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------- what the tunnel carries

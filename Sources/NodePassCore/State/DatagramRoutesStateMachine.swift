@@ -81,9 +81,10 @@ public struct DatagramRoutesStateMachine<Address: Hashable> {
             let id = self.carriers.min(by: { ($0.value.users.count, $0.key) < ($1.value.users.count, $1.key) })?.key,
             var carrier = self.carriers[id]
         else { return .needsCarrier }
-        let number = carrier.nextFlow
-        carrier.nextFlow &+= 1
-        if carrier.nextFlow == 0 { carrier.nextFlow = 1 }
+        // After 2^32 - 1 flows the numbers start over: skip those still in use.
+        var number = carrier.nextFlow
+        while carrier.users[number] != nil || number == 0 { number &+= 1 }
+        carrier.nextFlow = number &+ 1
         carrier.users[number] = address
         self.carriers[id] = carrier
         self.flows[address] = Flow(carrier: id, number: number, lastActive: now)

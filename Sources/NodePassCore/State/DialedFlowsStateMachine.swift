@@ -93,12 +93,11 @@ public struct DialedFlowsStateMachine<Socket> {
         return true
     }
 
-    /// The other side forgot `flow`: returns its socket to close, if it had one open.
-    public mutating func flowEnded(flow number: UInt32) -> Socket? {
-        guard let flow = self.flows.removeValue(forKey: number), case .open(let socket) = flow.socket else {
-            return nil
-        }
-        return socket
+    /// The other side forgot `flow`: whether it was live here, and its socket to close if it had one open.
+    public mutating func flowEnded(flow number: UInt32) -> (live: Bool, socket: Socket?) {
+        guard let flow = self.flows.removeValue(forKey: number) else { return (false, nil) }
+        guard case .open(let socket) = flow.socket else { return (true, nil) }
+        return (true, socket)
     }
 
     /// Forgets the flows idle at `now` for `idleTimeout` or longer; returns them with their sockets (to
@@ -116,12 +115,13 @@ public struct DialedFlowsStateMachine<Socket> {
         return expired
     }
 
-    /// The carrier closed: every flow is forgotten; returns the sockets to close.
-    public mutating func closeAll() -> [Socket] {
+    /// The carrier closed: every flow is forgotten; returns how many there were and the sockets to close.
+    public mutating func closeAll() -> (flows: Int, sockets: [Socket]) {
         defer { self.flows = [:] }
-        return self.flows.values.compactMap { flow in
+        let sockets = self.flows.values.compactMap { flow -> Socket? in
             if case .open(let socket) = flow.socket { return socket }
             return nil
         }
+        return (self.flows.count, sockets)
     }
 }

@@ -98,10 +98,10 @@ public struct ServerSessionsStateMachine<Control> {
     @inlinable
     public var count: Int { self.sessions.count }
 
-    /// The number of connected clients whose control channel `matches`.
+    /// The connected clients whose control channel `matches`.
     @inlinable
-    public func count(where matches: (Control) -> Bool) -> Int {
-        self.sessions.values.reduce(0) { $0 + (matches($1.control) ? 1 : 0) }
+    public func owners(where matches: (Control) -> Bool) -> Set<UInt64> {
+        Set(self.sessions.filter { matches($0.value.control) }.keys)
     }
 
     /// The session `owner`, if it is connected.

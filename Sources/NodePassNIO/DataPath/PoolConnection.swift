@@ -78,8 +78,9 @@ protocol PoolConnectionOwners: AnyObject, Sendable {
     func launchWriter(for owner: UInt64) -> SignalWriter?
     /// A pool connection was taken for a relay (`wasClaimed`: it was already counted as used).
     func connectionTaken(_ connection: PoolConnection, wasClaimed: Bool)
-    /// Whether `owner`'s session negotiated UDP (`nodepass/2.1`, UDP on).
-    func carriesDatagrams(_ owner: UInt64) -> Bool
-    /// How many owners carry UDP.
-    var datagramOwnerCount: Int { get }
+    /// The owners whose session carries UDP (`nodepass/2.1`, UDP on).
+    var datagramOwners: Set<UInt64> { get }
+    /// Whether `owner` is still connected (a client session on the server, the current pool generation on
+    /// the client).
+    func isCurrent(_ owner: UInt64) -> Bool
 }

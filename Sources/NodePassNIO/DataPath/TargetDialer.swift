@@ -26,6 +26,8 @@ final class TargetDialer: PoolConnectionRole {
     /// The datagram carriers, by owner, closed with their owner.
     private let carriers = Locked<[UInt64: [ObjectIdentifier: any Channel]]>([:])
     private let nextCarrier = Locked<UInt64>(0)
+    /// UDP_MAX_FLOWS, for the flows of every carrier together.
+    private let flowBudget: DatagramFlowBudget
 
     init(
         target: HostPort,
@@ -41,6 +43,7 @@ final class TargetDialer: PoolConnectionRole {
         )
         self.state = Locked(queue)
         self.target = target
+        self.flowBudget = DatagramFlowBudget(maximum: pipelines.configuration.udpMaxFlows)
         self.owners = owners
         self.pipelines = pipelines
         self.idleGauge = idleGauge
@@ -134,48 +137,73 @@ final class TargetDialer: PoolConnectionRole {
         }
     }
 
+    /// Serves a launched connection on its own event loop: one hop there, instead of one for each of the
+    /// dial, the session's close callback and the relay's start.
     private func serve(_ pool: PoolConnection, _ launch: PoolLaunch) {
+        let loop = pool.channel.eventLoop
+        guard loop.inEventLoop else {
+            loop.execute { self.serve(pool, launch) }
+            return
+        }
         switch launch {
         case .stream: self.dial(pool)
-        case .datagrams: pool.channel.eventLoop.execute { self.carry(pool) }
+        case .datagrams: self.carry(pool)
         }
     }
 
     /// On the pool connection's event loop: makes it a datagram carrier whose flows go to TARGET over UDP.
     private func carry(_ pool: PoolConnection) {
-        let target: SocketAddress
-        do {
-            // An IP address is used as it is; a name is resolved once per carrier.
-            target =
-                try (try? SocketAddress(ipAddress: self.target.dialHost, port: self.target.port))
-                ?? SocketAddress.makeAddressResolvingHost(self.target.dialHost, port: self.target.port)
-        } catch {
-            self.logger.warning(
-                "cannot resolve the target for UDP",
-                metadata: ["np.target": "\(self.target)", "np.error": "\(error)"]
-            )
-            pool.channel.close(promise: nil)
-            return
+        let target = self.target
+        let loop = pool.channel.eventLoop
+        // A name is resolved off the event loops, once per carrier; meanwhile the pool connection holds
+        // what arrives.
+        let resolved: EventLoopFuture<SocketAddress>
+        if let address = try? SocketAddress(ipAddress: target.dialHost, port: target.port) {
+            resolved = loop.makeSucceededFuture(address)
+        } else {
+            resolved = NIOThreadPool.singleton.runIfActive(eventLoop: loop) { try DatagramTarget.resolve(target) }
         }
+        resolved.assumeIsolated().whenComplete { result in
+            switch result {
+            case .success(let address):
+                self.startCarrier(pool, target: address)
+            case .failure(let error):
+                self.logger.warning(
+                    "cannot resolve the target for UDP",
+                    metadata: ["np.target": "\(target)", "np.error": "\(error)"]
+                )
+                pool.channel.close(promise: nil)
+            }
+        }
+    }
+
+    /// On the pool connection's event loop: hands it to a `DatagramDialer` for TARGET at `address`.
+    private func startCarrier(_ pool: PoolConnection, target address: SocketAddress) {
         let id = self.nextCarrier.withLock { next in
             next += 1
             return next
         }
         let dialer = DatagramDialer(
-            target: target,
+            target: address,
             loop: pool.channel.eventLoop,
-            configuration: self.pipelines.configuration,
-            metrics: self.pipelines.metrics.datagrams,
-            logger: self.logger
+            budget: self.flowBudget,
+            pipelines: self.pipelines
         )
-        guard pool.handOff(toCarrier: dialer.start(carrierID: id)) else {
+        guard pool.handOff(toCarrier: dialer.makeCarrier(id: id)) else {
+            dialer.carrierClosed(id)
             pool.channel.close(promise: nil)
             return
         }
+        dialer.started()
         let (owner, key, channel) = (pool.owner, ObjectIdentifier(pool.channel), pool.channel)
         self.carriers.withLock { $0[owner, default: [:]][key] = channel }
         channel.closeFuture.whenComplete { _ in
             self.carriers.withLock { $0[owner]?[key] = nil }
+        }
+        // Registered first, then checked: an owner lost meanwhile has either closed it already or is gone now.
+        guard self.owners?.isCurrent(owner) ?? false else {
+            channel.close(promise: nil)
+            return
         }
         self.logger.debug("datagram carrier started", metadata: ["np.pool.id": "\(pool.id)"])
     }

@@ -58,7 +58,8 @@ final class CarrierHandler: ChannelInboundHandler {
 
     /// Writes a `datagram` frame (flushed by `flush()`); false when the carrier cannot take it now.
     func write(flow: UInt32, payload: ByteBuffer) -> Bool {
-        guard let context, !self.closed else { return false }
+        // Reads are at most 65,536 bytes; the frame's length field holds the largest UDP payload, no more.
+        guard let context, !self.closed, payload.readableBytes <= DatagramFrame.maximumPayload else { return false }
         if !context.channel.isWritable {
             // Hand what is written to the kernel first: the datagram is dropped only if that does not help.
             self.flush()

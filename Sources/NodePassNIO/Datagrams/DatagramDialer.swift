@@ -3,6 +3,39 @@ import Logging
 import NIOCore
 import NIOPosix
 import NodePassCore
+import Synchronization
+
+/// The flows of every datagram carrier of one process on the side that dials, bounded by UDP_MAX_FLOWS
+/// together (each flow holds a socket): a peer that launches many carriers gets no more sockets.
+final class DatagramFlowBudget: Sendable {
+    private let used = Atomic<Int>(0)
+    let maximum: Int
+
+    init(maximum: Int) {
+        self.maximum = maximum
+    }
+
+    /// Takes one flow; false when the bound is reached.
+    func take() -> Bool {
+        var current = self.used.load(ordering: .relaxed)
+        while current < self.maximum {
+            let (exchanged, original) = self.used.compareExchange(
+                expected: current,
+                desired: current + 1,
+                ordering: .relaxed
+            )
+            if exchanged { return true }
+            current = original
+        }
+        return false
+    }
+
+    /// Gives back `count` flows.
+    func give(_ count: Int) {
+        guard count > 0 else { return }
+        self.used.subtract(count, ordering: .relaxed)
+    }
+}
 
 /// The side that dials, for one datagram carrier (`nodepass/2.1`): each flow gets a UDP socket of its own
 /// towards TARGET, opened on the first datagram of the flow; what the service sends back on it returns over
@@ -12,38 +45,39 @@ final class DatagramDialer: CarrierDelegate {
     private var flows: DialedFlowsStateMachine<any Channel>
     private let target: SocketAddress
     private let loop: any EventLoop
+    private let budget: DatagramFlowBudget
     private let metrics: DatagramMetrics
     private let logger: Logger
     private var carrier: CarrierHandler?
     private var sweep: Scheduled<Void>?
+    private var lastWarning = NIODeadline.distantPast
     /// Sockets written since the last flush.
     private var unflushed: [any Channel] = []
 
     /// Makes the dialer of one carrier on `loop`; `target` is TARGET's address.
-    init(
-        target: SocketAddress,
-        loop: any EventLoop,
-        configuration: Configuration,
-        metrics: DatagramMetrics,
-        logger: Logger
-    ) {
+    init(target: SocketAddress, loop: any EventLoop, budget: DatagramFlowBudget, pipelines: Pipelines) {
         self.flows = DialedFlowsStateMachine(
-            maximumFlows: configuration.udpMaxFlows,
-            idleTimeout: configuration.udpIdleTimeout
+            maximumFlows: pipelines.configuration.udpMaxFlows,
+            idleTimeout: pipelines.configuration.udpIdleTimeout
         )
         self.target = target
         self.loop = loop
-        self.metrics = metrics
-        self.logger = logger
+        self.budget = budget
+        self.metrics = pipelines.metrics.datagrams
+        self.logger = pipelines.logger
     }
 
-    /// Makes the carrier's handler and starts the idle sweep, on the carrier's event loop; the caller hands
-    /// the pool connection to the handler.
-    func start(carrierID: UInt64) -> CarrierHandler {
-        let handler = CarrierHandler(id: carrierID, delegate: self, logger: self.logger)
+    /// The carrier's handler, on the carrier's event loop; the caller hands the pool connection to it, then
+    /// calls `started()`, or `carrierClosed(_:)` when the hand-off failed.
+    func makeCarrier(id: UInt64) -> CarrierHandler {
+        let handler = CarrierHandler(id: id, delegate: self, logger: self.logger)
         self.carrier = handler
-        self.scheduleSweep()
         return handler
+    }
+
+    /// The carrier is in place: flows idle too long are looked for from now on.
+    func started() {
+        self.scheduleSweep()
     }
 
     private func scheduleSweep() {
@@ -55,17 +89,29 @@ final class DatagramDialer: CarrierDelegate {
         }
     }
 
+    /// `count` flows were forgotten.
+    private func flowsEnded(_ count: Int) {
+        guard count > 0 else { return }
+        self.metrics.flows.decrement(by: Double(count))
+        self.budget.give(count)
+    }
+
     // MARK: CarrierDelegate
 
     func carrier(_ id: UInt64, received frame: DatagramFrame) {
         switch frame {
         case .datagram(let flow, let payload):
-            self.metrics.datagramsUpstream.increment()
-            self.metrics.bytesUpstream.increment(by: payload.readableBytes)
             switch self.flows.datagramArrived(flow: flow, payload: payload, now: .now()) {
             case .send(let socket):
                 self.send(payload, on: socket)
             case .open:
+                guard self.budget.take() else {
+                    _ = self.flows.socketFailed(flow: flow)
+                    self.metrics.dropped(.flowLimit)
+                    self.warn("UDP_MAX_FLOWS reached; datagrams of new flows are dropped")
+                    self.carrier?.writeEnd(flow: flow)
+                    return
+                }
                 self.metrics.flows.increment()
                 self.open(flow: flow)
             case .held:
@@ -74,10 +120,9 @@ final class DatagramDialer: CarrierDelegate {
                 self.metrics.dropped(reason)
             }
         case .end(let flow):
-            if let socket = self.flows.flowEnded(flow: flow) {
-                self.metrics.flows.decrement()
-                socket.close(promise: nil)
-            }
+            let ended = self.flows.flowEnded(flow: flow)
+            if ended.live { self.flowsEnded(1) }
+            ended.socket?.close(promise: nil)
         }
     }
 
@@ -89,9 +134,9 @@ final class DatagramDialer: CarrierDelegate {
     func carrierClosed(_ id: UInt64) {
         self.sweep?.cancel()
         self.sweep = nil
-        let sockets = self.flows.closeAll()
-        self.metrics.flows.decrement(by: Double(sockets.count))
-        for socket in sockets { socket.close(promise: nil) }
+        let closed = self.flows.closeAll()
+        self.flowsEnded(closed.flows)
+        for socket in closed.sockets { socket.close(promise: nil) }
         self.carrier = nil
     }
 
@@ -108,6 +153,8 @@ final class DatagramDialer: CarrierDelegate {
         }
         socket.write(payload, promise: nil)
         self.unflushed.append(socket)
+        self.metrics.datagramsUpstream.increment()
+        self.metrics.bytesUpstream.increment(by: payload.readableBytes)
     }
 
     private func open(flow: UInt32) {
@@ -134,16 +181,23 @@ final class DatagramDialer: CarrierDelegate {
                     socket.flush()
                 case .failure(let error):
                     guard let held = self.flows.socketFailed(flow: flow) else { return }
-                    self.metrics.flows.decrement()
+                    self.flowsEnded(1)
                     self.metrics.dropped(.target, count: held)
-                    self.logger.warning(
-                        "cannot open a UDP socket to the target",
-                        metadata: ["np.target": "\(self.target)", "np.error": "\(error)"]
-                    )
+                    self.warn("cannot open a UDP socket to the target", error: error)
                     self.carrier?.writeEnd(flow: flow)
                     self.carrier?.flush()
                 }
             }
+    }
+
+    /// At most one warning a second: a flood of new flows must not flood the log.
+    private func warn(_ message: Logger.Message, error: (any Error)? = nil) {
+        let now = NIODeadline.now()
+        guard now - self.lastWarning >= .seconds(1) else { return }
+        self.lastWarning = now
+        var metadata: Logger.Metadata = ["np.target": "\(self.target)", "np.flows": "\(self.flows.flowCount)"]
+        if let error { metadata["np.error"] = "\(error)" }
+        self.logger.warning(message, metadata: metadata)
     }
 
     /// The service sent `payload` back on the socket of `flow`.
@@ -167,7 +221,7 @@ final class DatagramDialer: CarrierDelegate {
     private func expire() {
         let expired = self.flows.expire(now: .now())
         guard !expired.isEmpty else { return }
-        self.metrics.flows.decrement(by: Double(expired.count))
+        self.flowsEnded(expired.count)
         for (flow, socket) in expired {
             socket?.close(promise: nil)
             self.carrier?.writeEnd(flow: flow)

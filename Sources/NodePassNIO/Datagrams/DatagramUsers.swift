@@ -57,8 +57,8 @@ final class DatagramUsers: CarrierDelegate {
         on loop: any EventLoop,
         launcher: Launcher,
         pipelines: Pipelines
-    ) async throws -> any Channel {
-        let users = try await loop.submit {
+    ) async throws(NodePassError) -> any Channel {
+        let made = try? await loop.submit {
             NIOLoopBound(
                 DatagramUsers(
                     loop: loop,
@@ -69,6 +69,9 @@ final class DatagramUsers: CarrierDelegate {
                 eventLoop: loop
             )
         }.get()
+        guard let users = made else {
+            throw NodePassError(.bindFailed, "cannot listen for UDP: the event loop is shutting down")
+        }
         let bootstrap = DatagramBootstrap(group: loop)
             .channelOption(
                 .recvAllocator,
@@ -95,17 +98,22 @@ final class DatagramUsers: CarrierDelegate {
         guard let channel = bound else {
             throw NodePassError(
                 .bindFailed,
-                "cannot listen for UDP on the target address \(HostPort(host: host, port: port)): "
+                "cannot listen for UDP on the target address \(HostPort(host: host, port: port)) (noudp=1 turns UDP off): "
                     + (lastError.map { "\($0)" } ?? "no address")
             )
         }
-        try await loop.submit {
-            users.value.listener = channel
-            users.value.scheduleSweep()
-            launcher.ownerLostHook = { owner in
-                loop.execute { users.value.ownerLost(owner) }
-            }
-        }.get()
+        do {
+            try await loop.submit {
+                users.value.listener = channel
+                users.value.scheduleSweep()
+                launcher.ownerLostHook = { owner in
+                    loop.execute { users.value.ownerLost(owner) }
+                }
+            }.get()
+        } catch {
+            try? await channel.close()
+            throw NodePassError(.bindFailed, "cannot listen for UDP: the event loop is shutting down")
+        }
         return channel
     }
 
@@ -125,7 +133,8 @@ final class DatagramUsers: CarrierDelegate {
                     "UDP flow started",
                     metadata: ["np.peer": "\(envelope.remoteAddress)", "np.flow": "\(flow)"]
                 )
-                self.openCarrierForEveryClient()
+                // With several clients, each gets a carrier as soon as it can, so that new flows spread.
+                _ = self.openCarrier()
             }
             guard let carrier = self.carriers[id]?.handler, carrier.write(flow: flow, payload: envelope.data) else {
                 self.dropped(.congested)
@@ -174,9 +183,10 @@ final class DatagramUsers: CarrierDelegate {
     /// Launches a carrier over an idle pool connection of a client that carries UDP and has no carrier yet;
     /// false when there is none.
     private func openCarrier() -> Bool {
-        guard let owners = self.launcher.owners else { return false }
-        let busy = Set(self.carriers.values.map(\.owner))
-        let taken = self.launcher.takeForCarrier { owner in !busy.contains(owner) && owners.carriesDatagrams(owner) }
+        // Asked before the launcher's lock is taken: a role never waits for its pool's lock under its own.
+        let candidates = (self.launcher.owners?.datagramOwners ?? []).subtracting(self.carriers.values.map(\.owner))
+        guard !candidates.isEmpty else { return false }
+        let taken = self.launcher.takeForCarrier { candidates.contains($0) }
         guard let (connection, signals) = taken else { return false }
         // Every pool connection of this side is on this loop.
         guard connection.channel.eventLoop === self.loop else {
@@ -195,12 +205,6 @@ final class DatagramUsers: CarrierDelegate {
         self.routes.carrierOpened(id)
         self.logger.debug("datagram carrier launched", metadata: ["np.pool.id": "\(connection.id)"])
         return true
-    }
-
-    /// With several clients, each gets a carrier as soon as it can, so that new flows spread over them.
-    private func openCarrierForEveryClient() {
-        guard let owners = self.launcher.owners, self.carriers.count < owners.datagramOwnerCount else { return }
-        _ = self.openCarrier()
     }
 
     private func ownerLost(_ owner: UInt64?) {

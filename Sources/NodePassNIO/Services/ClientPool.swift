@@ -281,11 +281,13 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
         self.connectionTaken(generation: connection.owner)
     }
 
-    func carriesDatagrams(_ owner: UInt64) -> Bool {
-        self.state.withLock { $0.generation == owner && $0.transports.contains(.udp) }
+    var datagramOwners: Set<UInt64> {
+        self.state.withLock { $0.poolPort != nil && $0.transports.contains(.udp) ? [$0.generation] : [] }
     }
 
-    var datagramOwnerCount: Int { self.state.withLock { $0.transports.contains(.udp) ? 1 : 0 } }
+    func isCurrent(_ owner: UInt64) -> Bool {
+        self.state.withLock { $0.poolPort != nil && $0.generation == owner }
+    }
 }
 
 /// Forwards one pool generation's connection events, so that late events of an old generation are dropped.

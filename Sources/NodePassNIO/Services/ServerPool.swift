@@ -163,12 +163,12 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
 
     func connectionTaken(_ connection: PoolConnection, wasClaimed: Bool) {}
 
-    func carriesDatagrams(_ owner: UInt64) -> Bool {
-        self.sessions.withLock { $0.session(owner)?.control.datagrams ?? false }
+    var datagramOwners: Set<UInt64> {
+        self.sessions.withLock { $0.owners { $0.datagrams } }
     }
 
-    var datagramOwnerCount: Int {
-        self.sessions.withLock { $0.count { $0.datagrams } }
+    func isCurrent(_ owner: UInt64) -> Bool {
+        self.sessions.withLock { $0.session(owner) != nil }
     }
 
     /// Reverse mode: the side with the users, for the UDP listener on TARGET.

@@ -121,15 +121,20 @@ public final class TunnelClient: Service, Sendable {
                 port = listener.localAddress?.port ?? port
             }
             if wanted.contains(.udp) {
-                opened.append(
-                    try await DatagramUsers.bind(
-                        host: self.url.target.host,
-                        port: port,
-                        on: self.pool.forwardLoop,
-                        launcher: self.pool.forwardLauncher,
-                        pipelines: self.pipelines
+                do {
+                    opened.append(
+                        try await DatagramUsers.bind(
+                            host: self.url.target.host,
+                            port: port,
+                            on: self.pool.forwardLoop,
+                            launcher: self.pool.forwardLauncher,
+                            pipelines: self.pipelines
+                        )
                     )
-                )
+                } catch  where !opened.isEmpty {
+                    // TCP goes on; the users of UDP on this side get no answer.
+                    self.logger.warning("UDP is off on this side: \(error.message)")
+                }
             }
         } catch {
             for listener in opened { try? await listener.close() }

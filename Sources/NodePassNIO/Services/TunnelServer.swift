@@ -151,7 +151,8 @@ public final class TunnelServer: Service, Sendable {
 
     /// Decides the direction and, in reverse mode, listens for users on TARGET: TCP, and UDP (v2, unless
     /// `noudp=1`) on the same port. `mode=0` tries to listen and falls back to forward mode (the server
-    /// dials TARGET) when it cannot.
+    /// dials TARGET) when it cannot; the direction follows TCP when the tunnel carries it, and a UDP port
+    /// that is taken then only turns UDP off, with a warning.
     private func bindUsers(protocol tunnelProtocol: inout ServerProtocol) async throws -> [any Channel] {
         let requested = tunnelProtocol.isV2 ? self.url.mode : .reverse
         if requested == .forward {
@@ -159,9 +160,9 @@ public final class TunnelServer: Service, Sendable {
             tunnelProtocol.chooseForward()
             return []
         }
+        let launcher = self.pool.serveReverse()
         var listeners: [any Channel] = []
         do {
-            let launcher = self.pool.serveReverse()
             var port = self.url.target.port
             if tunnelProtocol.transports.contains(.tcp) {
                 let listener = try await Listener.bind(
@@ -175,34 +176,39 @@ public final class TunnelServer: Service, Sendable {
                 port = listener.localAddress?.port ?? port
             }
             if tunnelProtocol.transports.contains(.udp) {
-                listeners.append(
-                    try await DatagramUsers.bind(
-                        host: self.url.target.host,
-                        port: port,
-                        on: self.dataLoop,
-                        launcher: launcher,
-                        pipelines: self.pipelines
+                do {
+                    listeners.append(
+                        try await DatagramUsers.bind(
+                            host: self.url.target.host,
+                            port: port,
+                            on: self.dataLoop,
+                            launcher: launcher,
+                            pipelines: self.pipelines
+                        )
                     )
-                )
+                } catch  where !listeners.isEmpty {
+                    self.logger.warning("UDP is off: \(error.message)")
+                    tunnelProtocol.turnOffDatagrams()
+                }
             }
-            if requested == .auto {
-                self.logger.info(
-                    "mode=0 chose reverse mode: users connect to the server's TARGET",
-                    metadata: ["np.target": "\(self.url.target)"]
-                )
-            }
-            return listeners
         } catch {
             for listener in listeners { try? await listener.close() }
             guard requested == .auto else { throw error }
             self.logger.info(
                 "mode=0 chose forward mode: users connect to the client, the server dials its TARGET",
-                metadata: ["np.target": "\(self.url.target)", "np.reason": "\(error)"]
+                metadata: ["np.target": "\(self.url.target)", "np.reason": "\(error.message)"]
             )
             self.pool.serveForward(target: self.url.target, pipelines: self.pipelines)
             tunnelProtocol.chooseForward()
             return []
         }
+        if requested == .auto {
+            self.logger.info(
+                "mode=0 chose reverse mode: users connect to the server's TARGET",
+                metadata: ["np.target": "\(self.url.target)"]
+            )
+        }
+        return listeners
     }
 
     private func baseBootstrap(on group: (any EventLoopGroup)? = nil, what: String) -> ServerBootstrap {

@@ -78,6 +78,13 @@ enum ServerProtocol: Sendable {
         return false
     }
 
+    /// The server cannot listen for UDP: the tunnel carries TCP only.
+    mutating func turnOffDatagrams() {
+        guard case .v2(var v2) = self else { return }
+        v2.transports.remove(.udp)
+        self = .v2(v2)
+    }
+
     /// The server dials its TARGET and clients have the users (v2 only: v1 stays in reverse mode).
     mutating func chooseForward() {
         guard case .v2(var v2) = self else { return }
