@@ -59,12 +59,9 @@ final class CarrierHandler: ChannelInboundHandler {
     /// Writes a `datagram` frame (flushed by `flush()`); false when the carrier cannot take it now.
     func write(flow: UInt32, payload: ByteBuffer) -> Bool {
         // Reads are at most 65,536 bytes; the frame's length field holds the largest UDP payload, no more.
-        guard let context, !self.closed, payload.readableBytes <= DatagramFrame.maximumPayload else { return false }
-        if !context.channel.isWritable {
-            // Hand what is written to the kernel first: the datagram is dropped only if that does not help.
-            self.flush()
-            guard context.channel.isWritable else { return false }
-        }
+        guard let context, !self.closed, payload.readableBytes <= DatagramFrame.maximumPayload,
+            context.channel.canTakeDatagram()
+        else { return false }
         var frame = context.channel.allocator.buffer(capacity: DatagramFrame.headerLength + payload.readableBytes)
         DatagramFrame.writeDatagramHeader(flow: flow, length: payload.readableBytes, to: &frame)
         frame.writeImmutableBuffer(payload)
@@ -159,3 +156,14 @@ final class CarrierHandler: ChannelInboundHandler {
 
 @available(*, unavailable)
 extension CarrierHandler: Sendable {}
+
+extension Channel {
+    /// Whether a datagram may be written now. A full write buffer is first handed to the kernel; the datagram
+    /// is dropped only if that does not help (UDP has no back-pressure, and none is made up). On the channel's
+    /// event loop.
+    func canTakeDatagram() -> Bool {
+        if self.isWritable { return true }
+        self.flush()
+        return self.isWritable
+    }
+}

@@ -50,7 +50,7 @@ final class DatagramDialer: CarrierDelegate {
     private let logger: Logger
     private var carrier: CarrierHandler?
     private var sweep: Scheduled<Void>?
-    private var lastWarning = NIODeadline.distantPast
+    private let warnings = LimitLogClock()
     /// Sockets written since the last flush.
     private var unflushed: [any Channel] = []
 
@@ -143,13 +143,9 @@ final class DatagramDialer: CarrierDelegate {
     // MARK: flows
 
     private func send(_ payload: ByteBuffer, on socket: any Channel) {
-        if !socket.isWritable {
-            // Hand what is written to the kernel first: the datagram is dropped only if that does not help.
-            socket.flush()
-            guard socket.isWritable else {
-                self.metrics.dropped(.congested)
-                return
-            }
+        guard socket.canTakeDatagram() else {
+            self.metrics.dropped(.congested)
+            return
         }
         socket.write(payload, promise: nil)
         self.unflushed.append(socket)
@@ -192,9 +188,7 @@ final class DatagramDialer: CarrierDelegate {
 
     /// At most one warning a second: a flood of new flows must not flood the log.
     private func warn(_ message: Logger.Message, error: (any Error)? = nil) {
-        let now = NIODeadline.now()
-        guard now - self.lastWarning >= .seconds(1) else { return }
-        self.lastWarning = now
+        guard self.warnings.isDue() else { return }
         var metadata: Logger.Metadata = ["np.target": "\(self.target)", "np.flows": "\(self.flows.flowCount)"]
         if let error { metadata["np.error"] = "\(error)" }
         self.logger.warning(message, metadata: metadata)

@@ -32,7 +32,8 @@ final class DatagramUsers: CarrierDelegate {
     private var listenerUnflushed = false
     private var carriersUnflushed = false
     private var sweep: Scheduled<Void>?
-    private var lastWarning: [DatagramDrop: NIODeadline] = [:]
+    private let flowLimitWarnings = LimitLogClock()
+    private let noCarrierWarnings = LimitLogClock()
     private let loop: any EventLoop
     private let launcher: Launcher
     private let metrics: DatagramMetrics
@@ -167,14 +168,14 @@ final class DatagramUsers: CarrierDelegate {
         self.metrics.dropped(reason)
         let message: Logger.Message
         switch reason {
-        case .flowLimit: message = "UDP_MAX_FLOWS reached; datagrams of new flows are dropped"
+        case .flowLimit:
+            guard self.flowLimitWarnings.isDue() else { return }
+            message = "UDP_MAX_FLOWS reached; datagrams of new flows are dropped"
         case .noCarrier:
+            guard self.noCarrierWarnings.isDue() else { return }
             message = "no client carries UDP now (none connected, or no idle pool connection); datagram dropped"
         case .congested, .unknownFlow, .opening, .target: return
         }
-        let now = NIODeadline.now()
-        guard now - (self.lastWarning[reason] ?? .distantPast) >= .seconds(1) else { return }
-        self.lastWarning[reason] = now
         self.logger.warning(message, metadata: ["np.flows": "\(self.routes.flowCount)"])
     }
 
@@ -221,13 +222,9 @@ final class DatagramUsers: CarrierDelegate {
                 return
             }
             guard let listener = self.listener else { return }
-            if !listener.isWritable {
-                // Hand what is written to the kernel first: the datagram is dropped only if that does not help.
-                listener.flush()
-                guard listener.isWritable else {
-                    self.metrics.dropped(.congested)
-                    return
-                }
+            guard listener.canTakeDatagram() else {
+                self.metrics.dropped(.congested)
+                return
             }
             listener.write(AddressedEnvelope(remoteAddress: address, data: payload), promise: nil)
             self.listenerUnflushed = true

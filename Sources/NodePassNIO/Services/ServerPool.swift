@@ -171,9 +171,6 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
         self.sessions.withLock { $0.session(owner) != nil }
     }
 
-    /// Reverse mode: the side with the users, for the UDP listener on TARGET.
-    var reverseLauncher: Launcher? { self.currentRole as? Launcher }
-
     // MARK: pool connections (ServerPoolConnectionDelegate)
 
     func poolConnectionAccepted(_ channel: any Channel, authentication: V2PoolAuthenticated?) -> PoolAdmission? {

@@ -37,17 +37,3 @@ struct UserConnections: Sendable {
         }
     }
 }
-
-/// At most one limit log line a second.
-private final class LimitLogClock: Sendable {
-    private let last = Locked<NIODeadline>(.distantPast)
-
-    func isDue() -> Bool {
-        let now = NIODeadline.now()
-        return self.last.withLock { last in
-            guard now - last >= .seconds(1) else { return false }
-            last = now
-            return true
-        }
-    }
-}
