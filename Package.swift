@@ -6,6 +6,11 @@ let swiftSettings: [SwiftSetting] = [
     .enableUpcomingFeature("MemberImportVisibility"),
 ]
 
+/// NodePassCore's state machines are generic (so that they can be tested with plain values) and are called on
+/// every datagram and connection from NodePassNIO: cross-module optimisation lets the compiler specialise them
+/// there instead of running them as unspecialised generic code, which looks up type metadata at run time.
+let coreOptimisation: [SwiftSetting] = [.unsafeFlags(["-cross-module-optimization"], .when(configuration: .release))]
+
 let package = Package(
     name: "nodepass",
     platforms: [.macOS(.v15)],
@@ -34,7 +39,7 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "_CryptoExtras", package: "swift-crypto"),
             ],
-            swiftSettings: swiftSettings
+            swiftSettings: swiftSettings + coreOptimisation
         ),
         .target(name: "CNodePassLinux"),
         .target(

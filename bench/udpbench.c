@@ -7,11 +7,17 @@
 //                                               "p50 US p99 US lost N" (a reply missing after 1 s is lost)
 //   udpbench hold PORT FLOWS SECONDS            FLOWS flows each send one datagram and get its reply, then
 //                                               stay open SECONDS; prints "answered N" once all are
+//   udpbench relay-back TCPPORT TARGETPORT      the floor of a tunnel's UDP path, one flow: user --UDP-->
+//   udpbench relay-front UDPPORT TCPPORT        front --TCP, 2-byte length per datagram--> back --UDP-->
+//                                               target and back, with poll and one system call per step
+//                                               (start back first; both run until their TCP connection
+//                                               ends or they are stopped). See docs/PERFORMANCE.md.
 //
-// All on 127.0.0.1. Every loop is bounded by a count or a deadline.
+// All on 127.0.0.1. Every other loop is bounded by a count or a deadline.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -162,10 +168,15 @@ static int run_hold(int port, int flows, double seconds) {
     }
     int answered = 0;
     char *seen = calloc(flows, 1);
-    double deadline = now() + 20;
+    double deadline = now() + 20, resend = now() + 0.25;
     while (answered < flows && now() < deadline) {
         for (int i = 0; i < flows; i++) {
             if (!seen[i] && recv(fds[i], buf, MAXDGRAM, MSG_DONTWAIT) >= 0) { seen[i] = 1; answered++; }
+        }
+        // A relay that forks per flow (socat) may miss a flow's first datagram: ask again.
+        if (now() > resend) {
+            for (int i = 0; i < flows; i++) if (!seen[i]) send(fds[i], "hold", 4, MSG_DONTWAIT);
+            resend = now() + 0.25;
         }
         usleep(1000);
     }
@@ -175,9 +186,87 @@ static int run_hold(int port, int flows, double seconds) {
     return 0;
 }
 
+
+// The relays of the floor chain: one flow, frames of a 2-byte length and the datagram over TCP.
+static int read_exactly(int fd, unsigned char *buf, int n) {
+    for (int got = 0; got < n;) {
+        ssize_t r = read(fd, buf + got, n - got);
+        if (r <= 0) return -1;
+        got += (int)r;
+    }
+    return n;
+}
+
+// One frame from the TCP side into buf; its length, or -1 when the connection ended.
+static int read_frame(int tcp, unsigned char *buf) {
+    unsigned char header[2];
+    if (read_exactly(tcp, header, 2) < 0) return -1;
+    int n = header[0] << 8 | header[1];
+    return read_exactly(tcp, buf, n) < 0 ? -1 : n;
+}
+
+static void write_frame(int tcp, unsigned char *frame, ssize_t n) {
+    if (n < 0) return;
+    frame[0] = (unsigned char)(n >> 8);
+    frame[1] = (unsigned char)n;
+    if (write(tcp, frame, n + 2) != n + 2) exit(1);
+}
+
+static int run_relay_front(int udp_port, int tcp_port) {
+    static unsigned char buf[MAXDGRAM + 2];
+    int one = 1, tcp = -1;
+    int udp = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in self = loopback(udp_port), back = loopback(tcp_port), user;
+    socklen_t length = sizeof user;
+    if (bind(udp, (void *)&self, sizeof self)) { perror("bind"); return 1; }
+    for (int tries = 0;; tries++) {
+        tcp = socket(AF_INET, SOCK_STREAM, 0);
+        if (!connect(tcp, (void *)&back, sizeof back)) break;
+        close(tcp);
+        if (tries == 100) { perror("connect"); return 1; }
+        usleep(100000);
+    }
+    setsockopt(tcp, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    for (;;) {
+        struct pollfd p[2] = {{udp, POLLIN, 0}, {tcp, POLLIN, 0}};
+        poll(p, 2, -1);
+        if (p[0].revents) {
+            length = sizeof user;
+            write_frame(tcp, buf, recvfrom(udp, buf + 2, MAXDGRAM - 1, 0, (void *)&user, &length));
+        }
+        if (p[1].revents) {
+            int n = read_frame(tcp, buf);
+            if (n < 0) return 0;
+            sendto(udp, buf, n, 0, (void *)&user, sizeof user);
+        }
+    }
+}
+
+static int run_relay_back(int tcp_port, int target_port) {
+    static unsigned char buf[MAXDGRAM + 2];
+    int one = 1;
+    int udp = socket(AF_INET, SOCK_DGRAM, 0), listener = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in self = loopback(tcp_port), target = loopback(target_port);
+    setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(listener, (void *)&self, sizeof self) || listen(listener, 1)) { perror("listen"); return 1; }
+    int tcp = accept(listener, NULL, NULL);
+    setsockopt(tcp, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    connect(udp, (void *)&target, sizeof target);
+    for (;;) {
+        struct pollfd p[2] = {{udp, POLLIN, 0}, {tcp, POLLIN, 0}};
+        poll(p, 2, -1);
+        if (p[1].revents) {
+            int n = read_frame(tcp, buf);
+            if (n < 0) return 0;
+            send(udp, buf, n, 0);
+        }
+        if (p[0].revents) write_frame(tcp, buf, recv(udp, buf + 2, MAXDGRAM - 1, 0));
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: udpbench echo|rate|rr|hold PORT ... (see source)\n");
+        fprintf(stderr, "usage: udpbench echo|rate|rr|hold|relay-front|relay-back PORT ... (see source)\n");
         return 2;
     }
     const char *mode = argv[1];
@@ -187,6 +276,8 @@ int main(int argc, char **argv) {
         return run_rate(port, atoi(argv[3]), atof(argv[4]), atof(argv[5]), atoi(argv[6]));
     if (!strcmp(mode, "rr") && argc == 5) return run_rr(port, atoi(argv[3]), atoi(argv[4]));
     if (!strcmp(mode, "hold") && argc == 5) return run_hold(port, atoi(argv[3]), atof(argv[4]));
+    if (!strcmp(mode, "relay-front") && argc == 4) return run_relay_front(port, atoi(argv[3]));
+    if (!strcmp(mode, "relay-back") && argc == 4) return run_relay_back(port, atoi(argv[3]));
     fprintf(stderr, "udpbench: bad arguments\n");
     return 2;
 }

@@ -83,6 +83,39 @@ private final class RecordingSide: CarrierDelegate {
         _ = try? channel.finish()
     }
 
+    @Test func aBatchOfFramesLeavesAsOneWriteAndALargeBatchLeavesBeforeTheFlush() throws {
+        let (channel, handler, _) = try self.carrier()
+        for flow in UInt32(0)..<10 {
+            #expect(handler.write(flow: flow, payload: ByteBuffer(repeating: UInt8(flow), count: 100)))
+        }
+        handler.flush()
+        var batch = try #require(try channel.readOutbound(as: ByteBuffer.self))
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil, "ten datagrams, one write")
+        for flow in UInt32(0)..<10 {
+            let payload = ByteBuffer(repeating: UInt8(flow), count: 100)
+            #expect(try DatagramFrame.read(from: &batch) == .datagram(flow: flow, payload: payload))
+        }
+        #expect(batch.readableBytes == 0)
+
+        // Past `batchLimit` the frames go to the channel unflushed, where its write buffer counts them; the
+        // frames after them start a new batch.
+        let large = ByteBuffer(repeating: 1, count: 60_000)
+        #expect(handler.write(flow: 1, payload: large))
+        #expect(handler.write(flow: 2, payload: large))
+        #expect(handler.write(flow: 3, payload: ByteBuffer(string: "after")))
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil, "nothing leaves before the flush")
+        handler.flush()
+        var handedOver = try #require(try channel.readOutbound(as: ByteBuffer.self))
+        var rest = try #require(try channel.readOutbound(as: ByteBuffer.self))
+        #expect(handedOver.readableBytes >= CarrierHandler.batchLimit)
+        #expect(try DatagramFrame.read(from: &handedOver) == .datagram(flow: 1, payload: large))
+        #expect(try DatagramFrame.read(from: &handedOver) == .datagram(flow: 2, payload: large))
+        #expect(handedOver.readableBytes == 0)
+        #expect(try DatagramFrame.read(from: &rest) == .datagram(flow: 3, payload: ByteBuffer(string: "after")))
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
+        _ = try? channel.finish()
+    }
+
     @Test func theFlowBudgetBoundsEveryCarrierTogether() async {
         let budget = DatagramFlowBudget(maximum: 100)
         // Two carriers' threads take flows at once: exactly the bound is granted.

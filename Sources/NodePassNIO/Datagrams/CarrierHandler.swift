@@ -29,6 +29,10 @@ final class CarrierHandler: ChannelInboundHandler {
     private var context: ChannelHandlerContext?
     /// The start of a frame that is not whole yet.
     private var partial: ByteBuffer?
+    /// The frames written since the last flush, one after the other: one write per batch instead of one per
+    /// datagram, and its storage is used again once the kernel has taken it.
+    private var outbound = ByteBuffer()
+    /// Whether the channel has writes that were not flushed.
     private var pendingFlush = false
     private var closed = false
 
@@ -43,6 +47,9 @@ final class CarrierHandler: ChannelInboundHandler {
 
     /// The carrier's write buffer: a burst of datagrams fits in it while the kernel takes the previous one.
     static let writeBuffer = ChannelOptions.Types.WriteBufferWaterMark(low: 512 * 1024, high: 1024 * 1024)
+    /// Frames are handed to the channel when this many bytes are batched, flushed or not: the channel's write
+    /// buffer, which decides whether a datagram is taken, never misses more than this.
+    static let batchLimit = 64 * 1024
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
@@ -62,28 +69,38 @@ final class CarrierHandler: ChannelInboundHandler {
         guard let context, !self.closed, payload.readableBytes <= DatagramFrame.maximumPayload,
             context.channel.canTakeDatagram()
         else { return false }
-        var frame = context.channel.allocator.buffer(capacity: DatagramFrame.headerLength + payload.readableBytes)
-        DatagramFrame.writeDatagramHeader(flow: flow, length: payload.readableBytes, to: &frame)
-        frame.writeImmutableBuffer(payload)
-        context.write(NIOAny(frame), promise: nil)
-        self.pendingFlush = true
+        DatagramFrame.writeDatagramHeader(flow: flow, length: payload.readableBytes, to: &self.outbound)
+        self.outbound.writeImmutableBuffer(payload)
+        if self.outbound.readableBytes >= Self.batchLimit { self.writeBatch(context: context) }
         return true
     }
 
     /// Writes an `end` frame (flushed by `flush()`).
     func writeEnd(flow: UInt32) {
-        guard let context, !self.closed else { return }
-        var frame = context.channel.allocator.buffer(capacity: DatagramFrame.headerLength)
-        DatagramFrame.end(flow: flow).write(to: &frame)
-        context.write(NIOAny(frame), promise: nil)
-        self.pendingFlush = true
+        guard self.context != nil, !self.closed else { return }
+        DatagramFrame.end(flow: flow).write(to: &self.outbound)
     }
 
     /// Sends what was written.
     func flush() {
-        guard self.pendingFlush, let context else { return }
+        guard let context else { return }
+        if self.outbound.readableBytes > 0 {
+            context.write(NIOAny(self.outbound), promise: nil)
+            self.pendingFlush = true
+        }
+        guard self.pendingFlush else { return }
         self.pendingFlush = false
         context.flush()
+        // The kernel usually took the whole batch: the buffer is this handler's alone again and keeps its storage.
+        self.outbound.clear()
+    }
+
+    /// Hands a large batch to the channel before the flush, so that its write buffer counts it.
+    private func writeBatch(context: ChannelHandlerContext) {
+        context.write(NIOAny(self.outbound), promise: nil)
+        self.pendingFlush = true
+        // The channel holds those bytes until they are written: the next frames go to storage of their own.
+        self.outbound.clear()
     }
 
     /// Closes the carrier.
@@ -144,6 +161,7 @@ final class CarrierHandler: ChannelInboundHandler {
     func channelInactive(context: ChannelHandlerContext) {
         self.closed = true
         self.partial = nil
+        self.outbound = ByteBuffer()
         self.delegate.carrierClosed(self.id)
         context.fireChannelInactive()
     }

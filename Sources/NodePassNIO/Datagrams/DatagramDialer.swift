@@ -5,6 +5,12 @@ import NIOPosix
 import NodePassCore
 import Synchronization
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
 /// The flows of every datagram carrier of one process on the side that dials, bounded by UDP_MAX_FLOWS
 /// together (each flow holds a socket): a peer that launches many carriers gets no more sockets.
 final class DatagramFlowBudget: Sendable {
@@ -53,6 +59,8 @@ final class DatagramDialer: CarrierDelegate {
     private let warnings = LimitLogClock()
     /// Sockets written since the last flush.
     private var unflushed: [any Channel] = []
+    /// Whether the carrier's flush is due at the end of this event-loop tick.
+    private var carrierFlushDue = false
 
     /// Makes the dialer of one carrier on `loop`; `target` is TARGET's address.
     init(target: SocketAddress, loop: any EventLoop, budget: DatagramFlowBudget, pipelines: Pipelines) {
@@ -157,6 +165,7 @@ final class DatagramDialer: CarrierDelegate {
         let dialer = NIOLoopBound(self, eventLoop: self.loop)
         DatagramBootstrap(group: self.loop)
             .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: DatagramUsers.readSize))
+            .channelOption(.maxMessagesPerRead, value: DatagramUsers.readsPerEvent)
             .channelOption(.socketOption(.so_rcvbuf), value: SocketOptionValue(DatagramUsers.flowBuffer))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -208,8 +217,15 @@ final class DatagramDialer: CarrierDelegate {
         self.metrics.bytesDownstream.increment(by: payload.readableBytes)
     }
 
+    /// A flow socket's read ended. The carrier is flushed once all the sockets that the event loop found
+    /// readable together were read: one write on the carrier for their replies, not one per socket.
     fileprivate func repliesRead() {
-        self.carrier?.flush()
+        guard !self.carrierFlushDue else { return }
+        self.carrierFlushDue = true
+        self.loop.assumeIsolated().execute {
+            self.carrierFlushDue = false
+            self.carrier?.flush()
+        }
     }
 
     private func expire() {
@@ -232,6 +248,7 @@ private final class FlowSocketHandler: ChannelInboundHandler {
 
     private let dialer: DatagramDialer
     private let flow: UInt32
+    private var firstRead = true
 
     init(dialer: DatagramDialer, flow: UInt32) {
         self.dialer = dialer
@@ -239,7 +256,16 @@ private final class FlowSocketHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        self.dialer.reply(self.unwrapInboundIn(data).data, flow: self.flow)
+        let payload = self.unwrapInboundIn(data).data
+        self.dialer.reply(payload, flow: self.flow)
+        if self.firstRead {
+            // SwiftNIO keeps each socket's read buffer (64 KiB here, for the largest datagram) from its first
+            // read on, and that read copies the whole buffer, so all its pages are in memory: 64 KiB per flow
+            // for replies that are mostly a few hundred bytes. The pages past the reply go back to the kernel
+            // once; later reads bring back only the pages they fill.
+            self.firstRead = false
+            payload.releasePagesPastWriterIndex()
+        }
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -250,4 +276,26 @@ private final class FlowSocketHandler: ChannelInboundHandler {
         // A connected UDP socket reports the ICMP errors of earlier datagrams (the service is not
         // listening): the datagrams are lost as they would be without the tunnel; the socket stays.
     }
+}
+
+extension ByteBuffer {
+    /// Gives the kernel back the whole memory pages of this buffer's storage that lie past its written bytes
+    /// (Linux `madvise(MADV_DONTNEED)`): they read as zeros afterwards and take memory again only when written.
+    /// Only for bytes that nobody reads before writing them, such as the unfilled part of a read buffer.
+    func releasePagesPastWriterIndex() {
+        #if os(Linux)
+        self.withVeryUnsafeBytes { storage in
+            let page = Self.pageSize
+            guard let base = storage.baseAddress, page > 0 else { return }
+            let start = (Int(bitPattern: base) + self.writerIndex + page - 1) / page * page
+            let end = (Int(bitPattern: base) + storage.count) / page * page
+            guard end > start, let first = UnsafeMutableRawPointer(bitPattern: start) else { return }
+            _ = madvise(first, end - start, MADV_DONTNEED)
+        }
+        #endif
+    }
+
+    #if os(Linux)
+    private static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+    #endif
 }
