@@ -165,7 +165,7 @@ final class DatagramDialer: CarrierDelegate {
         let dialer = NIOLoopBound(self, eventLoop: self.loop)
         DatagramBootstrap(group: self.loop)
             .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: DatagramUsers.readSize))
-            .channelOption(.maxMessagesPerRead, value: DatagramUsers.readsPerEvent)
+            .channelOption(.maxMessagesPerRead, value: DatagramUsers.flowReadsPerEvent)
             .channelOption(.socketOption(.so_rcvbuf), value: SocketOptionValue(DatagramUsers.flowBuffer))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {

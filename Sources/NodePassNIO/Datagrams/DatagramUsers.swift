@@ -15,9 +15,14 @@ final class DatagramUsers: CarrierDelegate {
     static let readSize = 65_536
     /// Datagrams read per system call on the listener (recvmmsg); each gets `readSize` of the read buffer.
     static let vectorReads = 8
-    /// System calls that read a UDP socket each time the event loop finds it readable: one, since the loop
-    /// finds it again if more is waiting, while a second read would mostly find nothing (a wasted call).
-    static let readsPerEvent: UInt = 1
+    /// Reads of the listener each time the event loop finds it readable: one (of up to `vectorReads`
+    /// datagrams), since the loop finds it again if more is waiting, while a second read would mostly find
+    /// nothing (a wasted system call).
+    static let listenerReadsPerEvent: UInt = 1
+    /// Reads of a flow's socket each time the event loop finds it readable (one datagram each, until one
+    /// finds nothing): a service's burst to one flow drains in a few turns of the loop instead of one turn
+    /// per datagram, which overflowed the socket's buffer in a debug build.
+    static let flowReadsPerEvent: UInt = 16
     /// The kernel buffers of the listener and of each flow's socket: a burst waits there while the tunnel
     /// catches up, instead of being dropped (the kernel caps them at net.core.rmem_max and wmem_max).
     static let listenerBuffer = 4 * 1024 * 1024
@@ -82,7 +87,7 @@ final class DatagramUsers: CarrierDelegate {
                 value: FixedSizeRecvByteBufferAllocator(capacity: Self.readSize * Self.vectorReads)
             )
             .channelOption(.datagramVectorReadMessageCount, value: Self.vectorReads)
-            .channelOption(.maxMessagesPerRead, value: Self.readsPerEvent)
+            .channelOption(.maxMessagesPerRead, value: Self.listenerReadsPerEvent)
             .channelOption(.socketOption(.so_rcvbuf), value: SocketOptionValue(Self.listenerBuffer))
             .channelOption(.socketOption(.so_sndbuf), value: SocketOptionValue(Self.listenerBuffer))
             .channelInitializer { channel in
