@@ -36,6 +36,7 @@ struct SeededGenerator: RandomNumberGenerator {
     static let seeds: [String] = [
         "remote://8080", "launch://0a1b2c3d", "server://127.0.0.1:10101/127.0.0.1:8080?log=debug",
         "client://[::1]:1/:2?metrics=127.0.0.1:9090", "1m30s", "500ms", "deadbeef",
+        "master://0.0.0.0:9090/admin?log=warn&tls=1", "master://[::1]:9/a/b?tls=2&crt=c&key=k",
     ]
     static let alphabet: [UInt8] = Array("0123456789abcdefABXYZ:/[]@?&=.%-_ \t\r\n\0".utf8) + [0x7F, 0x80, 0xFF]
 
@@ -91,6 +92,18 @@ struct SeededGenerator: RandomNumberGenerator {
             if url.key == nil {
                 #expect(try TunnelURL.parse(url.redacted) == url)
             }
+        }
+        #expect(parsed > 0)
+    }
+
+    @Test func masterURLParserNeverCrashesAndRoundTrips() throws {
+        var generator = SeededGenerator(state: 5)
+        var parsed = 0
+        for _ in 0..<Self.iterations {
+            let text = String(decoding: Self.input(&generator), as: UTF8.self)
+            guard let url = try? MasterURL.parse(text) else { continue }
+            parsed += 1
+            #expect(try MasterURL.parse(url.description) == url)
         }
         #expect(parsed > 0)
     }

@@ -152,31 +152,17 @@ public struct TunnelURL: Hashable, Sendable {
 
     private mutating func applyQuery(_ query: Substring) throws(NodePassError) {
         var v2Only: [String] = []
-        for item in query.split(separator: "&", omittingEmptySubsequences: true) {
-            let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-            let name = parts[0]
-            let value = parts.count > 1 ? parts[1] : ""
+        for (name, value) in URLQuery.items(query) {
             switch name {
             case "log":
-                guard let level = LogLevel(rawValue: value.lowercased()) else {
-                    throw NodePassError(
-                        .invalidURL,
-                        "log level '\(value)' is not one of "
-                            + LogLevel.allCases.map(\.rawValue).joined(separator: ", ")
-                    )
-                }
-                self.logLevel = level
+                self.logLevel = try URLQuery.logLevel(value)
             case "metrics":
                 self.metrics = try HostPort.parse(value, what: "metrics address")
             case "tls":
-                guard value.count == 1, let number = UInt8(value), let tls = DataTLSMode(rawValue: number) else {
-                    throw NodePassError(
-                        .invalidURL,
-                        "tls='\(value.prefix(16))' is not 0 (plain), 1 (TLS, in-memory certificate) or 2 "
-                            + "(TLS, crt= and key= files)"
-                    )
-                }
-                self.dataTLS = tls
+                self.dataTLS = try URLQuery.tlsMode(
+                    value,
+                    meanings: "0 (plain), 1 (TLS, in-memory certificate) or 2 (TLS, crt= and key= files)"
+                )
                 v2Only.append("tls")
             case "mode":
                 guard value.count == 1, let number = UInt8(value), let mode = TunnelMode(rawValue: number) else {
@@ -195,10 +181,8 @@ public struct TunnelURL: Hashable, Sendable {
                 if value == "1" { self.transports.remove(transport) } else { self.transports.insert(transport) }
                 v2Only.append(String(name))
             case "crt", "key":
-                guard !value.isEmpty else {
-                    throw NodePassError(.invalidURL, "\(name)= needs a file path")
-                }
-                if name == "crt" { self.certificateFile = String(value) } else { self.privateKeyFile = String(value) }
+                let path = try URLQuery.filePath(name, value)
+                if name == "crt" { self.certificateFile = path } else { self.privateKeyFile = path }
                 v2Only.append(String(name))
             default:
                 throw NodePassError(
@@ -228,14 +212,7 @@ public struct TunnelURL: Hashable, Sendable {
         guard !self.transports.isEmpty else {
             throw NodePassError(.invalidURL, "notcp=1 and noudp=1 together leave nothing to carry")
         }
-        let hasFiles = self.certificateFile != nil || self.privateKeyFile != nil
-        if self.dataTLS == .files {
-            guard self.certificateFile != nil, self.privateKeyFile != nil else {
-                throw NodePassError(.invalidURL, "tls=2 needs both crt=CERTIFICATE.pem and key=PRIVATE_KEY.pem")
-            }
-        } else if hasFiles {
-            throw NodePassError(.invalidURL, "crt= and key= go with tls=2")
-        }
+        try URLQuery.checkFiles(tls: self.dataTLS, certificate: self.certificateFile, key: self.privateKeyFile)
     }
 
     /// The URL as it may be logged: the key, if any, is masked.
