@@ -18,6 +18,7 @@ public struct NodePassError: Error, Hashable, Sendable, CustomStringConvertible 
             case authenticationFailed
             case versionMismatch
             case fileUnreadable
+            case invalidState
         }
 
         private let base: Base
@@ -52,6 +53,8 @@ public struct NodePassError: Error, Hashable, Sendable, CustomStringConvertible 
         public static let versionMismatch = Code(.versionMismatch)
         /// A file named in the URL (`crt=`, `key=`) cannot be read or used.
         public static let fileUnreadable = Code(.fileUnreadable)
+        /// A master's saved state breaks its own rules (a damaged or edited file).
+        public static let invalidState = Code(.invalidState)
 
         /// A short name of the code.
         public var description: String {
