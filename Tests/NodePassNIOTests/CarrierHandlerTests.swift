@@ -116,6 +116,22 @@ private final class RecordingSide: CarrierDelegate {
         _ = try? channel.finish()
     }
 
+    @Test func aBatchTheChannelStillHoldsLeavesTheNextBatchAFreshSmallBuffer() throws {
+        let (channel, handler, _) = try self.carrier()
+        // The embedded channel keeps what was flushed until it is read, like a carrier the kernel is slow to
+        // take from: the next batch must not get a buffer of the large batch's capacity.
+        #expect(handler.write(flow: 1, payload: ByteBuffer(repeating: 1, count: 60_000)))
+        handler.flush()
+        #expect(handler.write(flow: 2, payload: ByteBuffer(string: "small")))
+        handler.flush()
+        let large = try #require(try channel.readOutbound(as: ByteBuffer.self))
+        var small = try #require(try channel.readOutbound(as: ByteBuffer.self))
+        #expect(large.readableBytes == DatagramFrame.headerLength + 60_000)
+        #expect(small.capacity < 1024)
+        #expect(try DatagramFrame.read(from: &small) == .datagram(flow: 2, payload: ByteBuffer(string: "small")))
+        _ = try? channel.finish()
+    }
+
     @Test func theFlowBudgetBoundsEveryCarrierTogether() async {
         let budget = DatagramFlowBudget(maximum: 100)
         // Two carriers' threads take flows at once: exactly the bound is granted.

@@ -25,12 +25,12 @@ import Musl
 
     @Test func thePagesPastTheWrittenBytesLeaveMemoryAndTheWrittenOnesStay() {
         let page = Int(sysconf(Int32(_SC_PAGESIZE)))
-        var buffer = ByteBufferAllocator().buffer(capacity: 64 * 1024)
+        var buffer = ByteBufferAllocator().buffer(capacity: 16 * page)
         // Every byte of the storage written, as SwiftNIO's first read of a socket does.
         buffer.writeRepeatingByte(0xA5, count: buffer.capacity)
         buffer.moveWriterIndex(to: 3 * page + 100)
         let before = buffer.withVeryUnsafeBytes { Self.residentPages(of: $0, page: page) }
-        #expect(before.count >= 14)
+        #expect(before.count >= 15)
         #expect(before.allSatisfy { $0 })
 
         buffer.releasePagesPastWriterIndex()

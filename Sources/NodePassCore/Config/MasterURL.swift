@@ -109,7 +109,7 @@ public struct MasterURL: Hashable, Sendable {
         try URLQuery.checkFiles(tls: self.tls, certificate: self.certificateFile, key: self.privateKeyFile)
     }
 
-    /// The URL as written back: every parameter that differs from its default.
+    /// The URL as written back: the prefix, `log=` and `tls=` always, the other parameters when set.
     public var description: String {
         var query = "log=\(self.logLevel.rawValue)&tls=\(self.tls.rawValue)"
         if let file = self.certificateFile { query += "&crt=\(file)" }

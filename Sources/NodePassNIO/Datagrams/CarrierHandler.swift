@@ -67,7 +67,8 @@ final class CarrierHandler: ChannelInboundHandler {
     func write(flow: UInt32, payload: ByteBuffer) -> Bool {
         // Reads are at most 65,536 bytes; the frame's length field holds the largest UDP payload, no more.
         guard let context, !self.closed, payload.readableBytes <= DatagramFrame.maximumPayload,
-            context.channel.canTakeDatagram()
+            context.channel.canTakeDatagram(),
+            !self.closed  // the flush that `canTakeDatagram` may do can fail and close the carrier
         else { return false }
         DatagramFrame.writeDatagramHeader(flow: flow, length: payload.readableBytes, to: &self.outbound)
         self.outbound.writeImmutableBuffer(payload)
@@ -91,8 +92,13 @@ final class CarrierHandler: ChannelInboundHandler {
         guard self.pendingFlush else { return }
         self.pendingFlush = false
         context.flush()
-        // The kernel usually took the whole batch: the buffer is this handler's alone again and keeps its storage.
-        self.outbound.clear()
+        // The kernel usually took the whole batch: the buffer is this handler's alone again and keeps its
+        // storage. If the channel still holds it (a slow carrier), the next frames start a small buffer of
+        // their own: each waiting write must cost about its bytes, which the write buffer's limit counts, not
+        // the capacity of the largest batch so far.
+        if self.outbound.modifyIfUniquelyOwned({ $0.clear() }) == nil {
+            self.outbound = ByteBuffer()
+        }
     }
 
     /// Hands a large batch to the channel before the flush, so that its write buffer counts it.
@@ -100,7 +106,7 @@ final class CarrierHandler: ChannelInboundHandler {
         context.write(NIOAny(self.outbound), promise: nil)
         self.pendingFlush = true
         // The channel holds those bytes until they are written: the next frames go to storage of their own.
-        self.outbound.clear()
+        self.outbound = ByteBuffer()
     }
 
     /// Closes the carrier.
