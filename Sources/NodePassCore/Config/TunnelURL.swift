@@ -217,15 +217,25 @@ public struct TunnelURL: Hashable, Sendable {
 
     /// The URL as it may be logged: the key, if any, is masked.
     public var redacted: String {
-        let keyPart = self.key == nil ? "" : "***@"
+        self.rendered(keyPart: self.key == nil ? "" : "***@", everyDefault: false)
+    }
+
+    /// The URL with the key and every parameter that applies to it spelled out, defaults included (what a
+    /// master shows as an instance's `config`).
+    public var canonical: String {
+        self.rendered(keyPart: self.key.map { "\($0)@" } ?? "", everyDefault: true)
+    }
+
+    private func rendered(keyPart: String, everyDefault: Bool) -> String {
         var query = "log=\(self.logLevel.rawValue)"
         if let metrics = self.metrics { query += "&metrics=\(metrics)" }
-        if let tls = self.dataTLS { query += "&tls=\(tls.rawValue)" }
+        let serverV2 = everyDefault && self.key != nil && self.role == .server
+        if let tls = serverV2 ? self.effectiveDataTLS : self.dataTLS { query += "&tls=\(tls.rawValue)" }
         if let file = self.certificateFile { query += "&crt=\(file)" }
         if let file = self.privateKeyFile { query += "&key=\(file)" }
-        if self.mode != .auto { query += "&mode=\(self.mode.rawValue)" }
-        if !self.transports.contains(.tcp) { query += "&notcp=1" }
-        if !self.transports.contains(.udp) { query += "&noudp=1" }
+        if serverV2 || self.mode != .auto { query += "&mode=\(self.mode.rawValue)" }
+        if serverV2 || !self.transports.contains(.tcp) { query += "&notcp=\(self.transports.contains(.tcp) ? 0 : 1)" }
+        if serverV2 || !self.transports.contains(.udp) { query += "&noudp=\(self.transports.contains(.udp) ? 0 : 1)" }
         return "\(self.role.rawValue)://\(keyPart)\(self.tunnel)/\(self.target)?\(query)"
     }
 }
