@@ -4,6 +4,7 @@ import Metrics
 import NIOCore
 import NIOPosix
 import NodePassCore
+import NodePassMaster
 import NodePassNIO
 import Prometheus
 import ServiceLifecycle
@@ -27,6 +28,7 @@ struct NodePassCommand: AsyncParsableCommand {
             URL:
               server://[KEY@]TUNNEL_HOST:PORT/TARGET_HOST:PORT?log=LEVEL
               client://[KEY@]SERVER_HOST:PORT/TARGET_HOST:PORT?log=LEVEL
+              master://[HOST]:PORT[/PREFIX]?log=LEVEL&tls=0|1|2   (see MASTER MODE)
 
             The server listens on TUNNEL (TLS control channel), on a free pool
             port that it announces to the client, and on TARGET, where users
@@ -81,52 +83,148 @@ struct NodePassCommand: AsyncParsableCommand {
               NODEPASS_SPLICE    1     0: relay plain connections in user space
                                        only, never with splice(2)
 
+            MASTER MODE:
+              One process runs many tunnels (instances: server:// and client://
+              URLs as above) and serves NodePass's master API under
+              PREFIX/v1 (PREFIX: /api by default): GET/POST /instances,
+              GET/PATCH/PUT/DELETE /instances/ID, GET /events (server-sent
+              events), GET/POST /info, GET /tcping?target=HOST:PORT, and the
+              API's description at /openapi.json and /docs. Every request but
+              those two needs the header X-API-Key: the key is made at the
+              first start and logged (np.key=...). tls=1 serves the API over
+              TLS with a certificate made in memory (its fingerprint is
+              logged), tls=2 with crt=FILE and key=FILE; tls=0 (default) is
+              plain HTTP: keep it on 127.0.0.1 or a private network.
+              metrics=HOST:PORT labels each tunnel's metrics with instance=ID.
+              The instances and the key are kept in STATE_DIRECTORY (set by
+              systemd's StateDirectory=), else $XDG_STATE_HOME/nodepass, else
+              ~/.local/state/nodepass; what ran runs again at the next start.
+
             EXAMPLES (make a key with: openssl rand -hex 16):
               nodepass "server://KEY@:10101/127.0.0.1:8080"
               nodepass "client://KEY@server.example.com:10101/127.0.0.1:80"
               nodepass "server://:10101/127.0.0.1:8080"   (v1: trusted networks only)
+              nodepass "master://127.0.0.1:9090?tls=1"
 
             EXIT CODES: 0 clean shutdown, 64 bad URL, 78 bad environment
-            variable, 1 the tunnel cannot start (e.g. a port in use, an
-            unreadable crt= or key= file).
+            variable, 1 the tunnel or master cannot start (e.g. a port in use,
+            an unreadable crt= or key= file, a damaged state file).
             """,
         version: "nodepass \(NodePassVersion.current), protocols: \(NodePassVersion.protocols)"
     )
 
-    @Argument(help: "server://TUNNEL/TARGET?... or client://TUNNEL/TARGET?... (see below)")
+    @Argument(help: "server://TUNNEL/TARGET?..., client://TUNNEL/TARGET?... or master://HOST:PORT?... (see below)")
     var url: String
+
+    /// Whether the argument is a master URL (`master://…`) rather than a tunnel URL.
+    private var isMaster: Bool { self.url.lowercased().hasPrefix("master://") }
 
     func validate() throws {
         do {
-            _ = try TunnelURL.parse(self.url, environmentKey: Self.environmentKey())
+            if self.isMaster {
+                _ = try MasterURL.parse(self.url)
+            } else {
+                _ = try TunnelURL.parse(self.url, environmentKey: Self.environmentKey())
+            }
         } catch {
             throw ValidationError(error.message)
         }
     }
 
     func run() async throws {
+        if self.isMaster {
+            try await self.runMaster()
+            return
+        }
         let url: TunnelURL
         do {
             url = try TunnelURL.parse(self.url, environmentKey: Self.environmentKey())
         } catch {
             throw ValidationError(error.message)
         }
-        let configuration: Configuration
+        let configuration = try Self.tunnelConfiguration()
+        let logger = Self.bootstrapLogging(url.logLevel)
+        let group = MultiThreadedEventLoopGroup.singleton
+        try await Self.run(metrics: url.metrics, group: group, logger: logger, what: "the tunnel") {
+            switch url.role {
+            case .server: TunnelServer(url: url, configuration: configuration, group: group, logger: logger)
+            case .client: TunnelClient(url: url, configuration: configuration, group: group, logger: logger)
+            }
+        }
+    }
+
+    /// Master mode: the API and the instances it keeps in the state directory.
+    private func runMaster() async throws {
+        let url: MasterURL
         do {
-            configuration = try Configuration(environment: Self.environment())
+            url = try MasterURL.parse(self.url)
+        } catch {
+            throw ValidationError(error.message)
+        }
+        let configuration = try Self.tunnelConfiguration()
+        let store: StateStore
+        do {
+            var environment: [String: String] = [:]
+            for name in ["STATE_DIRECTORY", "XDG_STATE_HOME", "HOME"] {
+                if let value = getenv(name) { environment[name] = String(cString: value) }
+            }
+            store = StateStore(directory: try StateStore.directory(environment: environment))
         } catch {
             Self.printError(error.message)
             throw ExitCode(78)
         }
+        let logger = Self.bootstrapLogging(url.logLevel)
+        let group = MultiThreadedEventLoopGroup.singleton
+        let colour = isatty(STDOUT_FILENO) == 1
+        let master: MasterService
+        do {
+            master = try MasterService(
+                url: url,
+                configuration: configuration,
+                store: store,
+                group: group,
+                logger: logger,
+                prometheus: url.metrics != nil,
+                instanceLogHandler: { id, level, copy in
+                    NodePassLogHandler(level: level, colour: colour, suffix: " [\(id)]", copy: copy)
+                }
+            )
+        } catch {
+            logger.critical("cannot start the master", metadata: ["np.error": "\(error.message)"])
+            throw ExitCode(1)
+        }
+        try await Self.run(metrics: url.metrics, group: group, logger: logger, what: "the master") { master }
+    }
+
+    /// The environment's settings, or exit 78 with what is wrong.
+    private static func tunnelConfiguration() throws -> Configuration {
+        do {
+            return try Configuration(environment: Self.environment())
+        } catch {
+            Self.printError(error.message)
+            throw ExitCode(78)
+        }
+    }
+
+    private static func bootstrapLogging(_ level: LogLevel) -> Logger {
         Self.raiseDescriptorLimit()
         let colour = isatty(STDOUT_FILENO) == 1
-        LoggingSystem.bootstrap { _ in NodePassLogHandler(level: url.logLevel, colour: colour) }
-        let logger = Logger(label: "nodepass")
+        LoggingSystem.bootstrap { _ in NodePassLogHandler(level: level, colour: colour) }
+        return Logger(label: "nodepass")
+    }
 
-        let group = MultiThreadedEventLoopGroup.singleton
+    /// Runs the service that `main` makes (a tunnel or a master) with the memory trimmer and, with `metrics`,
+    /// a Prometheus endpoint, until SIGTERM or SIGINT. `main` is called once metrics are set up, so that the
+    /// metrics its service makes are Prometheus metrics.
+    private static func run(
+        metrics: HostPort?,
+        group: MultiThreadedEventLoopGroup,
+        logger: Logger,
+        what: String,
+        main: () -> any Service
+    ) async throws {
         var services: [any Service] = []
-        if let address = url.metrics {
-            // Before the tunnel's metrics are made, so that they are Prometheus metrics.
+        if let address = metrics {
             let registry = PrometheusCollectorRegistry()
             var factory = PrometheusMetricsFactory(registry: registry)
             factory.defaultDurationHistogramBuckets = [
@@ -141,12 +239,7 @@ struct NodePassCommand: AsyncParsableCommand {
             )
         }
         services.append(MemoryTrimmer())
-        switch url.role {
-        case .server:
-            services.append(TunnelServer(url: url, configuration: configuration, group: group, logger: logger))
-        case .client:
-            services.append(TunnelClient(url: url, configuration: configuration, group: group, logger: logger))
-        }
+        services.append(main())
         let serviceGroup = ServiceGroup(
             configuration: ServiceGroupConfiguration(
                 services: services.map { .init(service: $0) },
@@ -158,7 +251,7 @@ struct NodePassCommand: AsyncParsableCommand {
         do {
             try await serviceGroup.run()
         } catch {
-            logger.critical("cannot run the tunnel", metadata: ["np.error": "\(error)"])
+            logger.critical("cannot run \(what)", metadata: ["np.error": "\(error)"])
             throw ExitCode(1)
         }
     }

@@ -313,6 +313,11 @@ public struct InstanceBook: Sendable {
         return [.publish(.update, self.view(of: self.state.instances[index]))]
     }
 
+    /// Whether `run` is the current run of `id` (a start asked for earlier may have been overtaken).
+    public func isCurrent(_ id: String, run: UInt64) -> Bool {
+        self.live[id]?.run == run
+    }
+
     // MARK: helpers
 
     private func record(_ id: String) -> InstanceRecord? {

@@ -1,7 +1,7 @@
 import CoreMetrics
 import NodePassCore
 
-/// The UDP metrics of one tunnel process (v2, `nodepass/2.1`), each labelled with `role`.
+/// The UDP metrics of one tunnel process (v2, `nodepass/2.1`), labelled as the tunnel's other metrics.
 final class DatagramMetrics: Sendable {
     /// Datagrams from users towards the service, and their bytes (payload only).
     let datagramsUpstream: Counter
@@ -13,25 +13,15 @@ final class DatagramMetrics: Sendable {
     let flows: Meter
     private let drops: [DatagramDrop: Counter]
 
-    init(role: String) {
-        let role = ("role", role)
-        self.datagramsUpstream = Counter(
-            label: "nodepass_udp_datagrams_total",
-            dimensions: [role, ("direction", "upstream")]
-        )
-        self.bytesUpstream = Counter(label: "nodepass_udp_bytes_total", dimensions: [role, ("direction", "upstream")])
-        self.datagramsDownstream = Counter(
-            label: "nodepass_udp_datagrams_total",
-            dimensions: [role, ("direction", "downstream")]
-        )
-        self.bytesDownstream = Counter(
-            label: "nodepass_udp_bytes_total",
-            dimensions: [role, ("direction", "downstream")]
-        )
-        self.flows = Meter(label: "nodepass_udp_flows", dimensions: [role])
+    init(labels: MetricLabels) {
+        self.datagramsUpstream = labels.counter("nodepass_udp_datagrams_total", ("direction", "upstream"))
+        self.bytesUpstream = labels.counter("nodepass_udp_bytes_total", ("direction", "upstream"))
+        self.datagramsDownstream = labels.counter("nodepass_udp_datagrams_total", ("direction", "downstream"))
+        self.bytesDownstream = labels.counter("nodepass_udp_bytes_total", ("direction", "downstream"))
+        self.flows = labels.meter("nodepass_udp_flows")
         var drops: [DatagramDrop: Counter] = [:]
         for reason in DatagramDrop.allCases {
-            drops[reason] = Counter(label: "nodepass_udp_drops_total", dimensions: [role, ("reason", reason.rawValue)])
+            drops[reason] = labels.counter("nodepass_udp_drops_total", ("reason", reason.rawValue))
         }
         self.drops = drops
     }

@@ -2,7 +2,7 @@ import CoreMetrics
 import NIOCore
 
 /// The metrics one tunnel process reports, through swift-metrics (no-ops unless a backend is bootstrapped).
-/// Every metric carries the label `role` (`server` or `client`). A class: it is handed to every relay and
+/// Every metric carries the label `role` (`server` or `client`), and in a master `instance`. A class: it is handed to every relay and
 /// captured by many closures, and a copy of a reference is one retain where a copy of these fifteen metrics
 /// would be fifteen.
 public final class TunnelMetrics: Sendable {
@@ -44,35 +44,24 @@ public final class TunnelMetrics: Sendable {
         case target
     }
 
-    /// Makes the metrics of a process in `role` (`server` or `client`).
-    public init(role: String) {
-        let role = ("role", role)
-        self.accepted = Counter(label: "nodepass_connections_accepted_total", dimensions: [role])
-        self.active = Meter(label: "nodepass_connections_active", dimensions: [role])
-        self.failedPoolWait = Counter(
-            label: "nodepass_connections_failed_total",
-            dimensions: [role, ("reason", "pool_wait")]
-        )
-        self.failedLimit = Counter(label: "nodepass_connections_failed_total", dimensions: [role, ("reason", "limit")])
-        self.failedTarget = Counter(
-            label: "nodepass_connections_failed_total",
-            dimensions: [role, ("reason", "target")]
-        )
-        self.bytesUpstream = Counter(
-            label: "nodepass_relay_bytes_total",
-            dimensions: [role, ("direction", "upstream")]
-        )
-        self.bytesDownstream = Counter(
-            label: "nodepass_relay_bytes_total",
-            dimensions: [role, ("direction", "downstream")]
-        )
-        self.poolIdle = Meter(label: "nodepass_pool_idle_connections", dimensions: [role])
-        self.poolCapacity = Meter(label: "nodepass_pool_capacity", dimensions: [role])
-        self.reconnects = Counter(label: "nodepass_control_reconnects_total", dimensions: [role])
-        self.authenticationFailures = Counter(label: "nodepass_authentication_failures_total", dimensions: [role])
-        self.handshakeDuration = Timer(label: "nodepass_tls_handshake_duration_seconds", dimensions: [role])
-        self.newConnectionDuration = Timer(label: "nodepass_new_connection_duration_seconds", dimensions: [role])
-        self.datagrams = DatagramMetrics(role: role.1)
+    /// Makes the metrics of a tunnel in `role` (`server` or `client`); a master's instance adds the label
+    /// `instance` with its ID. `factory` makes them (swift-metrics' bootstrapped one unless given).
+    public init(role: String, instance: String? = nil, factory: any MetricsFactory = MetricsSystem.factory) {
+        let labels = MetricLabels(role: role, instance: instance, factory: factory)
+        self.accepted = labels.counter("nodepass_connections_accepted_total")
+        self.active = labels.meter("nodepass_connections_active")
+        self.failedPoolWait = labels.counter("nodepass_connections_failed_total", ("reason", "pool_wait"))
+        self.failedLimit = labels.counter("nodepass_connections_failed_total", ("reason", "limit"))
+        self.failedTarget = labels.counter("nodepass_connections_failed_total", ("reason", "target"))
+        self.bytesUpstream = labels.counter("nodepass_relay_bytes_total", ("direction", "upstream"))
+        self.bytesDownstream = labels.counter("nodepass_relay_bytes_total", ("direction", "downstream"))
+        self.poolIdle = labels.meter("nodepass_pool_idle_connections")
+        self.poolCapacity = labels.meter("nodepass_pool_capacity")
+        self.reconnects = labels.counter("nodepass_control_reconnects_total")
+        self.authenticationFailures = labels.counter("nodepass_authentication_failures_total")
+        self.handshakeDuration = labels.timer("nodepass_tls_handshake_duration_seconds")
+        self.newConnectionDuration = labels.timer("nodepass_new_connection_duration_seconds")
+        self.datagrams = DatagramMetrics(labels: labels)
     }
 
     /// Counts a failed connection.
@@ -87,5 +76,29 @@ public final class TunnelMetrics: Sendable {
     /// Records the time since `start`.
     static func record(_ timer: Timer, since start: NIODeadline) {
         timer.recordNanoseconds((NIODeadline.now() - start).nanoseconds)
+    }
+}
+
+/// The labels every metric of one tunnel carries (`role`, and `instance` in a master), and the factory that
+/// makes them.
+struct MetricLabels {
+    private let common: [(String, String)]
+    private let factory: any MetricsFactory
+
+    init(role: String, instance: String?, factory: any MetricsFactory) {
+        self.common = [("role", role)] + (instance.map { [("instance", $0)] } ?? [])
+        self.factory = factory
+    }
+
+    func counter(_ label: String, _ extra: (String, String)...) -> Counter {
+        Counter(label: label, dimensions: self.common + extra, factory: self.factory)
+    }
+
+    func meter(_ label: String, _ extra: (String, String)...) -> Meter {
+        Meter(label: label, dimensions: self.common + extra, factory: self.factory)
+    }
+
+    func timer(_ label: String) -> Timer {
+        Timer(label: label, dimensions: self.common, factory: self.factory)
     }
 }

@@ -162,3 +162,53 @@ enum TLSClientContext {
         }
     }
 }
+
+/// The TLS of a master's API: `tls=1` a certificate made in memory at start, `tls=2` the `crt=` and `key=`
+/// files. `fingerprint` (SHA-256 of the certificate, as `openssl x509 -fingerprint -sha256` prints it) is
+/// for the start-up log, so that an operator can check what a client is shown.
+public struct APITLS: Sendable {
+    public let configuration: TLSConfiguration
+    public let fingerprint: String
+
+    public static func make(
+        mode: DataTLSMode,
+        certificateFile: String?,
+        privateKeyFile: String?
+    ) throws(NodePassError) -> APITLS? {
+        let chain: [NIOSSLCertificate]
+        let key: NIOSSLPrivateKey
+        switch mode {
+        case .plain:
+            return nil
+        case .inMemory:
+            let certificate = try InMemoryCertificate.generate()
+            chain = [certificate.certificate]
+            key = certificate.privateKey
+        case .files:
+            guard let certificateFile, let privateKeyFile else {
+                throw NodePassError(.invalidURL, "tls=2 needs both crt=CERTIFICATE.pem and key=PRIVATE_KEY.pem")
+            }
+            // Reading them as a tunnel server does checks them, with the same messages.
+            _ = try FileCertificate.load(certificateFile: certificateFile, privateKeyFile: privateKeyFile)
+            do {
+                chain = try NIOSSLCertificate.fromPEMFile(certificateFile)
+                key = try NIOSSLPrivateKey(file: privateKeyFile, format: .pem)
+            } catch {
+                throw NodePassError(.fileUnreadable, "cannot read crt=\(certificateFile) or key=\(privateKeyFile)")
+            }
+        }
+        guard let leaf = chain.first, let der = try? leaf.toDERBytes() else {
+            throw NodePassError(.fileUnreadable, "no certificate to serve the API with")
+        }
+        var configuration = TLSConfiguration.makeServerConfiguration(
+            certificateChain: chain.map { .certificate($0) },
+            privateKey: .privateKey(key)
+        )
+        configuration.minimumTLSVersion = .tlsv12
+        let fingerprint = SHA256.hash(data: der).map { byte in
+            let digits = Array("0123456789ABCDEF")
+            return String([digits[Int(byte >> 4)], digits[Int(byte & 0x0F)]])
+        }
+        return APITLS(configuration: configuration, fingerprint: fingerprint.joined(separator: ":"))
+    }
+}
