@@ -243,9 +243,13 @@ def test_the_api_manages_tunnels_that_carry_traffic(procs, nodepass_bin, tmp_pat
     finally:
         events.stop()
 
-    # SIGTERM: a clean exit, and the state keeps the server instance.
+    # SIGTERM: subscribers get a shutdown event, the exit is clean, and the state keeps the server instance.
+    watcher = EventReader(master)
     master.proc.signal(signal.SIGTERM)
     assert master.proc.wait(15) == 0
+    watcher.proc.wait(10)
+    watcher.thread.join(5)
+    assert watcher.events[-1]["type"] == "shutdown" and watcher.events[-1]["instance"] is None
     saved = json.loads((tmp_path / "state" / "master.json").read_text())
     assert [i["id"] for i in saved["instances"]] == [server_id]
 
@@ -339,3 +343,23 @@ def test_prometheus_labels_each_tunnel_metric_with_its_instance(procs, nodepass_
                     "the tunnel's metrics")
     samples = [line for line in text.splitlines() if line.startswith("nodepass_")]
     assert samples and all(f'instance="{server["id"]}"' in line for line in samples), samples[:5]
+
+
+def test_tls_1_serves_the_api_over_https_with_the_logged_certificate(procs, nodepass_bin, tmp_path):
+    master = Master(procs, nodepass_bin, tmp_path / "state", query="tls=1").start()
+    logged = re.search(r"np\.fingerprint=([0-9A-F:]{95})", master.proc.output())
+    assert logged, master.proc.output()
+    # The certificate the server shows is the one whose fingerprint it logged.
+    shown = subprocess.run(
+        f"openssl s_client -connect 127.0.0.1:{master.port} </dev/null 2>/dev/null | openssl x509 -noout "
+        "-fingerprint -sha256", shell=True, capture_output=True, text=True, timeout=30).stdout
+    assert shown.strip().split("=")[-1] == logged.group(1)
+    result = subprocess.run(["curl", "-sk", "-H", f"X-API-Key: {master.key}",
+                             f"https://127.0.0.1:{master.port}/api/v1/instances"],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0 and json.loads(result.stdout)[0]["id"] == "********"
+    # Plain HTTP to the TLS port gets no API answer.
+    plain = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
+                            f"http://127.0.0.1:{master.port}/api/v1/instances"],
+                           capture_output=True, text=True, timeout=20)
+    assert plain.stdout != "200"
