@@ -224,7 +224,7 @@ def test_the_api_manages_tunnels_that_carry_traffic(procs, nodepass_bin, tmp_pat
         status, _, ping = master.call("GET", f"/tcping?target=127.0.0.1:{service_port}")
         assert status == 200 and ping["connected"] is True and ping["error"] is None
         status, _, ping = master.call("GET", f"/tcping?target=127.0.0.1:{free_port()}")
-        assert status == 200 and ping["connected"] is False and ping["error"]
+        assert status == 200 and ping["connected"] is False and ping["error"] == "connection refused"
         assert master.call("GET", "/tcping")[0] == 400
         status, _, document = master.call("GET", "/openapi.json", key="")
         assert status == 200 and "/instances/{id}" in document["paths"]
@@ -282,6 +282,12 @@ def test_kill_9_at_any_moment_loses_nothing_the_api_confirmed(procs, nodepass_bi
     rng = random.Random(16)
     confirmed: set = set()
     deleted: set = set()
+    # A pair that carries traffic before the crashes and must carry it again after them.
+    master = Master(procs, nodepass_bin, state, port=port).start()
+    pair_server, pair_client, user_port = tunnel_pair(master, service_port, query="tls=0")
+    assert wait_for(lambda: curl_get(user_port) == payload, 30, "traffic before the crashes")
+    master.proc.signal(signal.SIGTERM)
+    assert master.proc.wait(15) == 0
     for round_number in range(20):
         master = Master(procs, nodepass_bin, state, port=port, query="log=info").start()
         listing = {i["id"] for i in master.call("GET", "/instances")[2]}
@@ -319,8 +325,10 @@ def test_kill_9_at_any_moment_loses_nothing_the_api_confirmed(procs, nodepass_bi
     listing = {i["id"] for i in master.call("GET", "/instances")[2]}
     assert confirmed <= listing and not (deleted & listing)
     assert len(deleted) >= 10, "the rounds made and deleted too few instances to mean anything"
-    # The instances run again after the crashes: a new pair in the same master carries traffic.
-    server_id, client_id, user_port = tunnel_pair(master, service_port, query="tls=0")
+    assert {pair_server, pair_client} <= listing
+    # The instances run again after the crashes, and the pair's tunnel carries traffic.
+    for instance_id in confirmed | {pair_server, pair_client}:
+        master.wait_status(instance_id, "running")
     assert wait_for(lambda: curl_get(user_port) == payload, 30, "traffic after 20 crashes")
 
 
