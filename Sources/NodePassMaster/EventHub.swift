@@ -77,6 +77,16 @@ final class EventHub: Sendable {
         }
     }
 
+    /// How often the streams get a comment line, so that a stream to a peer that has gone is noticed.
+    static let keepAlivePeriod = TimeAmount.seconds(15)
+
+    /// Sends an SSE comment (`: keep-alive`), which clients ignore, to every subscriber.
+    func keepAlive() {
+        self.state.withLock { state in
+            for continuation in state.subscribers.values { continuation.yield(ByteBuffer(string: ": keep-alive\n\n")) }
+        }
+    }
+
     /// Ends every stream (after a `shutdown` event, or when the API key changed).
     func endAll() {
         let ended = self.state.withLock { state in

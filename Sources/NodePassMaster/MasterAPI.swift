@@ -71,7 +71,7 @@ enum MasterAPI {
         }
         api.post("info") { request, _ in
             let body = try await decodeBody(AliasRequest.self, request)
-            try await core.setAlias(body.alias).get()
+            try await core.setAlias(body.alias ?? "").get()
             return json(await info.info(identity: core.identity))
         }
         api.get("tcping") { request, _ in
@@ -109,10 +109,30 @@ enum MasterAPI {
     }
 
     private static func instanceID(_ context: MasterContext) throws -> String {
-        guard let id = context.parameters.get("id"), !id.isEmpty else {
+        guard let id = context.parameters.get("id").map(Self.percentDecoded), !id.isEmpty else {
             throw APIFailure(400, "Instance ID is required")
         }
         return id
+    }
+
+    /// `text` with its `%XX` escapes decoded (`%2A%2A…` is the key record's `********`); an escape that is not
+    /// two hex digits stays as it is.
+    static func percentDecoded(_ text: String) -> String {
+        guard text.contains("%") else { return text }
+        var bytes: [UInt8] = []
+        var rest = Substring(text).utf8[...]
+        while let first = rest.first {
+            if first == UInt8(ascii: "%"), rest.count >= 3,
+                let byte = UInt8(String(decoding: rest.dropFirst().prefix(2), as: UTF8.self), radix: 16)
+            {
+                bytes.append(byte)
+                rest = rest.dropFirst(3)
+            } else {
+                bytes.append(first)
+                rest = rest.dropFirst()
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
     }
 
     /// The body as `Value`, or 400 `Invalid request body`; an empty body reads as `emptyIs` when given.
@@ -150,7 +170,7 @@ enum MasterAPI {
     }
 
     private struct AliasRequest: Decodable {
-        var alias: String
+        var alias: String?
     }
 }
 

@@ -20,8 +20,13 @@ actor MasterCore {
     private let logger: Logger
     private let instanceLogHandler: @Sendable (String, LogLevel, @escaping @Sendable (String) -> Void) -> any LogHandler
     private let prometheus: Bool
+    /// The runs being stopped, by instance: a new run of the same instance waits for its end (its ports).
+    private var stopping: [String: Task<Void, Never>] = [:]
     private var shuttingDown = false
+    private var lastTrafficSave = NIODeadline.now()
     private var generator = SystemRandomNumberGenerator()
+    /// Traffic alone is saved at most this often (every change the API makes is saved at once).
+    static let trafficSavePeriod = TimeAmount.minutes(1)
 
     /// One run of an instance.
     private struct InstanceRun {
@@ -66,40 +71,57 @@ actor MasterCore {
 
     func create(url: String, alias: String?) async -> Result<InstanceView, MasterAPIError> {
         let id = randomHex(bytes: 4, using: &self.generator)
-        return await self.apply(self.book.create(id: id, url: url, alias: alias))
+        return await self.change { $0.create(id: id, url: url, alias: alias) }
     }
 
     func patch(_ id: String, _ patch: InstancePatch) async -> Result<InstanceView, MasterAPIError> {
-        let outcome = self.book.patch(id, patch) { randomHex(bytes: 16, using: &self.generator) }
-        self.key.replace(self.book.state.master.apiKey)
-        return await self.apply(outcome)
+        let newKey = randomHex(bytes: 16, using: &self.generator)
+        return await self.change { $0.patch(id, patch) { newKey } }
     }
 
     func replaceURL(_ id: String, url: String) async -> Result<InstanceView, MasterAPIError> {
-        await self.apply(self.book.replaceURL(id, url: url))
+        await self.change { $0.replaceURL(id, url: url) }
     }
 
     func delete(_ id: String) async -> Result<InstanceView, MasterAPIError> {
-        await self.apply(self.book.delete(id))
+        await self.change { $0.delete(id) }
     }
 
     func setAlias(_ alias: String) async -> Result<Void, MasterAPIError> {
+        let before = self.book
         switch self.book.setMasterAlias(alias) {
-        case .success(let effects): return await self.perform(effects)
-        case .failure(let error): return .failure(error)
+        case .success(let effects):
+            let result = await self.perform(effects)
+            if case .failure = result { self.book = before }
+            return result
+        case .failure(let error):
+            return .failure(error)
+        }
+    }
+
+    /// Applies a request to the book and carries out its effects; when the state cannot be saved, nothing
+    /// of the request happens (the book goes back to what it was) and the answer is 500.
+    private func change(
+        _ request: (inout InstanceBook) -> Result<MasterOutcome, MasterAPIError>
+    ) async -> Result<InstanceView, MasterAPIError> {
+        let before = self.book
+        switch request(&self.book) {
+        case .success(let outcome):
+            let result = await self.perform(outcome.effects)
+            if case .failure = result {
+                self.book = before
+                return result.map { outcome.view }
+            }
+            self.key.replace(self.book.state.master.apiKey)
+            return .success(outcome.view)
+        case .failure(let error):
+            return .failure(error)
         }
     }
 
     /// A new event-stream subscriber: its stream starts with an `initial` event per instance.
     func subscribe() -> (id: UInt64, frames: AsyncStream<ByteBuffer>)? {
         self.hub.subscribe(initial: self.book.views, room: 256)
-    }
-
-    private func apply(_ result: Result<MasterOutcome, MasterAPIError>) async -> Result<InstanceView, MasterAPIError> {
-        switch result {
-        case .success(let outcome): return await self.perform(outcome.effects).map { outcome.view }
-        case .failure(let error): return .failure(error)
-        }
     }
 
     // MARK: running the tunnels
@@ -126,8 +148,25 @@ actor MasterCore {
             self.runs[id] = run
             effects += self.book.report(id, run: run.run, report)
         }
-        if moved { effects.append(.save) }
+        if moved && NIODeadline.now() - self.lastTrafficSave >= Self.trafficSavePeriod {
+            effects.append(.save)
+            self.lastTrafficSave = .now()
+        }
         _ = await self.perform(effects)
+    }
+
+    /// Adds what `run` counted since its last report to its instance (the run has ended or is ending).
+    private func collectTraffic(_ id: String, of run: InstanceRun) {
+        self.book.addTraffic(id, run.tally.read().traffic.since(run.last.traffic))
+    }
+
+    /// Ends `run` of `id` and waits until it has (its listeners closed, its last bytes counted).
+    private func stopRun(_ id: String, _ run: InstanceRun) async {
+        self.stopping[id] = run.task
+        await run.tunnel.triggerGracefulShutdown()
+        await run.task.value
+        self.collectTraffic(id, of: run)
+        if self.stopping[id] == run.task { self.stopping[id] = nil }
     }
 
     /// The master stops: subscribers get `shutdown`, every tunnel stops (and still runs at the next start),
@@ -138,10 +177,14 @@ actor MasterCore {
         self.shuttingDown = true
         self.hub.publish(.shutdown, nil)
         self.hub.endAll()
-        let stopping = self.runs.values
+        let running = self.runs
         self.runs = [:]
-        for run in stopping { await run.tunnel.triggerGracefulShutdown() }
-        for run in stopping { await run.task.value }
+        for run in running.values { await run.tunnel.triggerGracefulShutdown() }
+        for (id, run) in running {
+            await run.task.value
+            self.collectTraffic(id, of: run)
+        }
+        for task in self.stopping.values { await task.value }
         self.save()
     }
 
@@ -153,7 +196,10 @@ actor MasterCore {
 
     private func ended(_ id: String, run: UInt64, failed: Bool) async {
         guard !self.shuttingDown else { return }
-        if self.runs[id]?.run == run { self.runs[id] = nil }
+        if let current = self.runs[id], current.run == run {
+            self.runs[id] = nil
+            self.collectTraffic(id, of: current)
+        }
         let effects = self.book.ended(id, run: run, failed: failed, at: .now(), jitter: Double.random(in: 0..<1))
         _ = await self.perform(effects)
     }
@@ -163,13 +209,13 @@ actor MasterCore {
         _ = await self.perform(self.book.restartDue(id, run: run))
     }
 
-    /// Does what the book asked, in order; a state that cannot be saved is a failure of the request.
+    /// Does what the book asked, in order; a state that cannot be saved fails the request, and what came
+    /// after the save is not done.
     private func perform(_ effects: [MasterEffect]) async -> Result<Void, MasterAPIError> {
-        var result: Result<Void, MasterAPIError> = .success(())
         for effect in effects {
             switch effect {
             case .start(let id, let run, let url):
-                self.start(id, run: run, url: url)
+                await self.start(id, run: run, url: url)
             case .startLater(let id, let run, let delay):
                 self.logger.info(
                     "instance failed; starting it again",
@@ -182,11 +228,10 @@ actor MasterCore {
             case .stop(let id, let run):
                 guard let current = self.runs[id], current.run == run else { continue }
                 self.runs[id] = nil
-                await current.tunnel.triggerGracefulShutdown()
-                await current.task.value
+                await self.stopRun(id, current)
             case .save:
-                if !self.save() {
-                    result = .failure(MasterAPIError(status: 500, message: "the state could not be saved"))
+                guard self.save() else {
+                    return .failure(MasterAPIError(status: 500, message: "The state could not be saved"))
                 }
             case .publish(let kind, let view):
                 self.hub.publish(kind, view)
@@ -194,7 +239,7 @@ actor MasterCore {
                 self.hub.endAll()
             }
         }
-        return result
+        return .success(())
     }
 
     @discardableResult
@@ -208,8 +253,17 @@ actor MasterCore {
         }
     }
 
-    private func start(_ id: String, run: UInt64, url: TunnelURL) {
+    private func start(_ id: String, run: UInt64, url: TunnelURL) async {
+        // The run before it must be gone first (it may hold the ports this one binds).
+        if let previous = self.stopping[id] { await previous.value }
+        // Another request may have made a newer run meanwhile: then this one is not started (and the
+        // run in place, which is that newer one or on its way to it, is left alone).
         guard !self.shuttingDown, self.book.isCurrent(id, run: run) else { return }
+        if let older = self.runs[id] {
+            self.runs[id] = nil
+            await self.stopRun(id, older)
+        }
+        guard !self.shuttingDown, self.book.isCurrent(id, run: run), self.runs[id] == nil else { return }
         let tally = InstanceTally()
         let factory: any MetricsFactory =
             self.prometheus ? MultiplexMetricsHandler(factories: [tally, MetricsSystem.factory]) : tally
@@ -285,11 +339,11 @@ final class APIKey: Sendable {
     func matches(_ candidate: Substring) -> Bool {
         let given = Array(candidate.utf8)
         return self.value.withLock { key in
-            var difference = UInt8(truncatingIfNeeded: given.count ^ key.count)
+            var difference: UInt8 = 0
             for index in given.indices {
                 difference |= given[index] ^ (index < key.count ? key[index] : 0)
             }
-            return difference == 0
+            return difference == 0 && given.count == key.count
         }
     }
 }

@@ -73,8 +73,10 @@ public final class MasterService: Service {
         let router = MasterAPI.router(base: self.url.apiBase, core: self.core, info: info, logger: self.logger)
         // Idle connections (and ones that never finish a request) close after a minute; event streams,
         // being responses in progress, are not idle.
+        let peers = PeerConnections()
         let http1 = HTTPServerBuilder.http1(
             configuration: .init(
+                additionalChannelHandlers: [ConnectionGuard(peers: peers)],
                 idleTimeout: .seconds(60),
                 httpDecoderConfiguration: .init(
                     maxHeaderFieldSize: 16384,
@@ -115,7 +117,6 @@ public final class MasterService: Service {
                 if url.tls == .plain && !Self.isLoopback(url.listen.host) {
                     logger.warning("tls=0: the API key and the instances' URLs cross the network in clear; use tls=1")
                 }
-                await core.resume()
             },
             eventLoopGroupProvider: .shared(self.group),
             logger: Logger(label: "nodepass.api", factory: { _ in SwiftLogNoOpLogHandler() })
@@ -123,6 +124,8 @@ public final class MasterService: Service {
         try await withThrowingDiscardingTaskGroup { tasks in
             tasks.addTask {
                 do {
+                    // What ran before runs again before the first request is served.
+                    await core.resume()
                     try await app.run()
                 } catch {
                     await core.shutdown()
@@ -130,12 +133,19 @@ public final class MasterService: Service {
                 }
             }
             tasks.addTask {
-                // Reports every REPORT_INTERVAL, until shutdown; then the tunnels stop before the API closes.
+                // Reports every REPORT_INTERVAL, and a comment on the event streams now and then (a stream
+                // to a peer that is gone fails its write and ends), until shutdown; then the tunnels stop
+                // before the API closes.
+                var lastKeepAlive = NIODeadline.now()
                 while !Task.isShuttingDownGracefully && !Task.isCancelled {
                     try? await cancelWhenGracefulShutdown {
                         try await Task.sleep(nanoseconds: UInt64(self.configuration.reportInterval.nanoseconds))
                     }
                     await core.report()
+                    if NIODeadline.now() - lastKeepAlive >= EventHub.keepAlivePeriod {
+                        core.hub.keepAlive()
+                        lastKeepAlive = .now()
+                    }
                 }
                 logger.info("master shutting down")
                 await core.shutdown()

@@ -210,6 +210,34 @@ import Testing
         #expect(book.started("0000000a", run: 3, at: Self.start).isEmpty)
     }
 
+    @Test func everyRequestThatChangesTheStateSavesFirst() throws {
+        var book = Self.book()
+        var outcomes = [try book.create(id: "0000000a", url: Self.serverURL, alias: nil).get()]
+        outcomes.append(try book.patch("0000000a", InstancePatch(action: "restart"), newKey: { "" }).get())
+        outcomes.append(try book.replaceURL("0000000a", url: Self.clientURL).get())
+        outcomes.append(
+            try book.patch(InstanceBook.keyRecordID, InstancePatch(action: "restart"), newKey: { "k" }).get()
+        )
+        outcomes.append(try book.delete("0000000a").get())
+        for outcome in outcomes {
+            guard case .save = outcome.effects.first else {
+                Issue.record("\(outcome.effects) does not save first")
+                continue
+            }
+        }
+    }
+
+    @Test func trafficCountedAfterTheLastReportIsAdded() throws {
+        var book = Self.book()
+        _ = try book.create(id: "0000000a", url: Self.serverURL, alias: nil).get()
+        var traffic = TrafficCounters()
+        traffic.tcpSent = 5
+        book.addTraffic("0000000a", traffic)
+        book.addTraffic("0000000a", traffic)
+        book.addTraffic("ffffffff", traffic)
+        #expect(try book.view("0000000a").get().tcptx == 10)
+    }
+
     @Test func aLoadedStateResumesWhatWasRunning() throws {
         var book = Self.book()
         _ = try book.create(id: "0000000a", url: Self.serverURL, alias: nil).get()

@@ -109,6 +109,8 @@ import Darwin
         ] {
             #expect(!key.matches(wrong[...]), "\(wrong)")
         }
+        // A longer candidate that starts with the key, padded with any bytes, is not the key.
+        #expect(!key.matches(("0123456789abcdef0123456789abcdef" + String(repeating: "\u{0}", count: 256))[...]))
         key.replace("ffffffffffffffffffffffffffffffff")
         #expect(!key.matches("0123456789abcdef0123456789abcdef"))
         #expect(key.matches("ffffffffffffffffffffffffffffffff"))
@@ -169,5 +171,14 @@ import Darwin
         let reading = tally.read()
         #expect(reading.traffic.tcpReceived == 100 && reading.traffic.tcpSent == 7)
         #expect(reading.connections == 2 && reading.idlePool == 16)
+    }
+}
+
+@Suite struct MasterAPITests {
+    @Test func instanceIDsArePercentDecoded() {
+        #expect(MasterAPI.percentDecoded("%2A%2A%2A%2A%2A%2A%2A%2A") == "********")
+        #expect(MasterAPI.percentDecoded("0a1b2c3d") == "0a1b2c3d")
+        #expect(MasterAPI.percentDecoded("%zz%2") == "%zz%2")
+        #expect(MasterAPI.percentDecoded("a%20b") == "a b")
     }
 }

@@ -8,6 +8,7 @@ import os
 import random
 import re
 import signal
+import socket
 import stat
 import subprocess
 import threading
@@ -371,3 +372,91 @@ def test_tls_1_serves_the_api_over_https_with_the_logged_certificate(procs, node
                             f"http://127.0.0.1:{master.port}/api/v1/instances"],
                            capture_output=True, text=True, timeout=20)
     assert plain.stdout != "200"
+
+
+def test_a_change_that_cannot_be_saved_is_refused_and_undone(procs, nodepass_bin, tmp_path):
+    state = tmp_path / "state"
+    master = Master(procs, nodepass_bin, state).start()
+    status, _, kept = master.call("POST", "/instances", {"url": f"client://{KEY}@127.0.0.1:{free_port()}/127.0.0.1:1"})
+    assert status == 201
+    # A directory where the temporary file goes makes every save fail.
+    (state / "master.json.tmp").mkdir()
+    status, _, body = master.call("POST", "/instances", {"url": f"client://127.0.0.1:{free_port()}/127.0.0.1:1"})
+    assert status == 500 and body["error"]
+    assert master.call("DELETE", f"/instances/{kept['id']}")[0] == 500
+    status, _, key_record = master.call("PATCH", "/instances/********", {"action": "restart"})
+    assert status == 500
+    listing = master.call("GET", "/instances")[2]
+    assert [i["id"] for i in listing] == ["********", kept["id"]] and listing[0]["url"] == master.key
+    (state / "master.json.tmp").rmdir()
+    assert master.call("POST", "/instances", {"url": f"client://127.0.0.1:{free_port()}/127.0.0.1:1"})[0] == 201
+
+
+def test_overlapping_restarts_leave_one_run_that_works(procs, nodepass_bin, tmp_path, web_service):
+    service_port, payload = web_service
+    master = Master(procs, nodepass_bin, tmp_path / "state").start()
+    server_id, client_id, user_port = tunnel_pair(master, service_port, query="tls=0")
+    master.call("PATCH", f"/instances/{server_id}", {"restart": False})
+    master.wait_status(server_id, "running")
+    threads = [threading.Thread(target=master.call, args=("PATCH", f"/instances/{server_id}", {"action": "restart"}))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    master.wait_status(server_id, "running")
+    assert wait_for(lambda: curl_get(user_port) == payload, 30, "traffic after overlapping restarts")
+    assert "address already in use" not in master.proc.output().lower()
+
+
+def test_dashboard_forms_of_requests_are_understood(procs, nodepass_bin, tmp_path):
+    master = Master(procs, nodepass_bin, tmp_path / "state").start()
+    status, _, made = master.call("POST", "/instances", {"url": f"client://127.0.0.1:{free_port()}/127.0.0.1:1"})
+    assert status == 201
+    status, _, patched = master.call("PATCH", f"/instances/{made['id']}", {"meta": {"peer": {"sid": "s"}}})
+    assert status == 200 and patched["meta"]["peer"] == {"sid": "s", "type": "", "alias": ""}
+    status, _, record = master.call("GET", "/instances/%2A%2A%2A%2A%2A%2A%2A%2A")
+    assert status == 200 and record["url"] == master.key
+    assert master.call("POST", "/info", {})[0] == 200
+
+
+def test_strangers_cannot_hold_the_api(procs, nodepass_bin, tmp_path):
+    master = Master(procs, nodepass_bin, tmp_path / "state").start()
+    # A request that trickles in is cut after the deadline, though bytes keep coming.
+    slow = socket.create_connection(("127.0.0.1", master.port), timeout=20)
+    slow.sendall(b"GET /api/v1/instances HTTP/1.1\r\n")
+    start = time.monotonic()
+    closed = False
+    while time.monotonic() - start < 20:
+        try:
+            slow.sendall(b"X-Slow: 1\r\n")
+        except OSError:
+            closed = True
+            break
+        slow.settimeout(1)
+        try:
+            if slow.recv(1024) == b"":
+                closed = True
+                break
+        except socket.timeout:
+            pass
+    assert closed and time.monotonic() - start < 15
+    slow.close()
+    # One address holds at most 32 connections; the API still answers others... and that address again
+    # once it lets go.
+    held = [socket.create_connection(("127.0.0.1", master.port), timeout=5) for _ in range(40)]
+    try:
+        refused = 0
+        for sock in held:
+            sock.settimeout(3)
+            try:
+                sock.sendall(b"GET /api/v1/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+                if sock.recv(64) == b"":
+                    refused += 1
+            except OSError:
+                refused += 1
+        assert refused >= 8
+    finally:
+        for sock in held:
+            sock.close()
+    assert wait_for(lambda: master.call("GET", "/openapi.json", key="")[0] == 200, 10, "the API after the flood")

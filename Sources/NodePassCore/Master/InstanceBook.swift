@@ -126,7 +126,7 @@ public struct InstanceBook: Sendable {
         self.live[id] = self.newLive()
         let start = self.start(id)
         let view = self.view(of: self.state.instances[self.state.instances.count - 1])
-        return .success(MasterOutcome(view: view, effects: [start, .save, .publish(.create, view)]))
+        return .success(MasterOutcome(view: view, effects: [.save, start, .publish(.create, view)]))
     }
 
     /// PATCH /instances/{id}. Every part is checked before any is applied. On the key record only
@@ -199,8 +199,8 @@ public struct InstanceBook: Sendable {
             break
         }
         let view = self.view(of: self.state.instances[index])
-        if changed { effects += [.save, .publish(.update, view)] }
-        return .success(MasterOutcome(view: view, effects: effects))
+        guard changed else { return .success(MasterOutcome(view: view, effects: effects)) }
+        return .success(MasterOutcome(view: view, effects: [.save] + effects + [.publish(.update, view)]))
     }
 
     /// PUT /instances/{id}: a new URL for the instance, which then runs with it.
@@ -222,7 +222,7 @@ public struct InstanceBook: Sendable {
         self.state.instances[index].url = checked
         effects.append(self.start(id))
         let view = self.view(of: self.state.instances[index])
-        return .success(MasterOutcome(view: view, effects: effects + [.save, .publish(.update, view)]))
+        return .success(MasterOutcome(view: view, effects: [.save] + effects + [.publish(.update, view)]))
     }
 
     /// DELETE /instances/{id}.
@@ -236,7 +236,7 @@ public struct InstanceBook: Sendable {
         let view = self.view(of: self.state.instances[index])
         self.state.instances.remove(at: index)
         self.live[id] = nil
-        return .success(MasterOutcome(view: view, effects: effects + [.save, .publish(.delete, view)]))
+        return .success(MasterOutcome(view: view, effects: [.save] + effects + [.publish(.delete, view)]))
     }
 
     /// POST /info: the master's alias.
@@ -311,6 +311,12 @@ public struct InstanceBook: Sendable {
         self.live[id] = live
         self.state.instances[index].traffic.add(report.traffic)
         return [.publish(.update, self.view(of: self.state.instances[index]))]
+    }
+
+    /// Adds traffic that a run counted after its last report (read when it stopped).
+    public mutating func addTraffic(_ id: String, _ traffic: TrafficCounters) {
+        guard let index = self.state.instances.firstIndex(where: { $0.id == id }) else { return }
+        self.state.instances[index].traffic.add(traffic)
     }
 
     /// Whether `run` is the current run of `id` (a start asked for earlier may have been overtaken).
@@ -484,7 +490,8 @@ public enum MasterEventKind: String, Sendable {
     case initial, create, update, delete, log, shutdown
 }
 
-/// What the caller of an `InstanceBook` must do.
+/// What the caller of an `InstanceBook` must do, in order. A request's `.save` comes first: when the state
+/// cannot be saved, the caller drops the rest and goes back to the book it had before the request.
 public enum MasterEffect: Sendable {
     /// Start run `run` of the instance with `url`.
     case start(id: String, run: UInt64, url: TunnelURL)

@@ -137,6 +137,14 @@ public struct InstanceMeta: Codable, Hashable, Sendable {
             self.type = type
             self.alias = alias
         }
+
+        /// A field left out is empty (a dashboard may send `"peer": {}`).
+        public init(from decoder: any Decoder) throws {
+            let container = try decoder.container(keyedBy: CodingKeys.self)
+            self.sid = try container.decodeIfPresent(String.self, forKey: .sid) ?? ""
+            self.type = try container.decodeIfPresent(String.self, forKey: .type) ?? ""
+            self.alias = try container.decodeIfPresent(String.self, forKey: .alias) ?? ""
+        }
     }
 
     public var peer = Peer()
