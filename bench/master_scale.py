@@ -27,16 +27,12 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable, List
+from typing import List
+
+from udpbench import free_port, wait_for as wait
 
 KEY = "0123456789abcdef0123456789abcdef"
 ENV = dict(os.environ, SERVICE_COOLDOWN="200ms", REPORT_INTERVAL="1s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def memory_kib(pids: List[int]) -> tuple:
@@ -47,18 +43,6 @@ def memory_kib(pids: List[int]) -> tuple:
         rss += int(re.search(r"^Rss:\s+(\d+)", rollup, re.M).group(1))
         pss += int(re.search(r"^Pss:\s+(\d+)", rollup, re.M).group(1))
     return rss, pss
-
-
-def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def echo_server(stop: threading.Event) -> int:

@@ -33,6 +33,12 @@ public final class MasterService: Service {
         instanceLogHandler:
             @escaping @Sendable (String, LogLevel, @escaping @Sendable (String) -> Void) -> any LogHandler
     ) throws(NodePassError) {
+        // The API's certificate first: a master that cannot serve makes no state.
+        self.tls = try APITLS.make(
+            mode: url.tls,
+            certificateFile: url.certificateFile,
+            privateKeyFile: url.privateKeyFile
+        )
         try store.prepare()
         let state: MasterState
         if let saved = try store.load() {
@@ -47,11 +53,6 @@ public final class MasterService: Service {
             try store.save(state)
             logger.info("API key created", metadata: ["np.key": "\(state.master.apiKey)", "np.state": "\(store.file)"])
         }
-        self.tls = try APITLS.make(
-            mode: url.tls,
-            certificateFile: url.certificateFile,
-            privateKeyFile: url.privateKeyFile
-        )
         self.url = url
         self.configuration = configuration
         self.group = group

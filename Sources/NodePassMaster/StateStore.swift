@@ -76,17 +76,13 @@ public struct StateStore: Sendable {
             throw self.failure("cannot read the state file \(self.file)")
         }
         defer { close(descriptor) }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let count = chunk.withUnsafeMutableBytes { read(descriptor, $0.baseAddress, $0.count) }
-            if count < 0 && errno == EINTR { continue }
-            guard count >= 0 else { throw self.failure("cannot read the state file \(self.file)") }
-            if count == 0 { break }
-            bytes += chunk[0..<count]
-            guard bytes.count <= Self.maximumFileSize else {
-                throw NodePassError(.invalidState, "the state file \(self.file) is larger than any master writes")
-            }
+        let (bytes, readError) = readToEnd(descriptor, limit: Self.maximumFileSize)
+        if let readError {
+            errno = readError
+            throw self.failure("cannot read the state file \(self.file)")
+        }
+        guard bytes.count <= Self.maximumFileSize else {
+            throw NodePassError(.invalidState, "the state file \(self.file) is larger than any master writes")
         }
         do {
             return try JSONDecoder().decode(MasterState.self, from: Data(bytes)).validated()
@@ -138,4 +134,19 @@ public struct StateStore: Sendable {
         let reason = String(cString: strerror(errno))
         return NodePassError(.invalidState, "\(what) (\(self.directory)): \(reason)")
     }
+}
+
+/// Reads `descriptor` until its end, or until more than `limit` bytes have come; `error` is the `errno` of a
+/// read that failed (the bytes are then those read before it).
+func readToEnd(_ descriptor: Int32, limit: Int) -> (bytes: [UInt8], error: Int32?) {
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while bytes.count <= limit {
+        let count = chunk.withUnsafeMutableBytes { read(descriptor, $0.baseAddress, $0.count) }
+        if count < 0 && errno == EINTR { continue }
+        guard count >= 0 else { return (bytes, errno) }
+        if count == 0 { break }
+        bytes += chunk[0..<count]
+    }
+    return (bytes, nil)
 }

@@ -50,7 +50,7 @@ public struct InstanceBook: Sendable {
     /// The view of `id`, the key record included.
     public func view(_ id: String) -> Result<InstanceView, MasterAPIError> {
         if id == Self.keyRecordID { return .success(self.keyRecordView) }
-        guard let record = self.state.instances.first(where: { $0.id == id }) else { return .failure(.notFound) }
+        guard let record = self.record(id) else { return .failure(.notFound) }
         return .success(self.view(of: record))
     }
 
@@ -147,7 +147,7 @@ public struct InstanceBook: Sendable {
             let view = self.keyRecordView
             return .success(MasterOutcome(view: view, effects: [.save, .publish(.update, view), .endSubscriptions]))
         }
-        guard let index = self.state.instances.firstIndex(where: { $0.id == id }) else { return .failure(.notFound) }
+        guard let index = self.index(of: id) else { return .failure(.notFound) }
         if let alias = patch.alias, alias.utf8.count > MasterState.maximumFieldLength {
             return .failure(.tooLong("alias"))
         }
@@ -208,7 +208,7 @@ public struct InstanceBook: Sendable {
         guard id != Self.keyRecordID else {
             return .failure(MasterAPIError(status: 403, message: "Forbidden: API Key"))
         }
-        guard let index = self.state.instances.firstIndex(where: { $0.id == id }) else { return .failure(.notFound) }
+        guard let index = self.index(of: id) else { return .failure(.notFound) }
         let checked: String
         switch self.checked(url) {
         case .success(let value): checked = value
@@ -230,7 +230,7 @@ public struct InstanceBook: Sendable {
         guard id != Self.keyRecordID else {
             return .failure(MasterAPIError(status: 403, message: "Forbidden: API Key"))
         }
-        guard let index = self.state.instances.firstIndex(where: { $0.id == id }) else { return .failure(.notFound) }
+        guard let index = self.index(of: id) else { return .failure(.notFound) }
         var effects: [MasterEffect] = []
         if self.state.instances[index].running { effects.append(self.stop(id)) }
         let view = self.view(of: self.state.instances[index])
@@ -270,7 +270,7 @@ public struct InstanceBook: Sendable {
         jitter: Double
     ) -> [MasterEffect] {
         guard var live = self.live[id], live.run == run,
-            let index = self.state.instances.firstIndex(where: { $0.id == id })
+            let index = self.index(of: id)
         else { return [] }
         if let startedAt = live.startedAt { live.backoff.sessionEnded(uptime: now - startedAt) }
         live.startedAt = nil
@@ -305,7 +305,7 @@ public struct InstanceBook: Sendable {
     /// rest replaces what was shown.
     public mutating func report(_ id: String, run: UInt64, _ report: InstanceReport) -> [MasterEffect] {
         guard var live = self.live[id], live.run == run,
-            let index = self.state.instances.firstIndex(where: { $0.id == id })
+            let index = self.index(of: id)
         else { return [] }
         live.report = report
         self.live[id] = live
@@ -315,7 +315,7 @@ public struct InstanceBook: Sendable {
 
     /// Adds traffic that a run counted after its last report (read when it stopped).
     public mutating func addTraffic(_ id: String, _ traffic: TrafficCounters) {
-        guard let index = self.state.instances.firstIndex(where: { $0.id == id }) else { return }
+        guard let index = self.index(of: id) else { return }
         self.state.instances[index].traffic.add(traffic)
     }
 
@@ -326,13 +326,17 @@ public struct InstanceBook: Sendable {
 
     // MARK: helpers
 
+    private func index(of id: String) -> Int? {
+        self.state.instances.firstIndex { $0.id == id }
+    }
+
     private func record(_ id: String) -> InstanceRecord? {
-        self.state.instances.first { $0.id == id }
+        self.index(of: id).map { self.state.instances[$0] }
     }
 
     /// A new run of `id`: the instance wants to run from now on.
     private mutating func start(_ id: String) -> MasterEffect {
-        guard let index = self.state.instances.firstIndex(where: { $0.id == id }), var live = self.live[id] else {
+        guard let index = self.index(of: id), var live = self.live[id] else {
             return .save
         }
         live.run += 1
@@ -354,7 +358,7 @@ public struct InstanceBook: Sendable {
             live.report = InstanceReport()
             self.live[id] = live
         }
-        if let index = self.state.instances.firstIndex(where: { $0.id == id }) {
+        if let index = self.index(of: id) {
             self.state.instances[index].running = false
         }
         return .stop(id: id, run: run)

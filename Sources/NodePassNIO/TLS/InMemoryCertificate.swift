@@ -83,6 +83,9 @@ struct InMemoryCertificate: Sendable {
 
 /// The certificate of v2 data connections with `tls=2`, read from the `crt=` and `key=` PEM files.
 struct FileCertificate: Sendable {
+    /// The certificate chain and the private key, as read.
+    let chain: [NIOSSLCertificate]
+    let key: NIOSSLPrivateKey
     /// A TLS server context presenting the chain.
     let context: NIOSSLContext
     /// SHA-256 of the leaf certificate's DER bytes (the client pins it).
@@ -126,7 +129,7 @@ struct FileCertificate: Sendable {
                 underlying: error
             )
         }
-        return FileCertificate(context: context, fingerprint: Array(SHA256.hash(data: der)))
+        return FileCertificate(chain: chain, key: key, context: context, fingerprint: Array(SHA256.hash(data: der)))
     }
 }
 
@@ -177,35 +180,27 @@ public struct APITLS: Sendable {
     ) throws(NodePassError) -> APITLS? {
         let chain: [NIOSSLCertificate]
         let key: NIOSSLPrivateKey
+        let digest: [UInt8]
         switch mode {
         case .plain:
             return nil
         case .inMemory:
             let certificate = try InMemoryCertificate.generate()
-            chain = [certificate.certificate]
-            key = certificate.privateKey
+            (chain, key, digest) = ([certificate.certificate], certificate.privateKey, certificate.fingerprint)
         case .files:
             guard let certificateFile, let privateKeyFile else {
                 throw NodePassError(.invalidURL, "tls=2 needs both crt=CERTIFICATE.pem and key=PRIVATE_KEY.pem")
             }
-            // Reading them as a tunnel server does checks them, with the same messages.
-            _ = try FileCertificate.load(certificateFile: certificateFile, privateKeyFile: privateKeyFile)
-            do {
-                chain = try NIOSSLCertificate.fromPEMFile(certificateFile)
-                key = try NIOSSLPrivateKey(file: privateKeyFile, format: .pem)
-            } catch {
-                throw NodePassError(.fileUnreadable, "cannot read crt=\(certificateFile) or key=\(privateKeyFile)")
-            }
-        }
-        guard let leaf = chain.first, let der = try? leaf.toDERBytes() else {
-            throw NodePassError(.fileUnreadable, "no certificate to serve the API with")
+            // Read and checked as a tunnel server reads them, with the same messages.
+            let file = try FileCertificate.load(certificateFile: certificateFile, privateKeyFile: privateKeyFile)
+            (chain, key, digest) = (file.chain, file.key, file.fingerprint)
         }
         var configuration = TLSConfiguration.makeServerConfiguration(
             certificateChain: chain.map { .certificate($0) },
             privateKey: .privateKey(key)
         )
         configuration.minimumTLSVersion = .tlsv12
-        let fingerprint = SHA256.hash(data: der).map { byte in
+        let fingerprint = digest.map { byte in
             let digits = Array("0123456789ABCDEF")
             return String([digits[Int(byte >> 4)], digits[Int(byte & 0x0F)]])
         }
