@@ -19,6 +19,7 @@ public struct NodePassError: Error, Hashable, Sendable, CustomStringConvertible 
             case versionMismatch
             case fileUnreadable
             case invalidState
+            case unreachable
         }
 
         private let base: Base
@@ -55,6 +56,8 @@ public struct NodePassError: Error, Hashable, Sendable, CustomStringConvertible 
         public static let fileUnreadable = Code(.fileUnreadable)
         /// A master's saved state breaks its own rules (a damaged or edited file).
         public static let invalidState = Code(.invalidState)
+        /// A peer could not be reached (connection refused, no route, no answer, name not found).
+        public static let unreachable = Code(.unreachable)
 
         /// A short name of the code.
         public var description: String {

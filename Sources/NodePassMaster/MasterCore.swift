@@ -248,7 +248,7 @@ actor MasterCore {
             try self.store.save(self.book.state)
             return true
         } catch {
-            self.logger.error("cannot save the master's state", metadata: ["np.error": "\(error.message)"])
+            self.logger.error("cannot save the master's state: \(UserFacingError.describe(error))")
             return false
         }
     }
@@ -311,7 +311,7 @@ actor MasterCore {
                 try await serviceGroup.run()
             } catch {
                 failed = true
-                logger.error("the tunnel stopped", metadata: ["np.error": "\(error)"])
+                logger.error("the tunnel stopped: \(UserFacingError.describe(error))")
             }
             await self.ended(id, run: run, failed: failed)
         }

@@ -1,6 +1,7 @@
 import NIOCore
 import NIOPosix
 import NodePassCore
+import NodePassNIO
 import Synchronization
 
 #if canImport(Glibc)
@@ -82,22 +83,7 @@ final class MasterInfoSource: Sendable {
             try? await channel.close()
             return TCPingResult(target: target, connected: true, latency: latency, error: nil)
         } catch {
-            return TCPingResult(target: target, connected: false, latency: 0, error: Self.reason(error))
-        }
-    }
-
-    /// Why a connection failed, in a few words (`connection refused`, `timed out`, `name not found`).
-    static func reason(_ error: any Error) -> String {
-        switch error {
-        case let error as NIOConnectionError:
-            if let failure = error.connectionErrors.first { return Self.reason(failure.error) }
-            return error.dnsAError != nil || error.dnsAAAAError != nil ? "name not found" : "no address to connect to"
-        case let error as IOError:
-            return String(cString: strerror(error.errnoCode)).lowercased()
-        case ChannelError.connectTimeout:
-            return "timed out"
-        default:
-            return "\(error)"
+            return TCPingResult(target: target, connected: false, latency: 0, error: UserFacingError.describe(error))
         }
     }
 

@@ -30,10 +30,11 @@ struct NodePassCommand: AsyncParsableCommand {
               client://[KEY@]SERVER_HOST:PORT/TARGET_HOST:PORT?log=LEVEL
               master://[HOST]:PORT[/PREFIX]?log=LEVEL&tls=0|1|2   (see MASTER MODE)
 
-            The server listens on TUNNEL (TLS control channel), on a free pool
-            port that it announces to the client, and on TARGET, where users
-            connect. The client connects to the server's TUNNEL and dials its
-            own TARGET (the real service) for each user connection.
+            The server listens on TUNNEL (TLS control channel), on a pool port
+            (pool=PORT, else a free one) that it announces to the client, and
+            on TARGET, where users connect. The client connects to the
+            server's TUNNEL and dials its own TARGET (the real service) for
+            each user connection.
             With a KEY the tunnel carries UDP too, on the same TARGET address:
             each user's datagrams reach the service one by one, whole, and the
             replies go back to that user. Without a key: TCP only.
@@ -52,6 +53,9 @@ struct NodePassCommand: AsyncParsableCommand {
               metrics=HOST:PORT  serve Prometheus metrics at http://HOST:PORT/metrics
                                  (off by default; unauthenticated: bind it to
                                  127.0.0.1 or a private address)
+            Server only:
+              pool=PORT          the pool port (default: a free port chosen at
+                                 each start); fix it to open it in a firewall
             Server with a KEY only (the client follows the server):
               tls=1              data connections in TLS with the in-memory
                                  certificate, pinned by the client (default)
@@ -100,9 +104,16 @@ struct NodePassCommand: AsyncParsableCommand {
               systemd's StateDirectory=), else $XDG_STATE_HOME/nodepass, else
               ~/.local/state/nodepass; what ran runs again at the next start.
 
-            EXAMPLES (make a key with: openssl rand -hex 16):
-              nodepass "server://KEY@:10101/127.0.0.1:8080"
-              nodepass "client://KEY@server.example.com:10101/127.0.0.1:80"
+            KEY:
+              nodepass key       prints a fresh random key (32 hex digits)
+              A server with a key logs, once at start, the command to run on
+              the client's machine, with its address and the key left to
+              NODEPASS_KEY.
+
+            EXAMPLES:
+              nodepass key       (give its output to both sides as NODEPASS_KEY)
+              NODEPASS_KEY=... nodepass "server://:10101/127.0.0.1:8080?pool=10102"
+              NODEPASS_KEY=... nodepass "client://server.example.com:10101/127.0.0.1:80"
               nodepass "server://:10101/127.0.0.1:8080"   (v1: trusted networks only)
               nodepass "master://127.0.0.1:9090?tls=1"
 
@@ -113,13 +124,19 @@ struct NodePassCommand: AsyncParsableCommand {
         version: "nodepass \(NodePassVersion.current), protocols: \(NodePassVersion.protocols)"
     )
 
-    @Argument(help: "server://TUNNEL/TARGET?..., client://TUNNEL/TARGET?... or master://HOST:PORT?... (see below)")
+    @Argument(
+        help: "server://TUNNEL/TARGET?..., client://TUNNEL/TARGET?..., master://HOST:PORT?... or key (see below)"
+    )
     var url: String
 
     /// Whether the argument is a master URL (`master://…`) rather than a tunnel URL.
     private var isMaster: Bool { self.url.lowercased().hasPrefix("master://") }
 
+    /// `nodepass key`: print a fresh key rather than run a tunnel.
+    private var isKeyRequest: Bool { self.url == "key" }
+
     func validate() throws {
+        guard !self.isKeyRequest else { return }
         do {
             if self.isMaster {
                 _ = try MasterURL.parse(self.url)
@@ -132,6 +149,10 @@ struct NodePassCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
+        if self.isKeyRequest {
+            writeAll("\(PairingCommand.freshKey())\n", to: STDOUT_FILENO)
+            return
+        }
         if self.isMaster {
             try await self.runMaster()
             return
@@ -190,7 +211,7 @@ struct NodePassCommand: AsyncParsableCommand {
                 }
             )
         } catch {
-            logger.critical("cannot start the master", metadata: ["np.error": "\(error.message)"])
+            logger.critical("cannot start the master: \(UserFacingError.describe(error))")
             throw ExitCode(1)
         }
         try await Self.run(metrics: url.metrics, group: group, logger: logger, what: "the master") { master }
@@ -251,7 +272,8 @@ struct NodePassCommand: AsyncParsableCommand {
         do {
             try await serviceGroup.run()
         } catch {
-            logger.critical("cannot run \(what)", metadata: ["np.error": "\(error)"])
+            logger.debug("cannot run \(what)", metadata: ["np.error": "\(error)"])
+            logger.critical("\(UserFacingError.describe(error))")
             throw ExitCode(1)
         }
     }
@@ -284,7 +306,8 @@ struct NodePassCommand: AsyncParsableCommand {
         getenv(TunnelURL.keyVariable).map { String(cString: $0) }
     }
 
+    /// An error found before the tunnel starts, in the format of the argument parser's own ("Error: …").
     private static func printError(_ message: String) {
-        writeAll("nodepass: error: \(message)\n", to: STDERR_FILENO)
+        writeAll("Error: \(message)\n  See 'nodepass --help' for the environment variables.\n", to: STDERR_FILENO)
     }
 }

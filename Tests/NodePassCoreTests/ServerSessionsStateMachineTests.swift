@@ -39,7 +39,10 @@ import Testing
 
     @Test func v1AdmitsOnlyTheClientsAddressAndANewerClientReplacesTheOld() {
         var machine = Machine(maximumClients: 4)
-        let first = machine.v1ClientConnected("control-a", peerIP: "192.0.2.1")
+        guard let first = machine.v1ClientConnected("control-a", peerIP: "192.0.2.1") else {
+            Issue.record("the first v1 client was refused")
+            return
+        }
         #expect(first.replaced.isEmpty && !first.isReconnect)
         let stranger = machine.admitPoolConnection(.v1(peerIP: "192.0.2.9"), pool: self.pool()) { PoolID(1) }
         #expect(self.refusal(stranger) == .notFromClientAddress)
@@ -50,8 +53,8 @@ import Testing
         #expect(self.admitted(client)?.owner == first.owner)
 
         let second = machine.v1ClientConnected("control-b", peerIP: "192.0.2.2")
-        #expect(second.replaced.map(\.owner) == [first.owner] && second.replaced.map(\.control) == ["control-a"])
-        #expect(second.isReconnect && machine.count == 1)
+        #expect(second?.replaced.map(\.owner) == [first.owner] && second?.replaced.map(\.control) == ["control-a"])
+        #expect(second?.isReconnect == true && machine.count == 1)
         let old = machine.admitPoolConnection(.v1(peerIP: "192.0.2.1"), pool: self.pool()) { PoolID(3) }
         #expect(self.refusal(old) == .notFromClientAddress)
     }
@@ -89,6 +92,17 @@ import Testing
         #expect(closed?.control == "b" && machine.secret(forSession: [2]) == nil)
         #expect(machine.v2ClientAuthenticated("c", peerIP: nil, sessionID: [3], secret: self.secret) != nil)
         #expect(machine.closeAll().sorted() == ["a", "c"] && machine.count == 0)
+    }
+
+    /// A handshake that finishes while the server shuts down leaves no session behind: after `closeAll()`
+    /// neither version starts one (the caller closes that control channel).
+    @Test func noSessionStartsAfterShutdown() {
+        var machine = Machine(maximumClients: 4)
+        #expect(machine.v2ClientAuthenticated("a", peerIP: nil, sessionID: [1], secret: self.secret) != nil)
+        #expect(machine.closeAll() == ["a"])
+        #expect(machine.v2ClientAuthenticated("b", peerIP: nil, sessionID: [2], secret: self.secret) == nil)
+        #expect(machine.v1ClientConnected("c", peerIP: "192.0.2.1") == nil)
+        #expect(machine.count == 0 && machine.secret(forSession: [2]) == nil)
     }
 
     @Test func aFullPoolOrAFullClientShareIsRefused() {

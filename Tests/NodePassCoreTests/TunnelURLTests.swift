@@ -39,6 +39,43 @@ import Testing
         }
     }
 
+    /// `pool=PORT` fixes the server's pool port (v1 and v2), for a firewall; the client follows the server.
+    @Test func poolFixesTheServersPoolPort() throws {
+        let url = try TunnelURL.parse("server://:10101/:8080?pool=10102")
+        #expect(url.poolPort == 10102)
+        #expect(url.redacted.hasSuffix("&pool=10102"))
+        #expect(try TunnelURL.parse(url.canonical).poolPort == 10102)
+        #expect(try TunnelURL.parse("server://k3y@:10101/:8080?pool=65535&tls=0").poolPort == 65535)
+        #expect(try TunnelURL.parse("server://:10101/:8080").poolPort == nil)
+        #expect(try TunnelURL.parse("server://192.0.2.1:10101/127.0.0.1:8080?pool=8080").poolPort == 8080)
+        for text in [
+            "client://:10101/:8080?pool=10102", "server://:10101/:8080?pool=10101", "server://:10101/:8080?pool=0",
+            "server://:10101/:8080?pool=65536", "server://:10101/:8080?pool=+1", "server://:10101/:8080?pool=",
+            "server://:10101/127.0.0.1:8080?pool=8080",
+        ] {
+            #expect(throws: NodePassError(.invalidURL, ""), "\(text)") { try TunnelURL.parse(text) }
+        }
+    }
+
+    /// What a server with a key logs for pairing: a client URL that parses, without a key, IPv6 in brackets.
+    @Test func thePairingCommandIsAClientURLWithoutTheKey() throws {
+        let reverse = PairingCommand.message(host: "2001:db8::7", port: 10101, mode: .reverse)
+        #expect(reverse.hasSuffix(#"nodepass "client://[2001:db8::7]:10101/TARGET_HOST:PORT""#))
+        #expect(reverse.contains("the service") && !reverse.contains("NAT"))
+        let guessed = PairingCommand.message(host: "192.0.2.2", port: 10101, mode: .reverse, guessed: true)
+        #expect(guessed.contains("behind NAT, the public address instead of 192.0.2.2"))
+        #expect(guessed.hasSuffix(#"nodepass "client://192.0.2.2:10101/TARGET_HOST:PORT""#))
+        let forward = PairingCommand.message(host: "203.0.113.7", port: 10101, mode: .forward)
+        #expect(forward.contains("where users connect"))
+        let url = try #require(forward.split(separator: "\"").dropFirst().first)
+        let filled = url.replacing("TARGET_HOST:PORT", with: "127.0.0.1:5432")
+        let parsed = try TunnelURL.parse(String(filled), environmentKey: "k3y")
+        #expect(parsed.role == .client && parsed.tunnel == HostPort(host: "203.0.113.7", port: 10101))
+        let keys = [PairingCommand.freshKey(), PairingCommand.freshKey()]
+        #expect(keys[0] != keys[1])
+        #expect(keys.allSatisfy { $0.count == 32 && $0.allSatisfy(\.isHexDigit) })
+    }
+
     @Test func schemeIsCaseInsensitive() throws {
         #expect(try TunnelURL.parse("SERVER://:1/:2").role == .server)
     }

@@ -11,11 +11,18 @@ import Testing
 
 private final class RecordingServer: ServerControlDelegate {
     let events = Mutex<[String]>([])
-    func controlConnected(_ channel: any Channel) { self.events.withLock { $0.append("connected") } }
-    func v2SessionStarted(_ channel: any Channel, sessionID: [UInt8], secret: V2SessionSecret, datagrams: Bool) -> Bool
-    {
+    func controlConnected(_ channel: any Channel) -> SessionAdmission {
+        self.events.withLock { $0.append("connected") }
+        return .admitted
+    }
+    func v2SessionStarted(
+        _ channel: any Channel,
+        sessionID: [UInt8],
+        secret: V2SessionSecret,
+        datagrams: Bool
+    ) -> SessionAdmission {
         self.events.withLock { $0.append("session udp=\(datagrams)") }
-        return true
+        return .admitted
     }
     func controlClosed(_ channel: any Channel) { self.events.withLock { $0.append("closed") } }
     func launchReceived(_ id: PoolID, launch: PoolLaunch, from channel: any Channel) {
@@ -39,6 +46,7 @@ private final class RecordingPool: ClientControlDelegate {
     func launch(_ id: PoolID, _ launch: PoolLaunch) {
         self.events.withLock { $0.append(launch == .stream ? "launch \(id)" : "launch datagrams \(id)") }
     }
+    func stop() { self.events.withLock { $0.append("stop") } }
 }
 
 /// The client's and the server's control handlers, back to back on one embedded event loop (no TLS: the
@@ -170,6 +178,8 @@ private final class RecordingPool: ClientControlDelegate {
         // reach the server, which stays up.
         try pair.advance(seconds: 4, serverToClient: false)
         #expect(!pair.client.isActive)
+        // The pool stops with the channel, before the client's next attempt.
+        #expect(pair.pool.events.withLock { $0.last } == "stop")
         #expect(pair.server.isActive)
         _ = try? pair.server.finish()
         #expect(pair.registry.events.withLock { $0.last } == "closed")
@@ -213,7 +223,8 @@ private final class RecordingPool: ClientControlDelegate {
         let pair = try Pair(v2: true, alpn: V2Message.alpn, transports: [.udp])
         #expect(throws: NodePassError.self) { try pair.connected.wait() }
         #expect(pair.registry.events.withLock { $0 }.isEmpty)
-        #expect(pair.pool.events.withLock { $0 }.isEmpty)
+        // The pool never started; the closed channel only stops it.
+        #expect(pair.pool.events.withLock { $0 } == ["stop"])
         #expect(!pair.server.isActive)
     }
 

@@ -96,7 +96,7 @@ def test_user_before_client_is_closed_and_server_survives(procs, nodepass_bin, e
 def test_client_started_before_the_server_connects_once_it_exists(procs, nodepass_bin, echo_service):
     tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port)
     tunnel.start_client()
-    wait_for(lambda: "cannot connect to the server" in tunnel.client.output(), 10, "client's first failed attempt")
+    wait_for(lambda: "cannot reach the server at" in tunnel.client.output(), 10, "client's first failed attempt")
     tunnel.start_server()
     # The next attempt comes after SERVICE_COOLDOWN (500 ms here); allow a few more for slow machines.
     tunnel.wait_client_connected(10)

@@ -18,10 +18,11 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import pytest
 
+from support.certs import self_signed
 from support.ports import free_port
 from support.processes import Proc
 from support.procfs import is_listening
@@ -148,12 +149,7 @@ def metric(tunnel_metrics_port: int, name: str, labels: str = "") -> float:
 def test_every_datagram_arrives_whole_and_alone(procs, nodepass_bin, echo_service, mode, tls, tmp_path):
     query = ""
     if tls == "2":
-        if shutil.which("openssl") is None:
-            pytest.skip("openssl CLI not installed (Debian package: openssl)")
-        crt, key = tmp_path / "data.crt", tmp_path / "data.key"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                        "-keyout", str(key), "-out", str(crt), "-days", "2", "-subj", "/CN=e2e-udp"],
-                       check=True, capture_output=True, timeout=60)
+        crt, key = self_signed(tmp_path, "data", "e2e-udp")
         query = f"&crt={crt}&key={key}"
     tunnel = udp_tunnel(procs, nodepass_bin, echo_service, tls=tls, mode=mode, query=query)
     user = User(tunnel.host, tunnel.target_port)
@@ -347,12 +343,7 @@ def test_iperf3_udp_at_a_fixed_rate_through_the_tunnel(procs, nodepass_bin):
 
 def test_http3_get_of_10_mib_arrives_intact(procs, nodepass_bin, tmp_path):
     pytest.importorskip("aioquic", reason="aioquic not installed (pip install aioquic)")
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed (Debian package: openssl)")
-    crt, key = tmp_path / "h3.crt", tmp_path / "h3.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-keyout", str(key), "-out", str(crt), "-days", "2", "-subj", "/CN=localhost"],
-                   check=True, capture_output=True, timeout=60)
+    crt, key = self_signed(tmp_path, "h3", "localhost")
     h3 = Path(__file__).resolve().parent / "helpers" / "h3.py"
     port = free_port()
     server = procs.start("h3-server", [sys.executable, str(h3), "serve", "--port", str(port), "--cert", str(crt),

@@ -33,6 +33,9 @@ public struct TunnelURL: Hashable, Sendable {
     public var mode: TunnelMode = .auto
     /// What the tunnel carries (server, v2): `notcp=1` and `noudp=1` remove TCP and UDP. v1 carries TCP only.
     public var transports: TunnelTransports = [.tcp, .udp]
+    /// The `pool=PORT` query parameter (server, v1 and v2): the port of the pool listener, fixed so that a
+    /// firewall can open it; nil: a free port, chosen at each start.
+    public var poolPort: Int?
 
     /// The protocol this URL selects: 2 with a key, 1 without.
     public var protocolVersion: Int { self.key == nil ? 1 : 2 }
@@ -180,6 +183,13 @@ public struct TunnelURL: Hashable, Sendable {
                 let transport: TunnelTransports = name == "notcp" ? .tcp : .udp
                 if value == "1" { self.transports.remove(transport) } else { self.transports.insert(transport) }
                 v2Only.append(String(name))
+            case "pool":
+                guard value.count <= 5, value.allSatisfy({ $0.isASCII && $0.isNumber }), let port = Int(value),
+                    (1...65535).contains(port)
+                else {
+                    throw NodePassError(.invalidURL, "pool='\(value.prefix(16))' is not a port number from 1 to 65535")
+                }
+                self.poolPort = port
             case "crt", "key":
                 let path = try URLQuery.filePath(name, value)
                 if name == "crt" { self.certificateFile = path } else { self.privateKeyFile = path }
@@ -188,11 +198,29 @@ public struct TunnelURL: Hashable, Sendable {
                 throw NodePassError(
                     .invalidURL,
                     "unknown query parameter '\(name.prefix(32))' "
-                        + "(known: log, metrics, tls, crt, key, mode, notcp, noudp)"
+                        + "(known: log, metrics, pool, tls, crt, key, mode, notcp, noudp)"
                 )
             }
         }
+        try self.checkPoolPort()
         try self.checkV2Options(v2Only)
+    }
+
+    private func checkPoolPort() throws(NodePassError) {
+        guard let port = self.poolPort else { return }
+        guard self.role == .server else {
+            throw NodePassError(
+                .invalidURL,
+                "pool= is set on the server; the client uses the port the server announces"
+            )
+        }
+        guard port != self.tunnel.port else {
+            throw NodePassError(.invalidURL, "pool=\(port) is also the tunnel port: give the pool a port of its own")
+        }
+        let sameHost = self.tunnel.host.isEmpty || self.target.host.isEmpty || self.tunnel.host == self.target.host
+        guard port != self.target.port || !sameHost else {
+            throw NodePassError(.invalidURL, "pool=\(port) is also the target port: give the pool a port of its own")
+        }
     }
 
     private func checkV2Options(_ given: [String]) throws(NodePassError) {
@@ -229,6 +257,7 @@ public struct TunnelURL: Hashable, Sendable {
     private func rendered(keyPart: String, everyDefault: Bool) -> String {
         var query = "log=\(self.logLevel.rawValue)"
         if let metrics = self.metrics { query += "&metrics=\(metrics)" }
+        if let pool = self.poolPort { query += "&pool=\(pool)" }
         let serverV2 = everyDefault && self.key != nil && self.role == .server
         if let tls = serverV2 ? self.effectiveDataTLS : self.dataTLS { query += "&tls=\(tls.rawValue)" }
         if let file = self.certificateFile { query += "&crt=\(file)" }

@@ -101,13 +101,7 @@ public struct ClientControlStateMachine: Sendable {
             return .connected
         case .v2(let key):
             guard alpn == V2Message.alpn || alpn == V2Message.alpnDatagrams else {
-                return self.fail(
-                    nil,
-                    NodePassError(
-                        .versionMismatch,
-                        "the server speaks protocol v1 (it has no key): give the server the same key"
-                    )
-                )
+                return self.fail(nil, V2ClientHandshakeStateMachine.refusal(.noKey, text: ""))
             }
             guard let fingerprint else {
                 return self.fail(nil, NodePassError(.tls, "the server presented no certificate"))
@@ -212,10 +206,10 @@ public struct ClientControlStateMachine: Sendable {
 
     /// The channel failed with `error`.
     public mutating func errorCaught(_ error: any Error) -> Action {
-        switch self.version {
-        case .v1: self.fail(nil, NodePassError(.tls, "TLS handshake with the server failed: \(error)"))
-        case .v2: self.fail(nil, NodePassError(.tls, "control channel failed: \(error)"))
+        if case .tls = self.state {
+            return self.fail(nil, NodePassError(.tls, "the TLS handshake with the server failed", underlying: error))
         }
+        return self.fail(nil, NodePassError(.controlChannelLost, "the control channel failed", underlying: error))
     }
 
     /// The channel closed.

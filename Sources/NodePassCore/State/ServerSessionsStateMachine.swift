@@ -85,6 +85,11 @@ public struct ServerSessionsStateMachine<Control> {
     @usableFromInline var v2Owners: [[UInt8]: UInt64] = [:]
     @usableFromInline var lastOwner: UInt64 = 0
     @usableFromInline var controlsSeen = 0
+    /// Set by `closeAll()`: the server is shutting down and no session starts any more.
+    @usableFromInline var closed = false
+
+    /// Whether the server is shutting down (`closeAll()` was called): no session starts any more.
+    @inlinable public var isClosed: Bool { self.closed }
     /// The most v2 clients at once.
     public let maximumClients: Int
 
@@ -129,12 +134,14 @@ public struct ServerSessionsStateMachine<Control> {
     }
 
     /// A v1 client finished its TLS handshake: it becomes the client, and the previous ones are returned to be
-    /// closed (their idle pool connections go too).
+    /// closed (their idle pool connections go too). Nil once the server is shutting down: a handshake that
+    /// finishes then must not leave a session behind (its control channel is to be closed).
     @inlinable
     public mutating func v1ClientConnected(
         _ control: Control,
         peerIP: String?
-    ) -> (owner: UInt64, replaced: [(owner: UInt64, control: Control)], isReconnect: Bool) {
+    ) -> (owner: UInt64, replaced: [(owner: UInt64, control: Control)], isReconnect: Bool)? {
+        guard !self.closed else { return nil }
         let replaced = self.sessions.map { (owner: $0.key, control: $0.value.control) }
         self.sessions.removeAll()
         self.v2Owners.removeAll()
@@ -142,7 +149,8 @@ public struct ServerSessionsStateMachine<Control> {
         return (owner, replaced, isReconnect)
     }
 
-    /// A v2 client proved the key; nil when it is refused (too many clients, or its session ID is taken).
+    /// A v2 client proved the key; nil when it is refused (too many clients, its session ID is taken, or the
+    /// server is shutting down).
     @inlinable
     public mutating func v2ClientAuthenticated(
         _ control: Control,
@@ -150,7 +158,9 @@ public struct ServerSessionsStateMachine<Control> {
         sessionID: [UInt8],
         secret: V2SessionSecret
     ) -> (owner: UInt64, isReconnect: Bool)? {
-        guard self.sessions.count < self.maximumClients, self.v2Owners[sessionID] == nil else { return nil }
+        guard !self.closed, self.sessions.count < self.maximumClients, self.v2Owners[sessionID] == nil else {
+            return nil
+        }
         let added = self.add(Session(control: control, peerIP: peerIP, v2: (sessionID, secret)))
         self.v2Owners[sessionID] = added.owner
         return added
@@ -164,9 +174,11 @@ public struct ServerSessionsStateMachine<Control> {
         return session
     }
 
-    /// Shutting down: every session ends; their control channels are returned to be closed.
+    /// Shutting down: every session ends, and no other starts; their control channels are returned to be
+    /// closed.
     @inlinable
     public mutating func closeAll() -> [Control] {
+        self.closed = true
         defer {
             self.sessions.removeAll()
             self.v2Owners.removeAll()

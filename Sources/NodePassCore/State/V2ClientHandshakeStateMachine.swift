@@ -77,7 +77,10 @@ public struct V2ClientHandshakeStateMachine: Sendable {
                     .failure(.authenticationFailed, text: "authentication failed: the server's proof does not match"),
                     NodePassError(
                         .authenticationFailed,
-                        "the server did not prove the key (a wrong key, or a man in the middle)"
+                        """
+                        the server did not prove the key: give both sides the same key (if they have it, something \
+                        between them is not the server)
+                        """
                     )
                 )
             }
@@ -95,19 +98,42 @@ public struct V2ClientHandshakeStateMachine: Sendable {
             }
         case (_, .failure(let reason, let text)):
             self.state = .failed
-            let code: NodePassError.Code =
-                switch reason {
-                case .authenticationFailed: .authenticationFailed
-                case .unsupportedVersion, .noKey: .versionMismatch
-                default: .protocolViolation
-                }
-            return .fail(nil, NodePassError(code, "the server refused: \(text)"))
+            return .fail(nil, Self.refusal(reason, text: text))
         default:
             self.state = .failed
             return .fail(
                 .failure(.protocolViolation, text: "unexpected message"),
                 NodePassError(.protocolViolation, "unexpected message \(message.frame.type) during the handshake")
             )
+        }
+    }
+
+    /// The server's refusal, said with what to change on this side; the server's own words (at most a short
+    /// printable line) are kept where the reason says too little.
+    static func refusal(_ reason: V2FailureReason, text: String) -> NodePassError {
+        switch reason {
+        case .authenticationFailed:
+            NodePassError(
+                .authenticationFailed,
+                """
+                the server did not accept this client's proof of the key: give both sides the same key (if they \
+                have it, something between them is not the server)
+                """
+            )
+        case .noKey:
+            NodePassError(
+                .versionMismatch,
+                "the server has no key (protocol v1): give the server the same key as this client"
+            )
+        case .unsupportedVersion:
+            NodePassError(
+                .versionMismatch,
+                "the server does not speak this client's protocol version (\(text)): run the same version on both sides"
+            )
+        case .tooManyClients:
+            NodePassError(.protocolViolation, "the server refused this client: it serves as many clients as it accepts")
+        case .protocolViolation, .other:
+            NodePassError(.protocolViolation, "the server refused this client (\(text))")
         }
     }
 }

@@ -170,7 +170,7 @@ final class TargetDialer: PoolConnectionRole {
             case .failure(let error):
                 self.logger.warning(
                     "cannot resolve the target for UDP",
-                    metadata: ["np.target": "\(target)", "np.error": "\(error)"]
+                    metadata: ["np.target": "\(target)", "np.error": "\(UserFacingError.describe(error))"]
                 )
                 pool.channel.close(promise: nil)
             }
@@ -241,7 +241,10 @@ final class TargetDialer: PoolConnectionRole {
                     metrics.failed(.target)
                     logger.warning(
                         "cannot reach the target",
-                        metadata: ["np.target": "\(target)", "np.error": "\(error)", "np.pool.id": "\(pool.id)"]
+                        metadata: [
+                            "np.target": "\(target)", "np.error": "\(UserFacingError.describe(error))",
+                            "np.pool.id": "\(pool.id)",
+                        ]
                     )
                     pool.channel.close(promise: nil)
                 case .success(let targetChannel):

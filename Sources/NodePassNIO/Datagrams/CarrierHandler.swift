@@ -133,7 +133,9 @@ final class CarrierHandler: ChannelInboundHandler {
         } catch {
             self.logger.warning(
                 "datagram carrier closed: the peer broke the protocol",
-                metadata: ["np.error": "\(error)", "np.peer": "\(context.channel.peerDescription)"]
+                metadata: [
+                    "np.error": "\(UserFacingError.describe(error))", "np.peer": "\(context.channel.peerDescription)",
+                ]
             )
             self.closed = true
             context.close(promise: nil)

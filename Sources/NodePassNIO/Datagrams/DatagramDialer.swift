@@ -199,7 +199,7 @@ final class DatagramDialer: CarrierDelegate {
     private func warn(_ message: Logger.Message, error: (any Error)? = nil) {
         guard self.warnings.isDue() else { return }
         var metadata: Logger.Metadata = ["np.target": "\(self.target)", "np.flows": "\(self.flows.flowCount)"]
-        if let error { metadata["np.error"] = "\(error)" }
+        if let error { metadata["np.error"] = "\(UserFacingError.describe(error))" }
         self.logger.warning(message, metadata: metadata)
     }
 

@@ -108,8 +108,8 @@ final class DatagramUsers: CarrierDelegate {
         guard let channel = bound else {
             throw NodePassError(
                 .bindFailed,
-                "cannot listen for UDP on the target address \(HostPort(host: host, port: port)) (noudp=1 turns UDP off): "
-                    + (lastError.map { "\($0)" } ?? "no address")
+                "cannot listen for UDP on \(HostPort(host: host, port: port)) (noudp=1 turns UDP off)",
+                underlying: lastError
             )
         }
         do {

@@ -36,7 +36,9 @@ final class AcceptPauseHandler: ChannelInboundHandler {
             context.fireErrorCaught(error)
             return
         }
-        var metadata: Logger.Metadata = ["np.listener": "\(self.what)", "np.error": "\(error)"]
+        var metadata: Logger.Metadata = [
+            "np.listener": "\(self.what)", "np.error": "\(UserFacingError.describe(error))",
+        ]
         if let ioError = error as? IOError, ioError.errnoCode == EMFILE || ioError.errnoCode == ENFILE {
             metadata["np.hint"] =
                 "out of file descriptors: raise the limit (ulimit -n, LimitNOFILE) or lower SEMAPHORE_LIMIT"

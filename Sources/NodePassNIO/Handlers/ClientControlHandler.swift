@@ -18,6 +18,9 @@ protocol ClientControlDelegate: AnyObject, Sendable {
     )
     /// The server launched the pool connection `id` (`.datagrams`: as a datagram carrier).
     func launch(_ id: PoolID, _ launch: PoolLaunch)
+    /// The control channel closed: stop the pool at once (see `ClientPool.stop`), before a pool dial that the
+    /// departing server refuses is reported as a failure.
+    func stop()
 }
 
 /// The client end of a control channel (v1 and v2), after `NIOSSLClientHandler` and the decoder of its
@@ -40,6 +43,8 @@ final class ClientControlHandler: ChannelInboundHandler {
     /// The SHA-256 fingerprint of the server's certificate (from the TLS handler; tests pass their own).
     private let peerFingerprint: (ChannelHandlerContext) -> [UInt8]?
     private var serverIP: String?
+    /// Whether `connected` succeeded: v1 once the pool port came, v2 once the server accepted this client.
+    private var sessionUp = false
     private let started = NIODeadline.now()
 
     /// Makes the handler for the client's protocol.
@@ -118,7 +123,10 @@ final class ClientControlHandler: ChannelInboundHandler {
                     self.perform(self.machine.signalReceived(signal, now: context.eventLoop.now), context: context)
                 }
             } catch {
-                self.logger.warning("malformed signal skipped", metadata: ["np.error": "\(error)"])
+                self.logger.warning(
+                    "malformed signal skipped",
+                    metadata: ["np.error": "\(UserFacingError.describe(error))"]
+                )
             }
         }
     }
@@ -128,8 +136,8 @@ final class ClientControlHandler: ChannelInboundHandler {
         case .none:
             break
         case .connected:
+            // v1: the session counts as connected once the server announces its pool port (`startPool`).
             self.handshakeSucceeded()
-            self.connected.succeed()
             self.startHeartbeat(interval: self.reportInterval, context: context)
         case .send(let message):
             context.writeV2(message)
@@ -156,6 +164,7 @@ final class ClientControlHandler: ChannelInboundHandler {
                 transports: parameters.transports ?? [.tcp]
             )
             // After the pool's start: the client opens its user listener if the pool is in forward mode.
+            self.sessionUp = true
             self.connected.succeed()
             self.startHeartbeat(interval: .milliseconds(Int64(parameters.heartbeatMilliseconds)), context: context)
         case .fail(let message, let error):
@@ -172,6 +181,8 @@ final class ClientControlHandler: ChannelInboundHandler {
                 ? "server announced a new pool port" : "connected to the server; pool port announced"
             self.logger.info(message, metadata: ["np.pool.port": "\(port)"])
             self.pool.start(port: port, host: self.serverIP, v2: nil, forwardControl: nil, transports: [.tcp])
+            self.sessionUp = true
+            self.connected.succeed()
         case .launch(let id):
             self.logger.debug("launch received", metadata: ["np.pool.id": "\(id)"])
             self.pool.launch(id, .stream)
@@ -187,11 +198,28 @@ final class ClientControlHandler: ChannelInboundHandler {
             )
         case .sendHeartbeat:
             context.writeV2(.heartbeat)
+        case .close(.silent(let silence)) where !self.sessionUp:
+            // v1: TLS worked but no `remote://` came; the client's one line for this attempt says so.
+            self.connected.fail(
+                NodePassError(
+                    .timeout,
+                    "the server sent no pool port within \(DurationParser.format(silence)) of the TLS handshake"
+                )
+            )
+            context.close(promise: nil)
         case .close(let closure):
             // v1's message predates v2's (operators may match on either).
             closure.log(to: self.logger, peer: self.tunnelProtocol.isV2 ? "peer" : "server")
             context.close(promise: nil)
-        case .handshakeTimedOut, .closeQuietly:
+        case .handshakeTimedOut:
+            self.connected.fail(
+                NodePassError(
+                    .timeout,
+                    "the server did not complete the handshake within \(DurationParser.format(self.handshakeTimeout))"
+                )
+            )
+            context.close(promise: nil)
+        case .closeQuietly:
             context.close(promise: nil)
         }
     }
@@ -208,20 +236,27 @@ final class ClientControlHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        let closed: NodePassError
         if self.machine.isAwaitingPoolPort {
-            self.logger.error(
-                """
-                the server closed the control channel before announcing its pool port (a server with a key, \
-                protocol v2, refuses clients without one)
-                """
-            )
+            closed = NodePassError(.versionMismatch, Self.closedBeforePoolPort)
+        } else if self.tunnelProtocol.isV2 {
+            closed = NodePassError(.controlChannelLost, "the server closed the connection during the handshake")
+        } else {
+            closed = NodePassError(.controlChannelLost, "the server closed the connection during the TLS handshake")
         }
         self.timers.cancelAll()
         self.machine.channelClosed()
-        let during = self.tunnelProtocol.isV2 ? "the handshake" : "the TLS handshake"
-        self.connected.fail(NodePassError(.controlChannelLost, "the server closed the connection during \(during)"))
+        self.pool.stop()
+        // Nothing when the session was up: a promise completes once.
+        self.connected.fail(closed)
         context.fireChannelInactive()
     }
+
+    /// v1: what a server that closes before `remote://` most likely means.
+    private static let closedBeforePoolPort = """
+        the server closed the connection before announcing its pool port: if it has a key (protocol v2), give \
+        this client the same key
+        """
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         self.logger.debug("control channel error", metadata: ["np.error": "\(error)"])

@@ -4,12 +4,27 @@ import NIOCore
 import NIOTLS
 import NodePassCore
 
+/// What became of a client that finished its handshake.
+enum SessionAdmission: Sendable {
+    /// Its session runs.
+    case admitted
+    /// v2: the server serves as many clients as it accepts (or the session ID is taken).
+    case full
+    /// The server is shutting down: the control channel is closed without a word.
+    case closing
+}
+
 /// What a server control channel asks of the server.
 protocol ServerControlDelegate: AnyObject, Sendable {
-    /// v1: a client is connected (it replaces any other).
-    func controlConnected(_ channel: any Channel)
-    /// v2: a client proved the key: register its session; false when no more clients are accepted.
-    func v2SessionStarted(_ channel: any Channel, sessionID: [UInt8], secret: V2SessionSecret, datagrams: Bool) -> Bool
+    /// v1: a client is connected (it replaces any other); `.closing` when the server is shutting down.
+    func controlConnected(_ channel: any Channel) -> SessionAdmission
+    /// v2: a client proved the key: register its session.
+    func v2SessionStarted(
+        _ channel: any Channel,
+        sessionID: [UInt8],
+        secret: V2SessionSecret,
+        datagrams: Bool
+    ) -> SessionAdmission
     /// A connected client's control channel closed.
     func controlClosed(_ channel: any Channel)
     /// The client launched one of its pool connections (forward mode; `.datagrams`: as a datagram carrier).
@@ -83,9 +98,12 @@ final class ServerControlHandler: ChannelInboundHandler {
         case .none:
             break
         case .startV1(let poolPort):
+            guard self.delegate.controlConnected(context.channel) == .admitted else {
+                self.closeAtShutdown(context: context)
+                return
+            }
             self.handshakeSucceeded(context: context)
             self.logger.info("client connected")
-            self.delegate.controlConnected(context.channel)
             self.sendRemote(poolPort, context: context)
             self.startHeartbeat(context: context)
         case .refuseV2Client(let message):
@@ -100,7 +118,7 @@ final class ServerControlHandler: ChannelInboundHandler {
         case .refuse(let message, let error):
             self.timers.handshakeEnded()
             self.metrics.authenticationFailures.increment()
-            self.logger.warning("client refused", metadata: ["np.error": "\(error)"])
+            self.logger.warning("client refused", metadata: ["np.error": "\(UserFacingError.describe(error))"])
             self.onHandshakeEnded(context.channel)
             if let message {
                 context.writeV2(message, thenClose: true)
@@ -132,16 +150,33 @@ final class ServerControlHandler: ChannelInboundHandler {
         self.onHandshakeEnded(context.channel)
     }
 
+    /// A handshake that ended while the server shuts down: no session, no refusal logged or counted.
+    private func closeAtShutdown(context: ChannelHandlerContext) {
+        self.timers.handshakeEnded()
+        self.onHandshakeEnded(context.channel)
+        context.close(promise: nil)
+    }
+
     private func registerSession(context: ChannelHandlerContext) {
         var parameters = self.parameters
         parameters.sessionID = SecureRandom.bytes(V2SessionParameters.sessionIDLength)
         let sessionID = parameters.sessionID
         guard let (welcome, secret) = self.machine.welcome(parameters: parameters) else { return }
         let datagrams = self.machine.transports?.contains(.udp) ?? false
-        guard
-            self.delegate.v2SessionStarted(context.channel, sessionID: sessionID, secret: secret, datagrams: datagrams)
-        else {
+        switch self.delegate.v2SessionStarted(
+            context.channel,
+            sessionID: sessionID,
+            secret: secret,
+            datagrams: datagrams
+        )
+        {
+        case .admitted:
+            break
+        case .full:
             self.perform(self.machine.sessionRefused(), context: context)
+            return
+        case .closing:
+            self.closeAtShutdown(context: context)
             return
         }
         self.machine.sessionRegistered(now: context.eventLoop.now)

@@ -42,8 +42,7 @@ public final class MetricsServer: Service, Sendable {
         let listener = try await Listener.bind(
             bootstrap,
             host: self.address.host,
-            port: self.address.port,
-            what: "metrics address"
+            port: self.address.port
         )
         let port = listener.localAddress?.port ?? self.address.port
         self.logger.info("metrics served", metadata: ["np.metrics": "\(HostPort(host: self.address.host, port: port))"])

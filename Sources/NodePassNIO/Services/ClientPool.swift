@@ -23,7 +23,10 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
         /// What the session carries (UDP only under `nodepass/2.1`).
         var transports: TunnelTransports = [.tcp]
         var ticker: RepeatedTask?
-        var lastDialFailureLog = NIODeadline.distantPast
+        /// Pool dials that failed since the last period, with the last error: reported at the next period if
+        /// the pool still runs then, so that a server that is going away (the control channel ends a moment
+        /// later) is not reported as a failure.
+        var unreportedDialFailures: (count: Int, last: any Error)?
     }
 
     /// Period of the capacity adaptation.
@@ -147,6 +150,7 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
             state.transports = [.tcp]
             state.ticker?.cancel()
             state.ticker = nil
+            state.unreportedDialFailures = nil
             state.machine.reset()
             return state.generation
         }
@@ -156,9 +160,23 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
     }
 
     private func periodElapsed(generation: UInt64) {
+        var failures: (count: Int, last: any Error)?
+        var server = HostPort(host: "", port: 0)
         let adjustment = self.updating { state -> ClientPoolStateMachine.Adjustment in
             guard state.generation == generation else { return .none }
+            failures = state.unreportedDialFailures
+            state.unreportedDialFailures = nil
+            server = HostPort(host: state.poolHost ?? self.url.tunnel.dialHost, port: state.poolPort ?? 0)
             return state.machine.periodElapsed()
+        }
+        if let failures {
+            self.logger.warning(
+                """
+                cannot open pool connections to the server at \(server): \(UserFacingError.describe(failures.last)) \
+                (the server's pool port must be reachable from here)
+                """,
+                metadata: ["np.failures": "\(failures.count)"]
+            )
         }
         self.apply(adjustment, generation: generation)
     }
@@ -186,17 +204,12 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
     }
 
     private func dialFailed(generation: UInt64, error: any Error) {
-        let now = NIODeadline.now()
-        let shouldLog = self.updating { state -> Bool in
-            guard state.generation == generation else { return false }
+        self.updating { state in
+            guard state.generation == generation else { return }
             state.machine.connectionFailed()
-            guard now - state.lastDialFailureLog > .seconds(1) else { return false }
-            state.lastDialFailureLog = now
-            return true
+            state.unreportedDialFailures = ((state.unreportedDialFailures?.count ?? 0) + 1, error)
         }
-        if shouldLog {
-            self.logger.warning("pool connection failed", metadata: ["np.error": "\(error)"])
-        }
+        self.logger.debug("pool connection failed", metadata: ["np.error": "\(error)"])
     }
 
     fileprivate func established(_ connection: PoolConnection, generation: UInt64) {

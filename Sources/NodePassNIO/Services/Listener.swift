@@ -3,6 +3,14 @@ import NIOCore
 import NIOPosix
 import NodePassCore
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// Binding helpers shared by the services.
 enum Listener {
     /// A listener's bootstrap: address reuse, a deep backlog, accept errors logged and followed by a pause of
@@ -20,12 +28,11 @@ enum Listener {
     }
 
     /// Binds `bootstrap` on `address`; an empty host binds every interface (IPv6 and IPv4, or IPv4 only
-    /// where IPv6 is off). A failure becomes an error that names the address.
+    /// where IPv6 is off). A failure becomes an error that names the address and its cause.
     static func bind(
         _ bootstrap: ServerBootstrap,
         host: String,
-        port: Int,
-        what: String
+        port: Int
     ) async throws(NodePassError) -> any Channel {
         let hosts = host.isEmpty ? ["::", "0.0.0.0"] : [host]
         var lastError: (any Error)?
@@ -36,10 +43,17 @@ enum Listener {
                 lastError = error
             }
         }
-        let shown = HostPort(host: host, port: port)
-        throw NodePassError(
-            .bindFailed,
-            "cannot listen on \(what) \(shown): \(lastError.map { "\($0)" } ?? "no address")"
-        )
+        let address = HostPort(host: host, port: port)
+        switch (lastError as? IOError)?.errnoCode {
+        case EACCES? where port < 1024:
+            throw NodePassError(
+                .bindFailed,
+                "cannot listen on \(address): permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+            )
+        case EADDRNOTAVAIL?:
+            throw NodePassError(.bindFailed, "cannot listen on \(address): this machine has no such address")
+        default:
+            throw NodePassError(.bindFailed, "cannot listen on \(address)", underlying: lastError)
+        }
     }
 }

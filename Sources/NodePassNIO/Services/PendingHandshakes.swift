@@ -32,6 +32,15 @@ final class PendingHandshakes: Sendable {
         }
     }
 
+    /// Shutting down: closes every connection still in its handshake.
+    func closeAll() {
+        let channels = self.pending.withLock { pending in
+            defer { pending.removeAll() }
+            return Array(pending)
+        }
+        for channel in channels { channel.close(promise: nil) }
+    }
+
     /// The number of handshakes in progress.
     var count: Int {
         self.pending.withLock { $0.count }

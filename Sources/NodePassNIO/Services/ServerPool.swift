@@ -72,11 +72,12 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
     // MARK: control channels
 
     /// A v1 client finished its TLS handshake: it becomes the client; a previous one is closed.
-    func controlConnected(_ channel: any Channel) {
+    func controlConnected(_ channel: any Channel) -> SessionAdmission {
         let control = Control(channel: channel, signals: SignalWriter(channel: channel, isV2: false))
-        let (_, replaced, isReconnect) = self.sessions.withLock {
+        let connected = self.sessions.withLock {
             $0.v1ClientConnected(control, peerIP: Self.normalizedIP(channel.remoteAddress))
         }
+        guard let (_, replaced, isReconnect) = connected else { return .closing }
         if isReconnect { self.metrics.reconnects.increment() }
         for previous in replaced {
             self.logger.warning(
@@ -86,6 +87,7 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
             previous.control.channel.close(promise: nil)
             self.currentRole?.ownerLost(previous.owner)
         }
+        return .admitted
     }
 
     func v2SessionStarted(
@@ -93,20 +95,21 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
         sessionID: [UInt8],
         secret: V2SessionSecret,
         datagrams: Bool
-    ) -> Bool {
+    ) -> SessionAdmission {
         let signals = SignalWriter(channel: channel, isV2: true)
         let control = Control(channel: channel, signals: signals, datagrams: datagrams)
-        let started = self.sessions.withLock {
-            $0.v2ClientAuthenticated(
+        let (started, closing) = self.sessions.withLock { sessions in
+            let started = sessions.v2ClientAuthenticated(
                 control,
                 peerIP: Self.normalizedIP(channel.remoteAddress),
                 sessionID: sessionID,
                 secret: secret
             )
+            return (started, sessions.isClosed)
         }
-        guard let started else { return false }
+        guard let started else { return closing ? .closing : .full }
         if started.isReconnect { self.metrics.reconnects.increment() }
-        return true
+        return .admitted
     }
 
     /// The secret of the v2 session `sessionID`, if it is connected.

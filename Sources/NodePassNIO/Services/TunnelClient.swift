@@ -59,7 +59,7 @@ public final class TunnelClient: Service, Sendable {
             "client started",
             metadata: [
                 "np.url": "\(self.url.redacted)", "np.version": "\(NodePassVersion.current)",
-                "np.protocols": "\(NodePassVersion.protocols)",
+                "np.protocol": "\(NodePassVersion.spoken(keyed: self.url.key != nil))",
             ]
         )
         var backoff = Backoff(
@@ -68,21 +68,31 @@ public final class TunnelClient: Service, Sendable {
         )
         while !Task.isShuttingDownGracefully && !Task.isCancelled {
             let started = NIODeadline.now()
-            var failure: (message: Logger.Message, error: (any Error)?) = ("control channel lost; reconnecting", nil)
+            var failure: (any Error)?
             do {
                 try await self.runControlChannel(tls: tls, protocol: tunnelProtocol)
             } catch {
-                failure = ("cannot connect to the server; retrying", error)
+                failure = error
             }
             self.pool.stop()
             if Task.isShuttingDownGracefully { break }
             backoff.sessionEnded(uptime: .now() - started)
             let delay = backoff.nextDelay(jitter: Double.random(in: 0..<1))
-            var metadata: Logger.Metadata = [
+            let retry: Logger.Metadata = [
                 "np.retry": "\(DurationParser.format(.milliseconds(delay.nanoseconds / 1_000_000)))"
             ]
-            if let error = failure.error { metadata["np.error"] = "\(error)" }
-            self.logger.error(failure.message, metadata: metadata)
+            // One line per attempt, in the user's words (what to change, where that is known); the error as
+            // SwiftNIO or BoringSSL gave it at debug.
+            if let failure {
+                self.logger.debug("control channel failed", metadata: ["np.error": "\(failure)"])
+                var metadata = retry
+                if (failure as? NodePassError)?.code != .unreachable {
+                    metadata["np.server"] = "\(HostPort(host: self.url.tunnel.dialHost, port: self.url.tunnel.port))"
+                }
+                self.logger.error("\(UserFacingError.describe(failure))", metadata: metadata)
+            } else {
+                self.logger.error("control channel lost; reconnecting", metadata: retry)
+            }
             try? await cancelWhenGracefulShutdown {
                 try await Task.sleep(nanoseconds: UInt64(delay.nanoseconds))
             }
@@ -113,8 +123,7 @@ public final class TunnelClient: Service, Sendable {
                 let listener = try await Listener.bind(
                     self.userBootstrap(),
                     host: self.url.target.host,
-                    port: port,
-                    what: "target address (forward mode)"
+                    port: port
                 )
                 opened.append(listener)
                 // Port 0: UDP takes the port TCP was given.
@@ -133,7 +142,7 @@ public final class TunnelClient: Service, Sendable {
                     )
                 } catch  where !opened.isEmpty {
                     // TCP goes on; the users of UDP on this side get no answer.
-                    self.logger.warning("UDP is off on this side: \(error.message)")
+                    self.logger.warning("UDP is off on this side: \(UserFacingError.describe(error))")
                 }
             }
         } catch {
@@ -180,8 +189,10 @@ public final class TunnelClient: Service, Sendable {
                 .connect(host: self.url.tunnel.dialHost, port: self.url.tunnel.port)
                 .get()
         } catch {
-            connected.fail(error)
-            throw error
+            let server = HostPort(host: self.url.tunnel.dialHost, port: self.url.tunnel.port)
+            let unreachable = NodePassError(.unreachable, "cannot reach the server at \(server)", underlying: error)
+            connected.fail(unreachable)
+            throw unreachable
         }
         try await withGracefulShutdownHandler {
             try await connected.futureResult.get()

@@ -81,8 +81,7 @@ public final class TunnelServer: Service, Sendable {
             let poolListener = try await Listener.bind(
                 self.poolBootstrap(protocol: tunnelProtocol),
                 host: self.url.tunnel.host,
-                port: 0,
-                what: "pool port at"
+                port: self.url.poolPort ?? 0
             )
             listeners.append(poolListener)
             poolPort = poolListener.localAddress?.port ?? 0
@@ -94,8 +93,7 @@ public final class TunnelServer: Service, Sendable {
                     poolPort: poolPort
                 ),
                 host: self.url.tunnel.host,
-                port: self.url.tunnel.port,
-                what: "tunnel address"
+                port: self.url.tunnel.port
             )
             listeners.append(controlListener)
             tunnelPort = controlListener.localAddress?.port ?? 0
@@ -119,6 +117,9 @@ public final class TunnelServer: Service, Sendable {
             if let keyText = self.url.key, keyText.count < V2Key.recommendedLength {
                 self.logger.warning("the key is short; use at least \(V2Key.recommendedLength) random characters")
             }
+            let host = Self.reachableHost(listening: self.url.tunnel.host)
+            let guessed = host != self.url.tunnel.host
+            self.logger.info("\(PairingCommand.message(host: host, port: tunnelPort, mode: v2.mode, guessed: guessed))")
         } else {
             self.logger.warning(
                 """
@@ -132,7 +133,7 @@ public final class TunnelServer: Service, Sendable {
             metadata: [
                 "np.url": "\(self.url.redacted)", "np.tunnel": "\(ports.tunnel)", "np.pool": "\(ports.pool)",
                 "np.target": "\(ports.target)", "np.version": "\(NodePassVersion.current)",
-                "np.protocols": "\(NodePassVersion.protocols)",
+                "np.protocol": "\(NodePassVersion.spoken(keyed: self.url.key != nil))",
             ]
         )
         self.onListening?(ports)
@@ -141,12 +142,31 @@ public final class TunnelServer: Service, Sendable {
 
         self.logger.info("shutting down", metadata: ["np.sessions": "\(self.sessions.count)"])
         for listener in listeners { try? await listener.close() }
+        // Handshakes first: one that finished after the pool closed would leave a session with no pool port.
+        self.pendingHandshakes.closeAll()
+        self.pendingPoolOpenings.closeAll()
         self.pool.close()
         let cut = await self.sessions.drain(timeout: self.configuration.shutdownTimeout)
         if cut > 0 {
             self.logger.warning("sessions cut at shutdown timeout", metadata: ["np.sessions": "\(cut)"])
         }
         self.logger.info("server stopped")
+    }
+
+    /// The host a client on another machine would dial: the tunnel's own when it names one, else (all
+    /// interfaces) this machine's first address that is neither loopback nor link-local, IPv4 first.
+    static func reachableHost(listening host: String) -> String {
+        guard host.isEmpty || host == "0.0.0.0" || host == "::" else { return host }
+        let addresses = ((try? System.enumerateDevices()) ?? []).compactMap(\.address)
+        let candidates = addresses.compactMap { address -> (ip: String, isV4: Bool)? in
+            guard let ip = address.ipAddress else { return nil }
+            switch address {
+            case .v4 where !ip.hasPrefix("127.") && !ip.hasPrefix("169.254."): return (ip, true)
+            case .v6 where ip != "::1" && !ip.lowercased().hasPrefix("fe80"): return (ip, false)
+            default: return nil
+            }
+        }
+        return (candidates.first(where: \.isV4) ?? candidates.first)?.ip ?? "SERVER_ADDRESS"
     }
 
     /// Decides the direction and, in reverse mode, listens for users on TARGET: TCP, and UDP (v2, unless
@@ -168,8 +188,7 @@ public final class TunnelServer: Service, Sendable {
                 let listener = try await Listener.bind(
                     self.userBootstrap(launcher: launcher),
                     host: self.url.target.host,
-                    port: port,
-                    what: "target address"
+                    port: port
                 )
                 listeners.append(listener)
                 // Port 0: UDP takes the port TCP was given.
@@ -187,7 +206,7 @@ public final class TunnelServer: Service, Sendable {
                         )
                     )
                 } catch  where !listeners.isEmpty {
-                    self.logger.warning("UDP is off: \(error.message)")
+                    self.logger.warning("UDP is off: \(UserFacingError.describe(error))")
                     tunnelProtocol.turnOffDatagrams()
                 }
             }
@@ -196,7 +215,7 @@ public final class TunnelServer: Service, Sendable {
             guard requested == .auto else { throw error }
             self.logger.info(
                 "mode=0 chose forward mode: users connect to the client, the server dials its TARGET",
-                metadata: ["np.target": "\(self.url.target)", "np.reason": "\(error.message)"]
+                metadata: ["np.target": "\(self.url.target)", "np.reason": "\(UserFacingError.describe(error))"]
             )
             self.pool.serveForward(target: self.url.target, pipelines: self.pipelines)
             tunnelProtocol.chooseForward()

@@ -209,18 +209,25 @@ private struct Pair {
         #expect(clientError.code == .protocolViolation)
     }
 
-    @Test func aServerFailureMessageIsReportedWithItsText() {
+    /// A refusal says what to change on this side where the reason tells it, else quotes the server.
+    @Test(arguments: [
+        (V2FailureReason.noKey, NodePassError.Code.versionMismatch, "give the server the same key as this client"),
+        (.authenticationFailed, .authenticationFailed, "give both sides the same key"),
+        (.unsupportedVersion, .versionMismatch, "(the server's words): run the same version on both sides"),
+        (.other, .protocolViolation, "refused this client (the server's words)"),
+    ])
+    func aServerRefusalSaysWhatToChange(reason: V2FailureReason, code: NodePassError.Code, words: String) {
         var client = V2ClientHandshakeStateMachine(
             key: Self.key,
             clientNonce: Pair.bytes(1),
             fingerprint: Pair.fingerprint
         )
         _ = client.started()
-        guard case .fail(nil, let error) = client.messageReceived(.failure(.noKey, text: "no key here")) else {
+        guard case .fail(nil, let error) = client.messageReceived(.failure(reason, text: "the server's words")) else {
             Issue.record("failure not reported")
             return
         }
-        #expect(error.code == .versionMismatch)
-        #expect(error.message.contains("no key here"))
+        #expect(error.code == code)
+        #expect(error.message.contains(words))
     }
 }
