@@ -38,6 +38,22 @@ import Testing
         #expect(backoff.nextDelay(jitter: 1) == .seconds(1))
     }
 
+    /// The client resets after every completed handshake: however short the session, the next wait is the
+    /// cooldown, and only failed attempts double it.
+    @Test func aSuccessStartsTheWaitsOver() {
+        var backoff = Backoff(base: .seconds(1))
+        for _ in 0..<5 {
+            #expect(backoff.nextDelay(jitter: 1) == .seconds(1))
+            backoff.reset()
+        }
+        _ = backoff.nextDelay(jitter: 1)
+        #expect(backoff.nextDelay(jitter: 1) == .seconds(2))
+        backoff.sessionEnded(uptime: .hours(1))
+        #expect(backoff.nextDelay(jitter: 1) == .seconds(4))
+        backoff.reset()
+        #expect(backoff.nextDelay(jitter: 1) == .seconds(1))
+    }
+
     @Test func cooldownLongerThanAMinuteIsTheCeiling() {
         var backoff = Backoff(base: .minutes(2), healthyAfter: .seconds(15))
         #expect(backoff.nextDelay(jitter: 0.5) == .minutes(2))

@@ -158,7 +158,7 @@ import Testing
             case .send(let challenge) = server.messageReceived(hello, now: Self.start),
             case .send(let proof) = client.messageReceived(challenge, now: Self.start),
             case .registerSession = server.messageReceived(proof, now: Self.start),
-            case .refuse(.failure(.tooManyClients, _)?, _) = server.sessionRefused()
+            case .refuseAtCapacity(.failure(.tooManyClients, _)) = server.sessionRefused()
         else {
             Issue.record("a refused registration refuses the client")
             return

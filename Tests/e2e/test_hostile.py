@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from support.ports import free_port
 from support.probes import echo_probe
 from support.procfs import TCP_LISTEN, tcp_sockets
 from support.sockets import connect, recv_exact
@@ -311,3 +312,34 @@ def test_idle_user_connections_are_closed_after_idle_timeout(procs, nodepass_bin
     finally:
         idle.close()
         busy.close()
+
+
+def test_a_flood_of_refused_connections_is_a_few_log_lines_with_a_count(procs, nodepass_bin, echo_service):
+    """600 connections closed before TLS, each a `client refused`: at most 10 such lines in 10 s, and the next
+    one written after the window says how many were left out (before: one line per connection)."""
+    from test_metrics import scrape, value
+
+    def refused() -> float:
+        return value(scrape(metrics), "nodepass_authentication_failures_total", role="server")
+
+    metrics = free_port()
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port, log="info").use_key(
+        "log-flood-" + "k" * 16)
+    tunnel.server_query = f"&metrics=127.0.0.1:{metrics}"
+    tunnel.start_server()
+    started = time.monotonic()
+    for _ in range(600):
+        with socket.create_connection((tunnel.host, tunnel.tunnel_port), timeout=5):
+            pass
+    wait_for(lambda: refused() == 600, 9, "the server to refuse all 600")
+    assert time.monotonic() - started < 10, "the flood outlasted the window; the count below would be off"
+    assert tunnel.server.output().count("client refused") == 10, tunnel.server.output()[-2000:]
+    # The next window (its length is the behaviour under test): one more refusal is written, with the count
+    # of those left out.
+    wait_for(lambda: time.monotonic() - started > 11, 12, "the end of the window")
+    with socket.create_connection((tunnel.host, tunnel.tunnel_port), timeout=5):
+        pass
+    line = wait_for(lambda: next((l for l in tunnel.server.output().splitlines()
+                                  if "client refused" in l and "np.unlogged=" in l), None), 10, "the count")
+    assert "np.unlogged=590 " in line + " ", line
+    assert tunnel.server.alive()

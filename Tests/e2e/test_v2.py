@@ -237,6 +237,40 @@ def test_wrong_key_fails_at_once_on_both_sides_with_the_peer_address(procs, node
         assert KEY not in proc.output() and tunnel.client_key not in proc.output()
 
 
+def test_a_client_turned_away_at_capacity_is_no_authentication_failure(procs, nodepass_bin, echo_service):
+    """The 65th client holds the key: the server says it is full, in its own words and counter, never as the
+    `client refused` line that fail2ban bans on."""
+    from test_metrics import scrape, value
+
+    metrics = free_port()
+    tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port)
+    tunnel.server_env["REPORT_INTERVAL"] = "30s"  # the 64 Python clients send no heartbeat
+    tunnel.server_query = f"&metrics=127.0.0.1:{metrics}"
+    tunnel.start_server()
+    key = v2_peer.derive_key(KEY)
+    controls = []
+    try:
+        for _ in range(64):
+            control = v2_peer.Control(tunnel.host, tunnel.tunnel_port)
+            control.hello()
+            control.authenticate(key)
+            controls.append(control)
+        extra = v2_peer.Control(tunnel.host, tunnel.tunnel_port)
+        controls.append(extra)
+        extra.hello()
+        with pytest.raises(v2_peer.ServerRefused, match="too many clients"):
+            extra.authenticate(key)
+        line = wait_log(tunnel.server, r"client turned away: .*", 5, "the server to say it is full")
+        assert "the server serves as many clients as it accepts" in line and "np.peer=127.0.0.1:" in line, line
+        assert "client refused" not in tunnel.server.output()
+        samples = scrape(metrics)
+        assert value(samples, "nodepass_clients_turned_away_total", role="server") == 1
+        assert value(samples, "nodepass_authentication_failures_total", role="server") == 0
+    finally:
+        for control in controls:
+            control.close()
+
+
 @pytest.mark.parametrize("keyed_side", ["server", "client"])
 def test_v1_and_v2_peers_fail_at_once_with_a_clear_message(procs, nodepass_bin, echo_service, keyed_side):
     tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port)

@@ -1,8 +1,9 @@
 import NIOCore
 
-/// The client's reconnect delays: the first retry after SERVICE_COOLDOWN, then doubling with jitter up to
-/// a ceiling (one minute, or the cooldown itself if that is longer); back to the start after a session
-/// that stayed up long enough to count as healthy.
+/// Retry delays: the first retry after SERVICE_COOLDOWN, then doubling with jitter up to a ceiling (one
+/// minute, or the cooldown itself if that is longer); back to the start after a success (`reset()`: the
+/// client's completed handshake) or, for a master's instance, a run that stayed up long enough to count as
+/// healthy.
 public struct Backoff: Sendable {
     /// The first delay (SERVICE_COOLDOWN).
     public let base: TimeAmount
@@ -15,8 +16,13 @@ public struct Backoff: Sendable {
     /// The default ceiling of the delays.
     public static let defaultCeiling = TimeAmount.minutes(1)
 
-    /// Makes a backoff starting at `base`.
-    public init(base: TimeAmount, ceiling: TimeAmount = Backoff.defaultCeiling, healthyAfter: TimeAmount) {
+    /// Makes a backoff starting at `base`; `healthyAfter` (none by default) is the uptime that starts the
+    /// delays over.
+    public init(
+        base: TimeAmount,
+        ceiling: TimeAmount = Backoff.defaultCeiling,
+        healthyAfter: TimeAmount = .nanoseconds(.max)
+    ) {
         self.base = base
         self.ceiling = max(base, ceiling)
         self.healthyAfter = healthyAfter
@@ -32,6 +38,11 @@ public struct Backoff: Sendable {
         let capped = min(doubled, Double(self.ceiling.nanoseconds))
         let spread = capped * (0.5 + 0.5 * min(max(jitter, 0), 1))
         return .nanoseconds(Int64(max(spread, Double(self.base.nanoseconds))))
+    }
+
+    /// An attempt succeeded: the next delay is `base` again, and only failures after it double it.
+    public mutating func reset() {
+        self.failures = 0
     }
 
     /// A session ended after `uptime`: a healthy one resets the delays.

@@ -50,6 +50,9 @@ public struct ServerControlStateMachine: Sendable {
         /// v2: refuse the client: count and log `error` with the peer's address, send `message` if any, close.
         /// The handshake ended.
         case refuse(V2Message?, NodePassError)
+        /// v2: the server serves as many clients as it accepts: count and log that (not as an authentication
+        /// failure: the client proved the key), send this failure, close. The handshake ended.
+        case refuseAtCapacity(V2Message)
         /// Send `remote://poolPort` (v1 heartbeat).
         case sendRemote(poolPort: Int)
         /// Send a v2 heartbeat.
@@ -190,10 +193,9 @@ public struct ServerControlStateMachine: Sendable {
 
     /// The server serves as many clients as it accepts: refuse this one.
     public mutating func sessionRefused() -> Action {
-        self.refuse(
-            .failure(.tooManyClients, text: "the server serves as many clients as it accepts"),
-            NodePassError(.poolUnavailable, "too many clients; this one was refused")
-        )
+        if case .closed = self.state { return .none }
+        self.state = .closed(registered: false)
+        return .refuseAtCapacity(.failure(.tooManyClients, text: "the server serves as many clients as it accepts"))
     }
 
     /// The handshake deadline passed.

@@ -125,6 +125,13 @@ final class ServerControlHandler: ChannelInboundHandler {
             } else {
                 context.close(promise: nil)
             }
+        case .refuseAtCapacity(let message):
+            self.timers.handshakeEnded()
+            self.metrics.clientsTurnedAway.increment()
+            // Not "client refused": that line is for fail2ban, and this client holds the key.
+            self.logger.warning("client turned away: the server serves as many clients as it accepts")
+            self.onHandshakeEnded(context.channel)
+            context.writeV2(message, thenClose: true)
         case .sendRemote(let poolPort):
             self.sendRemote(poolPort, context: context)
         case .sendHeartbeat:

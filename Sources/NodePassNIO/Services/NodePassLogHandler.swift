@@ -1,5 +1,6 @@
 import Logging
 import NIOConcurrencyHelpers
+import NIOCore
 import NodePassCore
 
 #if canImport(Glibc)
@@ -13,8 +14,12 @@ import Darwin
 /// Prints log records in NodePass's line format to standard output:
 /// `YYYY-MM-DD HH:MM:SS.mmm  LEVEL  message key=value ...`, the level word in colour on a terminal only.
 /// A master's instances add ` [ID]` to their lines and hand each line (without colour) to `copy` as well.
+/// Lines at info, warn and error are written at most 10 times every 10 s for one message (and instance);
+/// the next one written carries `np.unlogged=N`, the number left out (`RepeatedLineBudget`).
 public struct NodePassLogHandler: LogHandler {
     private static let outputLock = NIOLock()
+    /// Shared by every handler of the process (each `Logger` holds its own copy of the handler).
+    private static let repeatedLines = NIOLockedValueBox(RepeatedLineBudget())
 
     public var logLevel: Logger.Level
     public var metadata: Logger.Metadata = [:]
@@ -52,6 +57,15 @@ public struct NodePassLogHandler: LogHandler {
         var all = self.metadata
         if let provided = self.metadataProvider?.get() { all.merge(provided) { $1 } }
         if let extra = event.metadata { all.merge(extra) { $1 } }
+        // A flood of one line (refused peers, unknown launches) is cut to a few lines every 10 s; the next
+        // line written counts the ones left out. Debug lines (asked for) and fatal ones are all written.
+        if event.level != .trace && event.level != .debug && event.level != .critical {
+            let kind = "\(event.message)\(self.suffix)"
+            guard let unwritten = Self.repeatedLines.withLockedValue({ $0.lineArrived(kind, now: .now()) }) else {
+                return
+            }
+            if unwritten > 0 { all["np.unlogged"] = "\(unwritten)" }
+        }
         for key in all.keys.sorted() {
             text += " \(key)=\(all[key].map { "\($0)" } ?? "")"
         }

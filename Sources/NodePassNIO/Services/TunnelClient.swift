@@ -62,21 +62,20 @@ public final class TunnelClient: Service, Sendable {
                 "np.protocol": "\(NodePassVersion.spoken(keyed: self.url.key != nil))",
             ]
         )
-        var backoff = Backoff(
-            base: self.configuration.serviceCooldown,
-            healthyAfter: self.configuration.reportInterval * 3
-        )
+        // Only failed attempts double the wait: after a completed handshake it starts over, so that a server
+        // that restarts several times in a row is rejoined within SERVICE_COOLDOWN each time.
+        var backoff = Backoff(base: self.configuration.serviceCooldown)
         while !Task.isShuttingDownGracefully && !Task.isCancelled {
-            let started = NIODeadline.now()
+            let established = Locked(false)
             var failure: (any Error)?
             do {
-                try await self.runControlChannel(tls: tls, protocol: tunnelProtocol)
+                try await self.runControlChannel(tls: tls, protocol: tunnelProtocol, established: established)
             } catch {
                 failure = error
             }
             self.pool.stop()
             if Task.isShuttingDownGracefully { break }
-            backoff.sessionEnded(uptime: .now() - started)
+            if established.withLock({ $0 }) { backoff.reset() }
             let delay = backoff.nextDelay(jitter: Double.random(in: 0..<1))
             let retry: Logger.Metadata = [
                 "np.retry": "\(DurationParser.format(.milliseconds(delay.nanoseconds / 1_000_000)))"
@@ -168,7 +167,13 @@ public final class TunnelClient: Service, Sendable {
             }
     }
 
-    private func runControlChannel(tls: NIOSSLContext, protocol tunnelProtocol: ClientProtocol) async throws {
+    /// One attempt: connects, runs the session until the channel closes; `established` is set once the
+    /// handshake completed (v1: the pool port came; v2: the server accepted this client).
+    private func runControlChannel(
+        tls: NIOSSLContext,
+        protocol tunnelProtocol: ClientProtocol,
+        established: Locked<Bool>
+    ) async throws {
         let loop = self.group.next()
         let connected = loop.makePromise(of: Void.self)
         let channel: any Channel
@@ -196,6 +201,7 @@ public final class TunnelClient: Service, Sendable {
         }
         try await withGracefulShutdownHandler {
             try await connected.futureResult.get()
+            established.withLock { $0 = true }
             if self.connections.wrappingAdd(1, ordering: .relaxed).newValue > 1 {
                 self.metrics.reconnects.increment()
             }
