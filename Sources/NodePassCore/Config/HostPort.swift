@@ -60,12 +60,18 @@ public struct HostPort: Hashable, Sendable, CustomStringConvertible {
         guard !portText.isEmpty else {
             throw NodePassError(.invalidURL, "\(what) '\(text)': missing port number after ':'")
         }
-        guard portText.count <= 5, portText.allSatisfy({ $0.isASCII && $0.isNumber }), let port = Int(portText),
-            (1...65535).contains(port)
-        else {
+        guard let port = Self.port(portText) else {
             throw NodePassError(.invalidURL, "\(what) '\(text)': port '\(portText)' is not a number from 1 to 65535")
         }
         return HostPort(host: String(host), port: port)
+    }
+
+    /// A TCP or UDP port written in decimal digits only, 1 to 65535; nil for anything else.
+    public static func port(_ text: Substring) -> Int? {
+        guard text.count <= 5, text.allSatisfy({ $0.isASCII && $0.isNumber }), let port = Int(text),
+            (1...65535).contains(port)
+        else { return nil }
+        return port
     }
 
     private static func isHostNameCharacter(_ c: Character) -> Bool {

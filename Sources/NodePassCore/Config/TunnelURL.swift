@@ -184,9 +184,7 @@ public struct TunnelURL: Hashable, Sendable {
                 if value == "1" { self.transports.remove(transport) } else { self.transports.insert(transport) }
                 v2Only.append(String(name))
             case "pool":
-                guard value.count <= 5, value.allSatisfy({ $0.isASCII && $0.isNumber }), let port = Int(value),
-                    (1...65535).contains(port)
-                else {
+                guard let port = HostPort.port(value) else {
                     throw NodePassError(.invalidURL, "pool='\(value.prefix(16))' is not a port number from 1 to 65535")
                 }
                 self.poolPort = port

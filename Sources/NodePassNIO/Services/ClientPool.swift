@@ -160,19 +160,21 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
     }
 
     private func periodElapsed(generation: UInt64) {
-        var failures: (count: Int, last: any Error)?
-        var server = HostPort(host: "", port: 0)
+        var failures: (count: Int, last: any Error, server: HostPort)?
         let adjustment = self.updating { state -> ClientPoolStateMachine.Adjustment in
             guard state.generation == generation else { return .none }
-            failures = state.unreportedDialFailures
-            state.unreportedDialFailures = nil
-            server = HostPort(host: state.poolHost ?? self.url.tunnel.dialHost, port: state.poolPort ?? 0)
+            if let unreported = state.unreportedDialFailures {
+                let server = HostPort(host: state.poolHost ?? self.url.tunnel.dialHost, port: state.poolPort ?? 0)
+                failures = (unreported.count, unreported.last, server)
+                state.unreportedDialFailures = nil
+            }
             return state.machine.periodElapsed()
         }
         if let failures {
             self.logger.warning(
                 """
-                cannot open pool connections to the server at \(server): \(UserFacingError.describe(failures.last)) \
+                cannot open pool connections to the server at \(failures.server): \
+                \(UserFacingError.describe(failures.last)) \
                 (the server's pool port must be reachable from here)
                 """,
                 metadata: ["np.failures": "\(failures.count)"]

@@ -38,6 +38,9 @@ public final class TunnelClient: Service, Sendable {
         self.pool = ClientPool(url: url, group: group, pipelines: self.pipelines)
     }
 
+    /// The server's TUNNEL as this client dials it, for messages.
+    private var serverAddress: HostPort { HostPort(host: self.url.tunnel.dialHost, port: self.url.tunnel.port) }
+
     /// The number of live relayed sessions.
     public var sessionCount: Int { self.sessions.count }
     /// The number of idle pool connections.
@@ -86,7 +89,7 @@ public final class TunnelClient: Service, Sendable {
                 self.logger.debug("control channel failed", metadata: ["np.error": "\(failure)"])
                 var metadata = retry
                 if (failure as? NodePassError)?.code != .unreachable {
-                    metadata["np.server"] = "\(HostPort(host: self.url.tunnel.dialHost, port: self.url.tunnel.port))"
+                    metadata["np.server"] = "\(self.serverAddress)"
                 }
                 self.logger.error("\(UserFacingError.describe(failure))", metadata: metadata)
             } else {
@@ -194,8 +197,11 @@ public final class TunnelClient: Service, Sendable {
                 .connect(host: self.url.tunnel.dialHost, port: self.url.tunnel.port)
                 .get()
         } catch {
-            let server = HostPort(host: self.url.tunnel.dialHost, port: self.url.tunnel.port)
-            let unreachable = NodePassError(.unreachable, "cannot reach the server at \(server)", underlying: error)
+            let unreachable = NodePassError(
+                .unreachable,
+                "cannot reach the server at \(self.serverAddress)",
+                underlying: error
+            )
             connected.fail(unreachable)
             throw unreachable
         }
