@@ -24,7 +24,6 @@ actor MasterCore {
     private var stopping: [String: Task<Void, Never>] = [:]
     private var shuttingDown = false
     private var lastTrafficSave = NIODeadline.now()
-    private var generator = SystemRandomNumberGenerator()
     /// Traffic alone is saved at most this often (every change the API makes is saved at once).
     static let trafficSavePeriod = TimeAmount.minutes(1)
 
@@ -70,12 +69,12 @@ actor MasterCore {
     func view(_ id: String) -> Result<InstanceView, MasterAPIError> { self.book.view(id) }
 
     func create(url: String, alias: String?) async -> Result<InstanceView, MasterAPIError> {
-        let id = randomHex(bytes: 4, using: &self.generator)
+        let id = randomHex(bytes: 4)
         return await self.change { $0.create(id: id, url: url, alias: alias) }
     }
 
     func patch(_ id: String, _ patch: InstancePatch) async -> Result<InstanceView, MasterAPIError> {
-        let newKey = randomHex(bytes: 16, using: &self.generator)
+        let newKey = randomHex(bytes: 16)
         return await self.change { $0.patch(id, patch) { newKey } }
     }
 

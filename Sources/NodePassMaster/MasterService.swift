@@ -48,8 +48,7 @@ public final class MasterService: Service {
                 metadata: ["np.key": "\(saved.master.apiKey)", "np.state": "\(store.file)"]
             )
         } else {
-            var random = SystemRandomNumberGenerator()
-            state = MasterState(master: .generate(using: &random))
+            state = MasterState(master: .generate())
             try store.save(state)
             logger.info("API key created", metadata: ["np.key": "\(state.master.apiKey)", "np.state": "\(store.file)"])
         }

@@ -89,6 +89,47 @@ import Testing
         #expect(result4 == .init(open: 2))
     }
 
+    @Test func aPoolPortThatFailsEveryDialIsProbedOnceAtLongerIntervals() {
+        var machine = ClientPoolStateMachine(minimum: 8, maximum: 8)
+        #expect(machine.started() == .init(open: 8))
+        for _ in 0..<8 { machine.connectionFailed() }
+        // Period by period: a probe (one dial) after 0, 1, 3, 7, 15, 31, 31 quiet periods.
+        var probes: [Int] = []
+        for period in 1...120 {
+            let adjustment = machine.periodElapsed()
+            #expect(adjustment.open <= 1)
+            if adjustment.open == 1 {
+                probes.append(period)
+                machine.connectionFailed()
+            }
+        }
+        #expect(probes == [1, 3, 7, 15, 31, 63, 95])
+        // The first dials' period and each failed probe's.
+        #expect(machine.failingPeriods == 8)
+    }
+
+    @Test func aConnectionThatGetsItsIDEndsTheStreakAndTheNextPeriodRefillsAll() {
+        var machine = ClientPoolStateMachine(minimum: 4, maximum: 4)
+        _ = machine.started()
+        for _ in 0..<4 { machine.connectionFailed() }
+        #expect(machine.periodElapsed() == .init(open: 1))
+        machine.connectionFailed()
+        #expect(machine.periodElapsed() == .none)
+        #expect(machine.periodElapsed() == .init(open: 1))
+        machine.connectionEstablished()
+        #expect(machine.failingPeriods == 0)
+        #expect(machine.periodElapsed() == .init(open: 3))
+    }
+
+    @Test func failuresBesideASuccessInOnePeriodStartNoStreak() {
+        var machine = ClientPoolStateMachine(minimum: 4, maximum: 4)
+        _ = machine.started()
+        machine.connectionFailed()
+        machine.connectionEstablished()
+        #expect(machine.periodElapsed() == .init(open: 1))
+        #expect(machine.failingPeriods == 0)
+    }
+
     @Test func lostIdleConnectionIsReplaced() {
         var machine = ClientPoolStateMachine(minimum: 2, maximum: 2)
         _ = machine.started()

@@ -86,7 +86,8 @@ import Testing
             return
         }
         #expect(silence == .seconds(3))
-        #expect(server.channelClosed() == .sessionEnded)
+        // `.close` ended the session; the channel's end reports nothing more.
+        #expect(server.channelClosed() == .none)
     }
 
     @Test func v2ReverseModeClientRelaysLaunchesAndEndsOnAFailure() {
@@ -109,7 +110,6 @@ import Testing
             Issue.record("a failure from the client ends the session")
             return
         }
-        #expect(server.channelClosed() == .sessionEnded)
         #expect(server.channelClosed() == .none)
     }
 
@@ -290,5 +290,25 @@ import Testing
             Issue.record("the client fails on a malformed message")
             return
         }
+    }
+
+    @Test func aMalformedMessageAfterTheHandshakeEndsTheSession() {
+        var client = ClientControlStateMachine(version: .v2(key: Self.key))
+        var server = ServerControlStateMachine(
+            version: .v2(key: Self.key, fingerprint: Self.fingerprint),
+            heartbeatInterval: .seconds(1)
+        )
+        guard self.establish(&client, &server) != nil else { return }
+        guard
+            case .close(.malformedMessage(let why)) = server.malformedMessageReceived(
+                NodePassError(.protocolViolation, "a heartbeat carries no payload")
+            )
+        else {
+            Issue.record("an established session ends on a malformed message")
+            return
+        }
+        #expect(why == "a heartbeat carries no payload")
+        // `.close` reports the session's end at once; the channel's end reports nothing more.
+        #expect(server.channelClosed() == .none)
     }
 }

@@ -37,6 +37,7 @@ private final class RecordingClientDelegate: ClientPoolConnectionDelegate {
     func poolConnectionClosed(_ channel: any Channel, id: PoolID?) {
         self.events.withLock { $0.append("closed \(id.map { "\($0)" } ?? "-")") }
     }
+    func poolCertificateMismatched(_ channel: any Channel) { self.events.withLock { $0.append("mismatch") } }
 }
 
 @Suite struct ServerPoolConnectionHandlerTests {

@@ -208,10 +208,10 @@ def test_the_start_line_says_the_protocol_this_instance_speaks(procs, nodepass_b
     v2 = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port, log="info").use_key(KEY).start()
     v1 = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port, log="info").start()
     for proc in (v2.server, v2.client):
-        assert "np.protocol=v2 (with a key, TCP and UDP) " in proc.output(), proc.output()
+        assert 'np.protocol="v2 (with a key, TCP and UDP)" ' in proc.output(), proc.output()
         assert "np.protocol=v1" not in proc.output()
     for proc in (v1.server, v1.client):
-        assert "np.protocol=v1 (NodePass 1.0 compatible, no key, TCP) " in proc.output(), proc.output()
+        assert 'np.protocol="v1 (NodePass 1.0 compatible, no key, TCP)" ' in proc.output(), proc.output()
 
 
 def test_errors_before_start_share_one_format(nodepass_bin):

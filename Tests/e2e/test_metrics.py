@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import select
 import urllib.request
 
 import pytest
@@ -94,3 +95,49 @@ def test_user_over_pool_wait_counts_a_failure(procs, nodepass_bin, echo_service)
     samples = scrape(server_metrics)
     assert value(samples, "nodepass_connections_failed_total", role="server", reason="pool_wait") == 1
     assert value(samples, "nodepass_connections_accepted_total", role="server") == 1
+
+
+def test_idle_sockets_on_the_metrics_port_take_a_bounded_number_of_descriptors(procs, nodepass_bin, echo_service):
+    """300 idle connections to the metrics port (anyone who reaches it can open them): the server holds at
+    most 16 of them, the tunnel still serves, and a scrape still gets in."""
+    from support.procfs import TCP_ESTABLISHED, tcp_sockets
+
+    server_metrics = free_port()
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port)
+    tunnel.server_query = f"&metrics=127.0.0.1:{server_metrics}"
+    tunnel.start()
+    wait_for(lambda: scrape(server_metrics) is not None, 10, "metrics endpoint")
+    idle = []
+    try:
+        for _ in range(300):
+            idle.append(connect(tunnel.host, server_metrics, timeout=5))
+
+        def held() -> int:
+            return sum(1 for s in tcp_sockets(tunnel.server.pid)
+                       if s.local_port == server_metrics and s.state == TCP_ESTABLISHED)
+
+        # The server accepts all 300 (on either event loop, so not quite in order) and closes all but the
+        # newest 16 it admitted.
+        closed = set()
+
+        def count_closed() -> int:
+            readable, _, _ = select.select([s for s in idle if s not in closed], [], [], 0.2)
+            for sock in readable:
+                try:
+                    if sock.recv(1) == b"":
+                        closed.add(sock)
+                except ConnectionResetError:
+                    closed.add(sock)
+            return len(closed)
+
+        wait_for(lambda: count_closed() >= 284, 15, "the server to close the oldest metrics connections")
+        assert held() == 16 and count_closed() == 284, (held(), len(closed))
+        before = value(scrape(server_metrics), "nodepass_connections_accepted_total", role="server")
+        with connect(tunnel.host, tunnel.target_port, timeout=5) as user:
+            user.sendall(b"still served\n")
+            assert user.recv(64) == b"still served\n"
+        after = value(scrape(server_metrics), "nodepass_connections_accepted_total", role="server")
+        assert after == before + 1, (before, after)
+    finally:
+        for sock in idle:
+            sock.close()

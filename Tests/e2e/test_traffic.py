@@ -119,4 +119,4 @@ def test_empty_hosts_listen_everywhere_and_dial_this_machine(procs, nodepass_bin
     tunnel.wait_ready(20)
     for host in ("127.0.0.1", "::1") if ipv6_loopback_available() else ("127.0.0.1",):
         assert echo_probe(host, tunnel.target_port, timeout=10), host
-    assert "np.protocol=v1 " in tunnel.server.output()
+    assert 'np.protocol="v1 ' in tunnel.server.output()

@@ -468,7 +468,7 @@ def test_an_older_v2_peer_gets_tcp_only_and_a_udp_only_server_refuses_it(procs, 
     pool = v2_peer.PoolConnection("127.0.0.1", session.pool_port)
     pool.answer(session)
     pool.finish(session)
-    wait_log(server, r"client authenticated .*np\.udp=off \(older client\)", 5, "the server to note the older client")
+    wait_log(server, r'client authenticated .*np\.udp="off \(older client\)"', 5, "the server to note the older client")
     user = User("127.0.0.1", target, timeout=1.0)
     user.sock.send(b"nobody carries this")
     with pytest.raises(socket.timeout):

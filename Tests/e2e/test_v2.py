@@ -271,6 +271,49 @@ def test_a_client_turned_away_at_capacity_is_no_authentication_failure(procs, no
             control.close()
 
 
+@pytest.mark.parametrize("malformed", [
+    (v2_peer.HEARTBEAT, b"x"),  # a heartbeat has no payload
+    (v2_peer.LAUNCH, b"\x00\x01"),  # a launch carries 4 bytes
+])
+def test_a_malformed_frame_after_the_handshake_ends_the_session_and_frees_its_slot(procs, nodepass_bin,
+                                                                                  echo_service, malformed):
+    """More clients than the server accepts (64) each authenticate and then send a malformed frame: each gets a
+    protocol-violation failure and its session ends, so the slots never fill, and the secret of a session
+    that ended opens no pool connection."""
+    tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port, tls="0")
+    tunnel.server_env["REPORT_INTERVAL"] = "30s"  # the Python clients send no heartbeat
+    tunnel.start_server()
+    key = v2_peer.derive_key(KEY)
+    kind, payload = malformed
+    ended = None
+    for _ in range(70):
+        control = v2_peer.Control(tunnel.host, tunnel.tunnel_port)
+        try:
+            control.hello()
+            ended = control.authenticate(key)
+            control.send(kind, payload)
+            with pytest.raises(v2_peer.ServerRefused, match="protocol violation: malformed message"):
+                control.expect(v2_peer.HEARTBEAT)
+            assert control.sock.recv(1) == b"", "the server kept the control channel open"
+        finally:
+            control.close()
+    wait_log(tunnel.server, r"malformed message from the peer; control channel closed .*np\.peer=127\.0\.0\.1:",
+             5, "the server to log the malformed message")
+    assert "client refused" not in tunnel.server.output(), "a client that held the key was logged as refused"
+
+    # The session of the last client ended with its channel: its secret opens nothing.
+    stale = v2_peer.PoolConnection(tunnel.host, ended.pool_port)
+    stale.answer(ended)
+    assert stale.closed_by_server(timeout=5), "the secret of an ended session opened a pool connection"
+    stale.close()
+
+    # And a real client still gets in: 70 ended sessions hold none of the 64 slots.
+    tunnel.start_client()
+    tunnel.wait_client_connected(10)
+    tunnel.wait_ready(10)
+    assert echo_probe(tunnel.host, tunnel.target_port)
+
+
 @pytest.mark.parametrize("keyed_side", ["server", "client"])
 def test_v1_and_v2_peers_fail_at_once_with_a_clear_message(procs, nodepass_bin, echo_service, keyed_side):
     tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, echo_service.port)
@@ -494,6 +537,103 @@ def test_a_tls_terminating_man_in_the_middle_fails_on_both_sides(procs, nodepass
         assert not any(s.remote_port == server_pool for s in tunnel.client_connections())
     finally:
         proxy.close()
+
+
+class PoolPortInterceptor:
+    """Someone on the path to the server (on 127.0.0.1), reached by the client at 127.0.0.2: the control
+    channel passes untouched, and on the pool port the plain opening (nonce, answer) passes too, after which
+    the interceptor answers the client's TLS itself, with its own certificate."""
+
+    def __init__(self, tunnel_port: int, pool_port: int, cert: str, key: str):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.pool_port = pool_port
+        self.tls_attempts = 0
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.listeners = []
+        for port, handle in ((tunnel_port, self.forward_control), (pool_port, self.intercept_pool)):
+            listener = socket.create_server(("127.0.0.2", port))
+            listener.settimeout(0.5)
+            self.listeners.append(listener)
+            threading.Thread(target=self.serve, args=(listener, handle, port), daemon=True).start()
+
+    def serve(self, listener, handle, port):
+        while not self.stopping.is_set():
+            try:
+                raw, _ = listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self.guarded, args=(handle, raw, port), daemon=True).start()
+
+    def guarded(self, handle, raw, port):
+        upstream = None
+        try:
+            upstream = socket.create_connection(("127.0.0.1", port), timeout=10)
+            for s in (raw, upstream):
+                s.settimeout(10)
+            handle(raw, upstream)
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            for s in (raw, upstream):
+                if s is not None:
+                    s.close()
+
+    def forward_control(self, client, server):
+        peers = {client: server, server: client}
+        while not self.stopping.is_set():
+            for src in select.select(list(peers), [], [], 0.5)[0]:
+                data = src.recv(65536)
+                if not data:
+                    return
+                peers[src].sendall(data)
+
+    def intercept_pool(self, client, server):
+        client.sendall(recv_exact(server, 32))  # the server's nonce
+        server.sendall(recv_exact(client, 16 + 32))  # the client's session ID and proof
+        with self.lock:
+            self.tls_attempts += 1
+        self.ctx.wrap_socket(client, server_side=True)  # the client refuses this certificate
+
+    def close(self):
+        self.stopping.set()
+        for listener in self.listeners:
+            listener.close()
+
+
+def test_a_pool_certificate_that_is_not_the_announced_one_is_logged_once_counted_and_retried_rarely(
+        procs, nodepass_bin, echo_service, data_cert):
+    """The pool port's TLS is intercepted (the control channel is not): the client logs the mismatch once,
+    at error, with the address it dialled, counts every one, and probes one connection at a time after
+    longer and longer pauses instead of its whole pool every second."""
+    from test_metrics import scrape, value
+
+    pool, metrics = free_port(), free_port()
+    tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port, tls="1")
+    tunnel.server_query += f"&pool={pool}"
+    tunnel.start_server()
+    interceptor = PoolPortInterceptor(tunnel.tunnel_port, pool, *data_cert)
+    try:
+        client = procs.start("client", [
+            nodepass_bin,
+            f"client://{KEY}@127.0.0.2:{tunnel.tunnel_port}/127.0.0.1:{echo_service.port}?log=info"
+            f"&metrics=127.0.0.1:{metrics}"], env={"MIN_POOL_CAPACITY": "16", "SERVICE_COOLDOWN": "500ms"})
+        wait_log(client, r"authenticated", 10, "the client's control channel through the interceptor")
+        line = wait_log(client, r"ERROR  pool connection refused: its TLS certificate is not the one .*", 10,
+                        "the client to log the mismatch")
+        assert f"np.peer=127.0.0.2:{pool}" in line, line
+        # Eight seconds hold the first 16 dials and the probes after 0, 1 and 3 quiet periods (at 1, 3 and
+        # 7 s); the client used to dial its whole pool again every second (16 x 8).
+        time.sleep(8)
+        attempts = interceptor.tls_attempts
+        assert 16 <= attempts <= 16 + 4, attempts
+        assert wait_for(lambda: value(scrape(metrics), "nodepass_pool_certificate_mismatches_total",
+                                      role="client") == interceptor.tls_attempts, 3, "the counter")
+        assert client.output().count("pool connection refused: its TLS certificate") == 1, client.output()
+        assert client.alive()
+    finally:
+        interceptor.close()
 
 
 def test_a_relayed_pool_proof_without_the_confirmation_never_gets_a_user(procs, nodepass_bin, echo_service):

@@ -16,7 +16,6 @@ public enum PairingCommand {
 
     /// A fresh key for `nodepass key`: 16 random bytes in hex (32 characters, as `openssl rand -hex 16`).
     public static func freshKey() -> String {
-        var generator = SystemRandomNumberGenerator()
-        return randomHex(bytes: 16, using: &generator)
+        randomHex(bytes: 16)
     }
 }

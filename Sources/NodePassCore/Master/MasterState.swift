@@ -71,19 +71,37 @@ public struct MasterIdentity: Codable, Hashable, Sendable {
         self.alias = alias
     }
 
-    /// A new identity from `random` (a system generator in use, a seeded one in tests).
+    /// A new identity from the system's secure generator.
+    public static func generate() -> MasterIdentity {
+        MasterIdentity(apiKey: randomHex(bytes: 16), masterID: randomHex(bytes: 8))
+    }
+
+    /// A new identity from `random` (a seeded generator in tests).
     public static func generate(using random: inout some RandomNumberGenerator) -> MasterIdentity {
         MasterIdentity(apiKey: randomHex(bytes: 16, using: &random), masterID: randomHex(bytes: 8, using: &random))
     }
 }
 
-/// `bytes` random bytes as lowercase hex.
+/// `bytes` random bytes from the system's secure generator, as lowercase hex.
+///
+/// The system generator is used here directly rather than passed `inout` to the generic variant below: it
+/// is an empty struct, and an `inout` access to an empty value has no storage of its own, which
+/// ThreadSanitizer's access checks cannot follow (the test process crashed in them).
+public func randomHex(bytes: Int) -> String {
+    lowercaseHex(SecureRandom.bytes(bytes))
+}
+
+/// `bytes` random bytes from `random` (a seeded generator in tests), as lowercase hex.
 public func randomHex(bytes: Int, using random: inout some RandomNumberGenerator) -> String {
+    lowercaseHex((0..<bytes).map { _ in UInt8.random(in: .min ... .max, using: &random) })
+}
+
+/// `bytes` as lowercase hex, two digits each.
+public func lowercaseHex(_ bytes: [UInt8]) -> String {
     let digits = Array("0123456789abcdef")
     var text = ""
-    text.reserveCapacity(bytes * 2)
-    for _ in 0..<bytes {
-        let byte = UInt8.random(in: .min ... .max, using: &random)
+    text.reserveCapacity(bytes.count * 2)
+    for byte in bytes {
         text.append(digits[Int(byte >> 4)])
         text.append(digits[Int(byte & 0x0F)])
     }

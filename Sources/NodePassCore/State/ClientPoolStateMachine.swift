@@ -7,6 +7,12 @@
 /// period, a pool that served fewer than a fifth of its capacity shrinks by a quarter (down to the minimum).
 /// Shrinking never closes an idle connection (the server may be launching it at that very moment): the
 /// surplus is simply not replaced as it is used.
+///
+/// Failed dials are retried at the end of the period. A period in which dials failed and none gave a
+/// connection starts (or lengthens) a failing streak: while it lasts, one dial at a time probes the pool
+/// port, after 0, 1, 3, 7, 15 and then 31 quiet periods, so that a pool port that refuses or fails every
+/// connection (a firewall, someone on the path with the wrong certificate) costs one attempt every half
+/// minute instead of the whole capacity every second. The first connection that gets its ID ends the streak.
 public struct ClientPoolStateMachine: Sendable {
     /// What the caller must do after an event.
     public struct Adjustment: Hashable, Sendable {
@@ -36,6 +42,12 @@ public struct ClientPoolStateMachine: Sendable {
     public let growthInterval: UInt64
     /// When the capacity last doubled (nanoseconds on the caller's monotonic clock).
     private var lastGrowth: UInt64?
+    /// Periods in a row in which dials failed and none gave a connection.
+    public private(set) var failingPeriods = 0
+    private var failedThisPeriod = 0
+    private var establishedThisPeriod = 0
+    /// Periods left before the next probe of a failing streak.
+    private var quietPeriods = 0
 
     /// Makes a pool machine between `minimum` and `maximum` (swapped if given the wrong way round) that
     /// doubles at most once per `growthInterval` nanoseconds (100 ms by default).
@@ -47,7 +59,11 @@ public struct ClientPoolStateMachine: Sendable {
     }
 
     private mutating func refill() -> Adjustment {
-        let missing = self.capacity - self.idle - self.opening
+        var missing = self.capacity - self.idle - self.opening
+        if self.failingPeriods > 0 {
+            // A failing streak probes with one dial at a time.
+            missing = min(missing, 1 - self.opening)
+        }
         guard missing > 0 else { return .none }
         self.opening += missing
         return Adjustment(open: missing)
@@ -62,6 +78,9 @@ public struct ClientPoolStateMachine: Sendable {
     public mutating func connectionEstablished() {
         self.opening = max(0, self.opening - 1)
         self.idle += 1
+        self.establishedThisPeriod += 1
+        self.failingPeriods = 0
+        self.quietPeriods = 0
     }
 
     /// A connection that had received its ID was closed at once (its ID was taken, or there was no room); the
@@ -70,9 +89,10 @@ public struct ClientPoolStateMachine: Sendable {
         self.idle = max(0, self.idle - 1)
     }
 
-    /// A dial or an ID read failed; the next period refills.
+    /// A dial, the pool connection's authentication or its ID read failed; a later period retries.
     public mutating func connectionFailed() {
         self.opening = max(0, self.opening - 1)
+        self.failedThisPeriod += 1
     }
 
     /// An idle connection was launched at `now` (nanoseconds, monotonic): refill, growing the capacity when
@@ -94,9 +114,18 @@ public struct ClientPoolStateMachine: Sendable {
         return self.refill()
     }
 
-    /// One adaptation period passed: shrink an underused pool, retry what failed.
+    /// One adaptation period passed: shrink an underused pool, retry what failed (in a failing streak, after
+    /// its quiet periods).
     public mutating func periodElapsed() -> Adjustment {
-        defer { self.takenThisPeriod = 0 }
+        defer { (self.takenThisPeriod, self.failedThisPeriod, self.establishedThisPeriod) = (0, 0, 0) }
+        if self.failedThisPeriod > 0 && self.establishedThisPeriod == 0 {
+            self.failingPeriods += 1
+            self.quietPeriods = (1 << min(self.failingPeriods - 1, 5)) - 1
+        }
+        if self.quietPeriods > 0 {
+            self.quietPeriods -= 1
+            return .none
+        }
         if self.takenThisPeriod * 5 < self.capacity && self.capacity > self.minimum {
             self.capacity = max(self.minimum, self.capacity - max(1, self.capacity / 4))
             return .none
@@ -111,5 +140,9 @@ public struct ClientPoolStateMachine: Sendable {
         self.idle = 0
         self.opening = 0
         self.takenThisPeriod = 0
+        self.failedThisPeriod = 0
+        self.establishedThisPeriod = 0
+        self.failingPeriods = 0
+        self.quietPeriods = 0
     }
 }

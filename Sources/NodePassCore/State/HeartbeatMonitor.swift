@@ -57,4 +57,6 @@ public enum ControlClosure: Hashable, Sendable {
     case handshakeMessageAfterHandshake
     /// The peer was silent for this long (three heartbeat periods).
     case silent(TimeAmount)
+    /// The peer sent a frame that is not a valid message (why, in words).
+    case malformedMessage(String)
 }

@@ -29,8 +29,8 @@ public struct ServerControlStateMachine: Sendable {
         case v2Authenticated(V2ServerHandshakeStateMachine)
         /// The v2 session runs; `monitor` watches the client's heartbeat.
         case v2Established(HeartbeatMonitor)
-        /// Closed or closing; `registered` when the client's session had started.
-        case closed(registered: Bool)
+        /// Closed or closing; a session that had started has been reported ended.
+        case closed
     }
 
     /// What the caller must do after an event.
@@ -61,7 +61,8 @@ public struct ServerControlStateMachine: Sendable {
         case launch(PoolID)
         /// The client launched one of its pool connections as a datagram carrier (forward mode, 2.1).
         case launchDatagrams(PoolID)
-        /// Close the channel, logging why as an error.
+        /// The session ends: report its end now (from here on its secret opens no pool connection), log why
+        /// as an error, and close the channel (`.malformedMessage`: send a `failure` first).
         case close(ControlClosure)
         /// The handshake took too long: log it and close.
         case handshakeTimedOut
@@ -107,7 +108,7 @@ public struct ServerControlStateMachine: Sendable {
         switch self.version {
         case .v1(let poolPort):
             guard !offersV2 else {
-                self.state = .closed(registered: false)
+                self.state = .closed
                 return .refuseV2Client(
                     .failure(.noKey, text: "this server has no key (protocol v1): give it the same key")
                 )
@@ -172,9 +173,14 @@ public struct ServerControlStateMachine: Sendable {
         }
     }
 
-    /// A frame that is not a valid v2 message arrived.
+    /// A frame that is not a valid v2 message arrived: during the handshake a refusal, after it the end of
+    /// the session.
     public mutating func malformedMessageReceived(_ error: any Error) -> Action {
-        self.refuse(.failure(.protocolViolation, text: "malformed message"), error)
+        guard self.isEstablished else {
+            return self.refuse(.failure(.protocolViolation, text: "malformed message"), error)
+        }
+        let failure = (error as? NodePassError) ?? NodePassError(.protocolViolation, "\(error)")
+        return self.close(.malformedMessage(failure.message))
     }
 
     /// The `welcome` for `parameters` and the session's secret, once the client proved the key.
@@ -194,7 +200,7 @@ public struct ServerControlStateMachine: Sendable {
     /// The server serves as many clients as it accepts: refuse this one.
     public mutating func sessionRefused() -> Action {
         if case .closed = self.state { return .none }
-        self.state = .closed(registered: false)
+        self.state = .closed
         return .refuseAtCapacity(.failure(.tooManyClients, text: "the server serves as many clients as it accepts"))
     }
 
@@ -233,11 +239,11 @@ public struct ServerControlStateMachine: Sendable {
 
     /// The channel closed: what to report.
     public mutating func channelClosed() -> Ending {
-        defer { self.state = .closed(registered: false) }
+        defer { self.state = .closed }
         switch self.state {
         case .v1Running, .v2Established: return .sessionEnded
         case .tls, .v2Handshaking, .v2Authenticated: return .handshakeEnded
-        case .closed(let registered): return registered ? .sessionEnded : .none
+        case .closed: return .none
         }
     }
 
@@ -248,14 +254,13 @@ public struct ServerControlStateMachine: Sendable {
 
     private mutating func refuse(_ message: V2Message?, _ error: any Error) -> Action {
         if case .closed = self.state { return .none }
-        self.state = .closed(registered: false)
+        self.state = .closed
         let failure = (error as? NodePassError) ?? NodePassError(.tls, "\(error)")
         return .refuse(message, failure)
     }
 
     private mutating func close(_ closure: ControlClosure) -> Action {
-        let registered = self.isEstablished
-        self.state = .closed(registered: registered)
+        self.state = .closed
         return .close(closure)
     }
 }

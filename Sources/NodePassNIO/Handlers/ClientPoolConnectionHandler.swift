@@ -9,6 +9,8 @@ protocol ClientPoolConnectionDelegate: AnyObject, Sendable {
     func poolConnectionClaimed(id: PoolID)
     /// The connection closed before it was handed off (or failed to give an ID).
     func poolConnectionClosed(_ channel: any Channel, id: PoolID?)
+    /// v2: the TLS certificate of the connection was not the one the server announced (it closes next).
+    func poolCertificateMismatched(_ channel: any Channel)
 }
 
 /// How a client pool connection reads its ID from the server's opening.

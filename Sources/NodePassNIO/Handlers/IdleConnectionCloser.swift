@@ -1,23 +1,23 @@
 import Logging
 import NIOCore
 
-/// After an `IdleStateHandler`: closes the connection when nothing moved for the idle timeout (IDLE_TIMEOUT),
-/// so that forgotten or stalled user connections do not hold SEMAPHORE_LIMIT slots for ever.
+/// After an `IdleStateHandler`: closes the connection when nothing moved for the idle timeout (users:
+/// IDLE_TIMEOUT, so that forgotten or stalled user connections do not hold SEMAPHORE_LIMIT slots for ever;
+/// the metrics port: `MetricsServer.idleTimeout`).
 final class IdleConnectionCloser: ChannelInboundHandler {
     typealias InboundIn = NIOAny
 
     private let logger: Logger
+    private let message: Logger.Message
 
-    init(logger: Logger) {
+    init(logger: Logger, message: Logger.Message = "idle user connection closed") {
         self.logger = logger
+        self.message = message
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case IdleStateHandler.IdleStateEvent.all = event {
-            self.logger.debug(
-                "idle user connection closed",
-                metadata: ["np.peer": "\(context.channel.peerDescription)"]
-            )
+            self.logger.debug(self.message, metadata: ["np.peer": "\(context.channel.peerDescription)"])
             context.close(promise: nil)
             return
         }

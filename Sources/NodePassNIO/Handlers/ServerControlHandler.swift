@@ -141,8 +141,13 @@ final class ServerControlHandler: ChannelInboundHandler {
         case .launchDatagrams(let id):
             self.delegate.launchReceived(id, launch: .datagrams, from: context.channel)
         case .close(let closure):
+            self.delegate.controlClosed(context.channel)
             closure.log(to: self.logger, peer: "peer")
-            context.close(promise: nil)
+            if case .malformedMessage = closure {
+                context.writeV2(.failure(.protocolViolation, text: "malformed message"), thenClose: true)
+            } else {
+                context.close(promise: nil)
+            }
         case .handshakeTimedOut:
             self.logger.debug("handshake timed out")
             context.close(promise: nil)
@@ -240,6 +245,8 @@ extension ControlClosure {
                 "no heartbeat from the \(peer); control channel considered dead",
                 metadata: ["np.silence": "\(DurationParser.format(silence))"]
             )
+        case .malformedMessage(let why):
+            logger.error("malformed message from the \(peer); control channel closed", metadata: ["np.error": "\(why)"])
         }
     }
 }

@@ -6,18 +6,30 @@ import NodePassCore
 import ServiceLifecycle
 
 /// Serves `GET /metrics` over plain HTTP/1.1 with the text a `render` closure returns (Prometheus format).
+///
+/// Anyone who reaches the port can open connections to it, so they are bounded: at most
+/// `connectionLimit` at once (one more closes the oldest, so a scraper always gets in), each closed after
+/// `idleTimeout` without a byte either way.
 public final class MetricsServer: Service, Sendable {
+    /// Connections held at once. A Prometheus server keeps one per target.
+    public static let connectionLimit = 16
+    /// A connection that moved no byte for this long is closed (Prometheus scrapes every 15 s to 1 min and
+    /// opens a new connection when its old one was closed).
+    public static let idleTimeout = TimeAmount.seconds(90)
+
     private let address: HostPort
     private let group: any EventLoopGroup
     private let logger: Logger
     private let render: @Sendable () -> [UInt8]
     private let onListening: (@Sendable (Int) -> Void)?
+    private let idleTimeout: TimeAmount
 
     /// Makes a server on `address`; `render` produces the body of each scrape.
     public init(
         address: HostPort,
         group: any EventLoopGroup,
         logger: Logger,
+        idleTimeout: TimeAmount = MetricsServer.idleTimeout,
         onListening: (@Sendable (Int) -> Void)? = nil,
         render: @escaping @Sendable () -> [UInt8]
     ) {
@@ -26,15 +38,29 @@ public final class MetricsServer: Service, Sendable {
         self.logger = logger
         self.render = render
         self.onListening = onListening
+        self.idleTimeout = idleTimeout
     }
 
     /// Serves until graceful shutdown.
     public func run() async throws {
         let render = self.render
+        let logger = self.logger
+        let idleTimeout = self.idleTimeout
+        let connections = ConnectionBound(limit: Self.connectionLimit)
         let bootstrap = ServerBootstrap(group: self.group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
+                connections.admit(
+                    channel,
+                    logger: logger,
+                    evicted: "too many metrics connections; the oldest was closed"
+                )
+                channel.closeFuture.whenComplete { _ in connections.finish(channel) }
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandlers([
+                        IdleStateHandler(allTimeout: idleTimeout),
+                        IdleConnectionCloser(logger: logger, message: "idle metrics connection closed"),
+                    ])
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                     try channel.pipeline.syncOperations.addHandler(MetricsHTTPHandler(render: render))
                 }

@@ -28,6 +28,8 @@ public final class TunnelMetrics: Sendable {
     public let authenticationFailures: Counter
     /// v2 clients that proved the key but were turned away: the server served as many clients as it accepts.
     public let clientsTurnedAway: Counter
+    /// v2 pool connections whose TLS certificate was not the one the server announced (client).
+    public let poolCertificateMismatches: Counter
     /// Duration of the control channel's TLS handshake.
     public let handshakeDuration: Timer
     /// From a user's connection to the start of its relay (server), or from a launch to the target's
@@ -62,6 +64,7 @@ public final class TunnelMetrics: Sendable {
         self.reconnects = labels.counter("nodepass_control_reconnects_total")
         self.authenticationFailures = labels.counter("nodepass_authentication_failures_total")
         self.clientsTurnedAway = labels.counter("nodepass_clients_turned_away_total")
+        self.poolCertificateMismatches = labels.counter("nodepass_pool_certificate_mismatches_total")
         self.handshakeDuration = labels.timer("nodepass_tls_handshake_duration_seconds")
         self.newConnectionDuration = labels.timer("nodepass_new_connection_duration_seconds")
         self.datagrams = DatagramMetrics(labels: labels)

@@ -27,6 +27,9 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
         /// the pool still runs then, so that a server that is going away (the control channel ends a moment
         /// later) is not reported as a failure.
         var unreportedDialFailures: (count: Int, last: any Error)?
+        /// A pool connection showed a certificate that is not the announced one, and no pool connection has
+        /// succeeded since: the error is logged once (each is counted).
+        var certificateMismatchLogged = false
     }
 
     /// Period of the capacity adaptation.
@@ -128,6 +131,7 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
             state.forwardControl = forwardControl.map { SignalWriter(channel: $0, isV2: true) }
             state.transports = transports
             state.machine.reset()
+            state.certificateMismatchLogged = false
             let generation = state.generation
             state.ticker = loop.scheduleRepeatedTask(
                 initialDelay: Self.adaptationPeriod,
@@ -220,6 +224,7 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
         let role = self.updating { state -> (any PoolConnectionRole)? in
             guard state.generation == generation else { return nil }
             state.machine.connectionEstablished()
+            state.certificateMismatchLogged = false
             return self.role(of: state)
         }
         guard let role else {
@@ -233,6 +238,23 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
 
     // The role is asked under the pool's lock (the lock order of docs/ARCHITECTURE.md: a pool may ask its
     // role, a role never calls its pool while holding its own lock).
+
+    fileprivate func certificateMismatched(_ channel: any Channel, generation: UInt64) {
+        self.metrics.poolCertificateMismatches.increment()
+        let first = self.state.withLock { state -> Bool in
+            guard state.generation == generation, !state.certificateMismatchLogged else { return false }
+            state.certificateMismatchLogged = true
+            return true
+        }
+        guard first else { return }
+        self.logger.error(
+            """
+            pool connection refused: its TLS certificate is not the one the server announced (something on the \
+            path to the server's pool port intercepts TLS?); pool connections are retried less and less often
+            """,
+            metadata: ["np.peer": "\(channel.peerDescription)"]
+        )
+    }
 
     fileprivate func claimed(id: PoolID, generation: UInt64) {
         let adjustment = self.updating { state -> ClientPoolStateMachine.Adjustment in
@@ -325,5 +347,9 @@ private final class GenerationDelegate: ClientPoolConnectionDelegate {
 
     func poolConnectionClosed(_ channel: any Channel, id: PoolID?) {
         self.pool.closed(channel, id: id, generation: self.generation)
+    }
+
+    func poolCertificateMismatched(_ channel: any Channel) {
+        self.pool.certificateMismatched(channel, generation: self.generation)
     }
 }

@@ -12,7 +12,8 @@ import Darwin
 #endif
 
 /// Prints log records in NodePass's line format to standard output:
-/// `YYYY-MM-DD HH:MM:SS.mmm  LEVEL  message key=value ...`, the level word in colour on a terminal only.
+/// `YYYY-MM-DD HH:MM:SS.mmm  LEVEL  message key=value ...`, the level word in colour on a terminal only, a
+/// value in quotes when it holds a space, `=` or a control character (`LogValue`).
 /// A master's instances add ` [ID]` to their lines and hand each line (without colour) to `copy` as well.
 /// Lines at info, warn and error are written at most 10 times every 10 s for one message (and instance);
 /// the next one written carries `np.unlogged=N`, the number left out (`RepeatedLineBudget`).
@@ -67,7 +68,7 @@ public struct NodePassLogHandler: LogHandler {
             if unwritten > 0 { all["np.unlogged"] = "\(unwritten)" }
         }
         for key in all.keys.sorted() {
-            text += " \(key)=\(all[key].map { "\($0)" } ?? "")"
+            text += " \(key)=\(LogValue.format(all[key].map { "\($0)" } ?? ""))"
         }
         text += self.suffix
         let timestamp = Self.timestamp()

@@ -26,9 +26,9 @@ public final class TunnelServer: Service, Sendable {
     private let group: any EventLoopGroup
     private let onListening: (@Sendable (ServerPorts) -> Void)?
     private let pool: ServerPool
-    private let pendingHandshakes: PendingHandshakes
+    private let pendingHandshakes: ConnectionBound
     /// v2 pool connections whose opening has not been authenticated yet.
-    private let pendingPoolOpenings: PendingHandshakes
+    private let pendingPoolOpenings: ConnectionBound
     private let pipelines: Pipelines
     private var configuration: Configuration { self.pipelines.configuration }
     private var logger: Logger { self.pipelines.logger }
@@ -55,8 +55,8 @@ public final class TunnelServer: Service, Sendable {
         self.pool = ServerPool(configuration: configuration, metrics: metrics, logger: logger)
         self.pipelines = Pipelines(metrics: metrics, logger: logger, configuration: configuration)
         self.users = UserConnections(pipelines: self.pipelines)
-        self.pendingHandshakes = PendingHandshakes(limit: configuration.maxPendingHandshakes)
-        self.pendingPoolOpenings = PendingHandshakes(limit: configuration.maxPendingHandshakes * 4)
+        self.pendingHandshakes = ConnectionBound(limit: configuration.maxPendingHandshakes)
+        self.pendingPoolOpenings = ConnectionBound(limit: configuration.maxPendingHandshakes * 4)
     }
 
     /// The number of live user sessions (relaying or waiting).
@@ -243,13 +243,11 @@ public final class TunnelServer: Service, Sendable {
         self.baseBootstrap(what: "tunnel")
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelInitializer { [pool, logger, pendingHandshakes, pipelines] channel in
-                if let evicted = pendingHandshakes.admit(channel) {
-                    logger.debug(
-                        "too many TLS handshakes in progress; the oldest was closed",
-                        metadata: ["np.peer": "\(evicted.peerDescription)"]
-                    )
-                    evicted.close(promise: nil)
-                }
+                pendingHandshakes.admit(
+                    channel,
+                    logger: logger,
+                    evicted: "too many TLS handshakes in progress; the oldest was closed"
+                )
                 return channel.eventLoop.makeCompletedFuture {
                     do {
                         try pipelines.serverControl(

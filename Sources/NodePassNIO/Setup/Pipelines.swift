@@ -78,7 +78,7 @@ final class Pipelines: Sendable {
         fingerprint: [UInt8],
         poolPort: Int,
         delegate: any ServerControlDelegate,
-        handshakes: PendingHandshakes
+        handshakes: ConnectionBound
     ) throws {
         SocketTuning.setUserTimeout(self.configuration.reportInterval * 3, on: channel)
         let version: ServerControlStateMachine.Version
@@ -147,9 +147,11 @@ final class Pipelines: Sendable {
     ) throws {
         try SocketTuning.prepareRelay(channel)
         if let authentication {
-            if let evicted = authentication.openings.admit(channel) {
-                evicted.close(promise: nil)
-            }
+            authentication.openings.admit(
+                channel,
+                logger: self.logger,
+                evicted: "too many pool openings in progress; the oldest was closed"
+            )
             try channel.pipeline.syncOperations.addHandler(ServerPoolAuthenticationHandler(settings: authentication))
         }
         let glue = self.glue(forward ? .poolThatDials : .poolWithUsers)
@@ -178,7 +180,9 @@ final class Pipelines: Sendable {
         var idReader = PoolIDReader.v1
         if let v2 {
             let nonce = V2PoolNonce()
-            try channel.pipeline.syncOperations.addHandler(ClientPoolAuthenticationHandler(settings: v2, nonce: nonce))
+            try channel.pipeline.syncOperations.addHandler(
+                ClientPoolAuthenticationHandler(settings: v2, nonce: nonce) { delegate.poolCertificateMismatched($0) }
+            )
             idReader = PoolIDReader(
                 length: V2PoolOpening.serverMessageLength,
                 parse: { opening in

@@ -26,10 +26,13 @@ final class ClientPoolAuthenticationHandler: ChannelInboundHandler {
     private var state: State = .awaitingNonce(ByteBuffer())
     private let settings: V2PoolSettings
     private let nonce: V2PoolNonce
+    /// Called on the channel's event loop when the certificate is not the pinned one.
+    private let onMismatch: (any Channel) -> Void
 
-    init(settings: V2PoolSettings, nonce: V2PoolNonce) {
+    init(settings: V2PoolSettings, nonce: V2PoolNonce, onMismatch: @escaping (any Channel) -> Void) {
         self.settings = settings
         self.nonce = nonce
+        self.onMismatch = onMismatch
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -60,8 +63,14 @@ final class ClientPoolAuthenticationHandler: ChannelInboundHandler {
         if let tls = self.settings.tls {
             do {
                 let fingerprint = self.settings.fingerprint
+                let (channel, onMismatch) = (context.channel, self.onMismatch)
                 let handler = try NIOSSLClientHandler(context: tls, serverHostname: nil) { certificates, promise in
-                    promise.succeed(Self.matches(certificates.first, fingerprint) ? .certificateVerified : .failed)
+                    guard Self.matches(certificates.first, fingerprint) else {
+                        onMismatch(channel)
+                        promise.succeed(.failed)
+                        return
+                    }
+                    promise.succeed(.certificateVerified)
                 }
                 try context.pipeline.syncOperations.addHandler(handler, position: .after(self))
             } catch {

@@ -26,7 +26,7 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
         /// The secret of a connected session, by its ID.
         var secretForSession: @Sendable ([UInt8]) -> V2SessionSecret?
         /// The openings not proven yet: each connection stays counted until it proves the key or fails.
-        var openings: PendingHandshakes
+        var openings: ConnectionBound
         var metrics: TunnelMetrics
         var logger: Logger
     }
