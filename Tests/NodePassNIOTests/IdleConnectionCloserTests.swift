@@ -9,7 +9,9 @@ import Testing
 /// (`test_hostile.py`); here, what the closer does with its events.
 @Suite struct IdleConnectionCloserTests {
     private func makeChannel() throws -> EmbeddedChannel {
-        let channel = EmbeddedChannel(handler: IdleConnectionCloser(logger: Logger(label: "test")))
+        let channel = EmbeddedChannel(
+            handler: IdleConnectionCloser(logger: Logger(label: "test"), message: "idle test connection closed")
+        )
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
         return channel
     }

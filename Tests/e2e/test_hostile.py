@@ -16,7 +16,7 @@ import pytest
 
 from support.ports import free_port
 from support.probes import echo_probe
-from support.procfs import TCP_LISTEN, tcp_sockets
+from support.procfs import TCP_ESTABLISHED, TCP_LISTEN, tcp_sockets
 from support.sockets import connect, recv_exact
 from support.tunnel import DEFAULT_ENV, Tunnel
 from support.waiting import wait_for
@@ -343,3 +343,41 @@ def test_a_flood_of_refused_connections_is_a_few_log_lines_with_a_count(procs, n
                                   if "client refused" in l and "np.unlogged=" in l), None), 10, "the count")
     assert "np.unlogged=590 " in line + " ", line
     assert tunnel.server.alive()
+
+
+@pytest.mark.parametrize("tls", ["0", "1"])
+def test_users_who_leave_a_stalled_service_full_free_their_slots_on_both_sides(procs, nodepass_bin, tls):
+    """Ten users push data into a service that stopped reading their connections, then leave, with
+    SEMAPHORE_LIMIT=10 and IDLE_TIMEOUT=3s on both sides: their relays end on both sides (the server's
+    users, the client's connections to the service), and a well-behaved user is served again within the
+    idle timeout and a few seconds (tls=1 relays in SwiftNIO, tls=0 in the splice engine)."""
+    service = procs.start_helper("stall")
+    env = {"SEMAPHORE_LIMIT": "10", "IDLE_TIMEOUT": "3s"}
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, service.port, env=env).use_key("stall-" + "k" * 16)
+    tunnel.server_query = f"&tls={tls}"
+    tunnel.start()
+    for _ in range(10):
+        with connect(tunnel.host, tunnel.target_port) as attacker:
+            attacker.sendall(b"stall\n")
+            attacker.setblocking(False)
+            pushed = 0
+            try:
+                while pushed < 8 * 1024 * 1024:
+                    pushed += attacker.send(b"x" * 65536)
+            except BlockingIOError:
+                pass  # the tunnel stopped taking bytes: the service reads none
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # turned away at SEMAPHORE_LIMIT while earlier attackers' relays still end
+    left = time.monotonic()
+
+    def to_service() -> int:
+        return sum(1 for s in tcp_sockets(tunnel.client.pid)
+                   if s.remote_port == service.port and s.state == TCP_ESTABLISHED)
+
+    served_after = wait_for(lambda: echo_probe(tunnel.host, tunnel.target_port, timeout=1)
+                            and time.monotonic() - left, 20, "a well-behaved user to be served again")
+    assert served_after <= 3 + 5, f"served again {served_after:.1f} s after the attackers left"
+    wait_for(lambda: to_service() == 0, 10, "the client to end its relays to the stalled service")
+    print(f"tls={tls}: served again {served_after:.2f} s and no relay to the service {time.monotonic() - left:.2f} s "
+          "after the attackers left")
+    assert tunnel.server.alive() and tunnel.client.alive()

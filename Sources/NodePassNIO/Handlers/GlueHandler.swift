@@ -8,7 +8,9 @@ import NIOCore
 /// The channel must have `autoRead` off: this handler reads only while the partner is writable, and the
 /// partner's handler asks for the next read when it becomes writable again (backpressure).
 /// End of input is passed on as a half-close once every byte before it has been written; an error or an
-/// abrupt close closes both channels.
+/// abrupt close closes both channels. Either waits at most `flushTimeout` for the partner to take the
+/// bytes queued for it: a peer that stopped reading then cannot hold the relay (and a user's slot) once
+/// the other side has gone; after the deadline the partner is closed with what it did not take.
 ///
 /// With a `SpliceSetup` on both sides, a pair of plain sockets on one event loop moves to a `SpliceEngine`
 /// once one direction has relayed `spliceAfter` bytes or after `SpliceSetup.moveAfter`, at a moment when
@@ -39,6 +41,7 @@ final class GlueHandler: ChannelInboundHandler {
     private var inactive = false
     private let bytes: Counter?
     private let splice: SpliceSetup?
+    private let flushTimeout: TimeAmount
     private var move: Move
     /// Bytes this handler relayed in user space.
     private var relayed = 0
@@ -46,11 +49,17 @@ final class GlueHandler: ChannelInboundHandler {
     /// `SpliceSetup.moveAfter`, whichever comes first).
     static let spliceAfter = 64 * 1024
 
+    /// How long the partner has to take its queued bytes after this side ended, unless told otherwise.
+    static let defaultFlushTimeout = TimeAmount.seconds(30)
+
     /// Makes an unconnected handler; `bytes` counts every byte it reads. With `splice`, the relay may move
-    /// to the kernel (only when the partner's handler has one too).
-    init(bytes: Counter? = nil, splice: SpliceSetup? = nil) {
+    /// to the kernel (only when the partner's handler has one too). `flushTimeout`: how long the partner
+    /// has to take the bytes queued for it once this side ended.
+    init(bytes: Counter? = nil, splice: SpliceSetup? = nil, flushTimeout: TimeAmount = GlueHandler.defaultFlushTimeout)
+    {
         self.bytes = bytes
         self.splice = splice
+        self.flushTimeout = flushTimeout
         self.move = splice == nil ? .never : .possible(timer: nil)
     }
 
@@ -87,7 +96,7 @@ final class GlueHandler: ChannelInboundHandler {
         }
         if self.inactive {
             self.flushPending()
-            partner.writeAndFlush(ByteBuffer()).whenComplete { _ in partner.close(promise: nil) }
+            self.close(partner, mode: .all)
             return
         }
         if self.inputEnded {
@@ -157,9 +166,19 @@ final class GlueHandler: ChannelInboundHandler {
 
     private func passOnEndOfInput(to partner: any Channel) {
         self.flushPending()
-        // The empty write completes after every earlier write, so the half-close loses no byte.
+        self.close(partner, mode: .output)
+    }
+
+    /// Closes `partner` (`mode`) once it has written every byte queued for it, or fully after
+    /// `flushTimeout` if it has not by then.
+    private func close(_ partner: any Channel, mode: CloseMode) {
+        let deadline = partner.eventLoop.scheduleTask(in: self.flushTimeout) {
+            partner.close(promise: nil)
+        }
+        // The empty write completes after every earlier write, so the close loses no byte it could send.
         partner.writeAndFlush(ByteBuffer()).whenComplete { _ in
-            partner.close(mode: .output, promise: nil)
+            deadline.cancel()
+            partner.close(mode: mode, promise: nil)
         }
     }
 
@@ -180,9 +199,7 @@ final class GlueHandler: ChannelInboundHandler {
         // A partner that is closed already (the usual end: both halves shut) needs nothing more.
         if let partner = self.partner, partner.isActive {
             self.flushPending()
-            partner.writeAndFlush(ByteBuffer()).whenComplete { _ in
-                partner.close(promise: nil)
-            }
+            self.close(partner, mode: .all)
         }
         context.fireChannelInactive()
     }

@@ -1,16 +1,16 @@
 import Logging
 import NIOCore
 
-/// After an `IdleStateHandler`: closes the connection when nothing moved for the idle timeout (users:
-/// IDLE_TIMEOUT, so that forgotten or stalled user connections do not hold SEMAPHORE_LIMIT slots for ever;
-/// the metrics port: `MetricsServer.idleTimeout`).
+/// After an `IdleStateHandler`: closes the connection when nothing moved for the idle timeout (users' and
+/// targets' connections: IDLE_TIMEOUT, so that forgotten or stalled relays do not hold SEMAPHORE_LIMIT
+/// slots for ever; the metrics port: `MetricsServer.idleTimeout`).
 final class IdleConnectionCloser: ChannelInboundHandler {
     typealias InboundIn = NIOAny
 
     private let logger: Logger
     private let message: Logger.Message
 
-    init(logger: Logger, message: Logger.Message = "idle user connection closed") {
+    init(logger: Logger, message: Logger.Message) {
         self.logger = logger
         self.message = message
     }

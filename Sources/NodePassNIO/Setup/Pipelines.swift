@@ -46,19 +46,21 @@ final class Pipelines: Sendable {
         case .user, .poolThatDials: bytes = self.metrics.bytesUpstream
         case .target, .poolWithUsers: bytes = self.metrics.bytesDownstream
         }
-        guard self.configuration.splice else { return GlueHandler(bytes: bytes) }
+        // A relay whose one side has gone gives the other its queued bytes for 30 s at most, and never
+        // longer than the relay may stay idle.
+        let idleTimeout = self.configuration.idleTimeout
+        let flushTimeout = min(GlueHandler.defaultFlushTimeout, idleTimeout ?? GlueHandler.defaultFlushTimeout)
+        guard self.configuration.splice else { return GlueHandler(bytes: bytes, flushTimeout: flushTimeout) }
         let setup: SpliceSetup
         switch end {
-        case .user:
-            let idleTimeout = self.configuration.idleTimeout
+        case .user, .target:
+            // The ends with a socket outside the tunnel keep IDLE_TIMEOUT, on both sides of the tunnel.
             setup = SpliceSetup(sessions: self.sessions, idleTimeout: idleTimeout, logger: self.logger)
-        case .target:
-            setup = SpliceSetup(sessions: self.sessions, logger: self.logger)
         case .poolWithUsers, .poolThatDials:
             // The other half of the pair keeps the time of the move.
             setup = SpliceSetup(sessions: self.sessions, logger: self.logger, schedulesMove: false)
         }
-        return GlueHandler(bytes: bytes, splice: setup)
+        return GlueHandler(bytes: bytes, splice: setup, flushTimeout: flushTimeout)
     }
 
     // MARK: control channels
@@ -214,12 +216,7 @@ final class Pipelines: Sendable {
     /// it is active.
     func user(_ channel: any Channel, arrived: @escaping @Sendable (RelayEnd) -> Void) throws {
         try SocketTuning.prepareRelay(channel)
-        if let idleTimeout = self.configuration.idleTimeout {
-            // Reads from the user and writes to the user both count as activity.
-            try channel.pipeline.syncOperations.addHandlers([
-                IdleStateHandler(allTimeout: idleTimeout), IdleConnectionCloser(logger: self.logger),
-            ])
-        }
+        try self.closeWhenIdle(channel, message: "idle user connection closed")
         let glue = self.glue(.user)
         try channel.pipeline.syncOperations.addHandlers([
             ChannelActiveHandler { arrived(RelayEnd(channel: $0, glue: glue)) },
@@ -231,8 +228,19 @@ final class Pipelines: Sendable {
     func target(_ channel: any Channel) throws -> GlueHandler {
         SocketTuning.apply(to: channel)
         try SocketTuning.prepareRelay(channel)
+        try self.closeWhenIdle(channel, message: "idle target connection closed")
         let glue = self.glue(.target)
         try channel.pipeline.syncOperations.addHandler(glue)
         return glue
     }
+
+    /// With IDLE_TIMEOUT, closes `channel` (a user's or the target's connection) once nothing moved either
+    /// way for that long; reads and completed writes both count as activity.
+    private func closeWhenIdle(_ channel: any Channel, message: Logger.Message) throws {
+        guard let idleTimeout = self.configuration.idleTimeout else { return }
+        try channel.pipeline.syncOperations.addHandlers([
+            IdleStateHandler(allTimeout: idleTimeout), IdleConnectionCloser(logger: self.logger, message: message),
+        ])
+    }
+
 }

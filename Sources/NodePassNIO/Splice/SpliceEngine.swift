@@ -305,7 +305,7 @@ final class SpliceEngine: @unchecked Sendable {
         self.lastSweep = now
         for relay in self.relays.values {
             guard let timeout = relay.idleTimeout, now - relay.lastActivity >= timeout else { continue }
-            relay.logger.debug("idle user connection closed", metadata: ["np.peer": "\(relay.description)"])
+            relay.logger.debug("idle relay closed", metadata: ["np.peer": "\(relay.description)"])
             self.end(relay, reason: nil)
         }
     }

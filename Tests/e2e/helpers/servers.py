@@ -7,6 +7,9 @@
 echo:   echoes every byte until EOF, then shuts down its write side (half-close aware).
 digest: reads until EOF, replies with the SHA-256 hex digest (64 ASCII bytes) of
         what it read, then closes.
+stall:  a service that stops reading some connections: one whose first read starts
+        with "stall" is never read again (held open until IDLE_TIMEOUT); any other
+        is an echo.
 
 One thread per connection, so many streams run at once. Every socket has a
 timeout, so a stuck peer cannot keep a thread forever. The test harness kills
@@ -47,7 +50,17 @@ def handle_digest(conn: socket.socket) -> None:
     conn.shutdown(socket.SHUT_WR)
 
 
-HANDLERS = {"echo": handle_echo, "digest": handle_digest}
+def handle_stall(conn: socket.socket) -> None:
+    first = conn.recv(CHUNK)
+    if first.startswith(b"stall"):
+        threading.Event().wait(IDLE_TIMEOUT)
+        return
+    if first:
+        conn.sendall(first)
+        handle_echo(conn)
+
+
+HANDLERS = {"echo": handle_echo, "digest": handle_digest, "stall": handle_stall}
 
 
 def serve(mode: str, host: str, port: int) -> None:
