@@ -17,6 +17,34 @@ import Testing
         #expect(result3 == .restartPool(port: 4001))
     }
 
+    @Test func aServerThatNamesAnotherPortOnEveryLineRestartsThePoolOncePerSecond() {
+        var machine = ControlStateMachine(reportInterval: .seconds(1))
+        machine.connected(now: self.start)
+        #expect(machine.signalReceived(.remote(port: 4000), now: self.start) == .startPool(port: 4000))
+        // 2,000 lines alternating two ports, one every millisecond: 2 s.
+        var restarts: [Int64] = []
+        for line in 1...2000 {
+            let now = self.start + .milliseconds(Int64(line))
+            if case .restartPool = machine.signalReceived(.remote(port: 4000 + line % 2), now: now) {
+                restarts.append(Int64(line))
+            }
+        }
+        // The first line 1 s after the start names the other port.
+        #expect(restarts == [1001])
+        // A port named too soon is still a heartbeat.
+        #expect(machine.heartbeatCheckFired(now: self.start + .milliseconds(2000) + .seconds(2)) == .none)
+    }
+
+    @Test func aNewPortNamedTooSoonIsTakenAtItsNextAnnouncement() {
+        var machine = ControlStateMachine(reportInterval: .seconds(1))
+        machine.connected(now: self.start)
+        _ = machine.signalReceived(.remote(port: 4000), now: self.start)
+        #expect(machine.signalReceived(.remote(port: 4001), now: self.start + .milliseconds(500)) == .none)
+        #expect(machine.state == .running(poolPort: 4000, lastHeartbeat: self.start + .milliseconds(500)))
+        let later = self.start + .milliseconds(1500)
+        #expect(machine.signalReceived(.remote(port: 4001), now: later) == .restartPool(port: 4001))
+    }
+
     @Test func launchOnlyWhenRunning() {
         var machine = ControlStateMachine(reportInterval: .seconds(5))
         let id = PoolID(42)

@@ -96,19 +96,46 @@ import Testing
         var machine = Machine(maximumIdle: 8, maximumAwaited: 8)
         _ = machine.connectionReady(id: PoolID(6), owner: 1, connection: "a")
         _ = machine.connectionReady(id: PoolID(7), owner: 1, connection: "b")
-        let claimed = machine.connectionClaimed(id: PoolID(6))
-        #expect(claimed)
-        let claimedTwice = machine.connectionClaimed(id: PoolID(6))
-        #expect(!claimedTwice)
-        let claimedUnknown = machine.connectionClaimed(id: PoolID(9))
-        #expect(!claimedUnknown)
+        #expect(self.isCounted(machine.connectionClaimed(id: PoolID(6))))
+        #expect(machine.claimedCount == 1)
+        #expect(self.isNone(machine.connectionClaimed(id: PoolID(6))))
+        #expect(self.isNone(machine.connectionClaimed(id: PoolID(9))))
         let launched = self.dialled(machine.launchReceived(id: PoolID(6), owner: 1))
         #expect(launched?.0 == "a" && launched?.1 == true)
-        let claimedOther = machine.connectionClaimed(id: PoolID(7))
-        #expect(claimedOther)
+        #expect(machine.claimedCount == 0)
+        #expect(self.isCounted(machine.connectionClaimed(id: PoolID(7))))
         let closedClaimed = machine.connectionClosed(id: PoolID(7), where: { $0 == "b" })
         #expect(closedClaimed == true)
-        #expect(machine.idleCount == 0)
+        #expect(machine.idleCount == 0 && machine.claimedCount == 0)
+    }
+
+    @Test func claimedConnectionsBeyondTheBoundAreClosedAndFreedOnTheirEnd() {
+        var machine = Machine(maximumIdle: 8, maximumAwaited: 8, maximumClaimed: 2)
+        for (id, name) in [(1, "a"), (2, "b"), (3, "c"), (4, "d")] {
+            _ = machine.connectionReady(id: PoolID(UInt32(id)), owner: 1, connection: name)
+        }
+        #expect(self.isCounted(machine.connectionClaimed(id: PoolID(1))))
+        #expect(self.isCounted(machine.connectionClaimed(id: PoolID(2))))
+        guard case .close("c") = machine.connectionClaimed(id: PoolID(3)) else {
+            Issue.record("a third claim over a bound of two closes its connection")
+            return
+        }
+        #expect(machine.idleCount == 3 && machine.claimedCount == 2)
+        // A claimed connection that ends (its launch, its close, its owner) makes room again.
+        _ = machine.launchReceived(id: PoolID(1), owner: 1)
+        #expect(self.isCounted(machine.connectionClaimed(id: PoolID(4))))
+        #expect(machine.ownerLost(1).sorted() == ["b", "d"])
+        #expect(machine.claimedCount == 0)
+    }
+
+    private func isCounted(_ action: Machine.ClaimAction) -> Bool {
+        if case .counted = action { return true }
+        return false
+    }
+
+    private func isNone(_ action: Machine.ClaimAction) -> Bool {
+        if case .none = action { return true }
+        return false
     }
 
     @Test func anOwnerLeavingTakesItsConnectionsAndLaunches() {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import secrets
 import shutil
 import socket
@@ -381,3 +382,87 @@ def test_users_who_leave_a_stalled_service_full_free_their_slots_on_both_sides(p
     print(f"tls={tls}: served again {served_after:.2f} s and no relay to the service {time.monotonic() - left:.2f} s "
           "after the attackers left")
     assert tunnel.server.alive() and tunnel.client.alive()
+
+
+def test_a_v1_server_that_names_another_pool_port_on_every_line_cannot_exhaust_the_client(
+        procs, nodepass_bin, echo_service, self_signed_cert):
+    """A hostile v1 server sends 2,000 `remote://` lines alternating two pool ports (32 KB): the client
+    restarts its pool at most once a second, closes what the previous pool was still opening, and keeps a
+    bounded number of descriptors (the issue's run: 18,963 descriptors within a second)."""
+    fake = FakeServer(*self_signed_cert)
+    other = socket.create_server(("127.0.0.1", 0), backlog=4096)  # accepts in the kernel, never answers
+    other_port = other.getsockname()[1]
+    try:
+        client = procs.start("client", [nodepass_bin,
+                                        f"client://127.0.0.1:{fake.tunnel_port}/127.0.0.1:{echo_service.port}"
+                                        "?log=info"], env=DEFAULT_ENV)
+        fake.accept_control()
+        fake.start_threads()
+        fake.signal(f"remote://{fake.pool_port}\n".encode())
+        fake.pool_conns.get(timeout=15)  # the pool runs
+        # Four bursts of 500 lines, half a second apart, then 2 s more of samples.
+        flood = b"".join(f"remote://{port}\n".encode() for _ in range(250) for port in (other_port, fake.pool_port))
+        peak = 0
+        for sample in range(80):  # 4 s of samples, 50 ms apart
+            if sample % 10 == 0 and sample < 40:
+                with fake.control_lock:
+                    fake.control.sendall(flood)
+            peak = max(peak, len(os.listdir(f"/proc/{client.pid}/fd")))
+            time.sleep(0.05)  # sampling pace, not synchronisation
+        assert peak < 300, f"the client held {peak} descriptors"
+        # (The log writes at most 10 lines of one message in 10 s: fewer than 10 are all the restarts.)
+        restarts = client.output().count("server announced a new pool port")
+        assert restarts <= 5, f"{restarts} pool restarts in about 4 s"
+        assert client.alive(), f"client exited with {client.returncode()}"
+        print(f"{restarts} pool restarts, at most {peak} descriptors in the 4 s of the flood")
+    finally:
+        other.close()
+        fake.close()
+
+
+def test_a_v1_server_that_uses_every_pool_connection_and_never_launches_cannot_exhaust_the_client(
+        procs, nodepass_bin, echo_service, self_signed_cert):
+    """A hostile v1 server writes an ID and then 512 KiB on every pool connection and never launches one:
+    the client keeps at most MAX_POOL_CAPACITY of them waiting for a launch (reading pauses past 64 KiB on
+    each), closes the others with a warning, and its descriptors and memory stay bounded (the issue's run:
+    6,000 such connections and 2.64 GiB)."""
+    fake = FakeServer(*self_signed_cert)
+    pushed = []
+    try:
+        client = procs.start("client", [nodepass_bin,
+                                        f"client://127.0.0.1:{fake.tunnel_port}/127.0.0.1:{echo_service.port}"
+                                        "?log=info"], env={**DEFAULT_ENV, "MAX_POOL_CAPACITY": "64"})
+        fake.accept_control()
+        fake.start_threads()
+        fake.signal(f"remote://{fake.pool_port}\n".encode())
+        chunk = b"u" * 65536
+        peak_fds, peak_rss_kib = 0, 0
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            try:
+                _, conn = fake.pool_conns.get(timeout=0.05)
+                conn.setblocking(False)
+                sent = 0
+                try:
+                    while sent < 512 * 1024:
+                        sent += conn.send(chunk)
+                except (BlockingIOError, OSError):
+                    pass  # the client stopped reading: its bound
+                pushed.append(sent)
+            except queue.Empty:
+                pass
+            peak_fds = max(peak_fds, len(os.listdir(f"/proc/{client.pid}/fd")))
+            with open(f"/proc/{client.pid}/status") as status:
+                rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+            peak_rss_kib = max(peak_rss_kib, rss)
+        line = wait_for(lambda: re.search(r"WARN  pool connection closed: the other side used as many as the pool "
+                                          r"holds without launching them.*", client.output()), 5, "the warning")
+        assert "np.peer=127.0.0.1:" in line.group(0), line.group(0)
+        assert len(pushed) > 64, f"only {len(pushed)} pool connections: the attack did not reach the bound"
+        assert peak_fds < 300, f"the client held {peak_fds} descriptors"
+        assert peak_rss_kib < 150 * 1024, f"the client's RSS reached {peak_rss_kib // 1024} MiB"
+        assert client.alive(), f"client exited with {client.returncode()}"
+        print(f"{len(pushed)} pool connections used without a launch; client peak {peak_fds} descriptors, "
+              f"{peak_rss_kib // 1024} MiB RSS")
+    finally:
+        fake.close()

@@ -34,6 +34,12 @@ public struct ControlStateMachine: Sendable {
     public private(set) var state: State = .disconnected
     /// Silence longer than this means the channel is dead (3 x REPORT_INTERVAL).
     public let deadAfter: TimeAmount
+    /// The pool (re)starts at most this often: a server that names another port on every line cannot make
+    /// the client reopen its pool each time. A port named too soon is not taken; the server repeats its
+    /// port every REPORT_INTERVAL, so the last one it named is taken at its next announcement.
+    public static let minimumRestartInterval = TimeAmount.seconds(1)
+    /// When the pool last (re)started.
+    private var lastPoolStart: NIODeadline?
 
     /// Makes a machine that declares the channel dead after three missed heartbeats of `reportInterval`.
     public init(reportInterval: TimeAmount) {
@@ -50,10 +56,16 @@ public struct ControlStateMachine: Sendable {
         switch (signal, self.state) {
         case (.remote(let port), .awaitingRemote):
             self.state = .running(poolPort: port, lastHeartbeat: now)
+            self.lastPoolStart = now
             return .startPool(port: port)
         case (.remote(let port), .running(let current, _)):
+            // Every `remote://` is a heartbeat, whatever its port.
+            self.state = .running(poolPort: current, lastHeartbeat: now)
+            guard port != current else { return .none }
+            if let last = self.lastPoolStart, now - last < Self.minimumRestartInterval { return .none }
             self.state = .running(poolPort: port, lastHeartbeat: now)
-            return port == current ? .none : .restartPool(port: port)
+            self.lastPoolStart = now
+            return .restartPool(port: port)
         case (.remote, .disconnected):
             return .none
         case (.launch(let id), .running):

@@ -25,6 +25,16 @@ public struct DialQueueStateMachine<Connection> {
         case close(Connection)
     }
 
+    /// What the caller must do when bytes came on an idle connection before its launch.
+    public enum ClaimAction {
+        /// It counts as used from now on (the first time); keep it for its launch.
+        case counted
+        /// Nothing: it was counted before, or is not idle.
+        case none
+        /// Too many connections were used without a launch: close this one (it counts as used).
+        case close(Connection)
+    }
+
     /// What the caller must do after a launch.
     public enum LaunchAction {
         /// Dial the target for this connection. `wasClaimed`: it had already been counted as used.
@@ -55,12 +65,22 @@ public struct DialQueueStateMachine<Connection> {
     public let maximumIdle: Int
     /// The most launches waiting for their connection.
     public let maximumAwaited: Int
-
-    /// Makes an empty queue keeping at most `maximumIdle` idle connections and `maximumAwaited` early launches.
+    /// The most idle connections that the other side used without launching them (each holds the bytes
+    /// that came, up to a bound): a peer that uses connections and never launches them cannot make this
+    /// side hold more.
+    public let maximumClaimed: Int
+    @usableFromInline var claimedEntries = 0
+    /// The idle connections that are claimed.
     @inlinable
-    public init(maximumIdle: Int, maximumAwaited: Int) {
+    public var claimedCount: Int { self.claimedEntries }
+
+    /// Makes an empty queue keeping at most `maximumIdle` idle connections (`maximumClaimed` of them
+    /// claimed) and `maximumAwaited` early launches.
+    @inlinable
+    public init(maximumIdle: Int, maximumAwaited: Int, maximumClaimed: Int = .max) {
         self.maximumIdle = max(1, maximumIdle)
         self.maximumAwaited = max(0, maximumAwaited)
+        self.maximumClaimed = max(1, maximumClaimed)
     }
 
     /// The number of idle connections (claimed ones included).
@@ -98,6 +118,7 @@ public struct DialQueueStateMachine<Connection> {
     public mutating func launchReceived(id: PoolID, owner: UInt64, launch: PoolLaunch = .stream) -> LaunchAction {
         if let entry = self.idle[id], entry.owner == owner {
             self.idle[id] = nil
+            if entry.claimed { self.claimedEntries -= 1 }
             return .dial(entry.connection, wasClaimed: entry.claimed)
         }
         guard self.idle[id] == nil, self.awaited[id] == nil, self.awaited.count < self.maximumAwaited else {
@@ -115,12 +136,18 @@ public struct DialQueueStateMachine<Connection> {
         return true
     }
 
-    /// Bytes came on the idle connection `id` before its launch: true the first time (count it as used).
+    /// Bytes came on the idle connection `id` before its launch: counted as used the first time, or
+    /// closed when `maximumClaimed` connections already wait for their launch.
     @inlinable
-    public mutating func connectionClaimed(id: PoolID) -> Bool {
-        guard let entry = self.idle[id], !entry.claimed else { return false }
+    public mutating func connectionClaimed(id: PoolID) -> ClaimAction {
+        guard let entry = self.idle[id], !entry.claimed else { return .none }
+        guard self.claimedEntries < self.maximumClaimed else {
+            self.idle[id] = nil
+            return .close(entry.connection)
+        }
         self.idle[id]?.claimed = true
-        return true
+        self.claimedEntries += 1
+        return .counted
     }
 
     /// The idle connection `id` closed, if `matches` it (another connection may have drawn the same ID and
@@ -129,6 +156,7 @@ public struct DialQueueStateMachine<Connection> {
     public mutating func connectionClosed(id: PoolID, where matches: (Connection) -> Bool) -> Bool? {
         guard let entry = self.idle[id], matches(entry.connection) else { return nil }
         self.idle[id] = nil
+        if entry.claimed { self.claimedEntries -= 1 }
         return entry.claimed
     }
 
@@ -137,7 +165,10 @@ public struct DialQueueStateMachine<Connection> {
     public mutating func ownerLost(_ owner: UInt64) -> [Connection] {
         self.awaited = self.awaited.filter { $0.value.owner != owner }
         let lost = self.idle.filter { $0.value.owner == owner }
-        for id in lost.keys { self.idle[id] = nil }
+        for (id, entry) in lost {
+            self.idle[id] = nil
+            if entry.claimed { self.claimedEntries -= 1 }
+        }
         return lost.values.map(\.connection)
     }
 
@@ -147,6 +178,7 @@ public struct DialQueueStateMachine<Connection> {
         defer {
             self.idle.removeAll()
             self.awaited.removeAll()
+            self.claimedEntries = 0
         }
         return self.idle.values.map(\.connection)
     }

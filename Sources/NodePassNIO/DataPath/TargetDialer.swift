@@ -37,9 +37,12 @@ final class TargetDialer: PoolConnectionRole {
         idleGauge: Meter?
     ) {
         // Launches that come before their connection are bounded as idle connections are.
+        // A peer that follows the protocol never has more connections in use before their launch than the
+        // pool holds.
         let queue = DialQueueStateMachine<PoolConnection>(
             maximumIdle: maximumIdle,
-            maximumAwaited: pipelines.configuration.maxPoolCapacity
+            maximumAwaited: pipelines.configuration.maxPoolCapacity,
+            maximumClaimed: pipelines.configuration.maxPoolCapacity
         )
         self.state = Locked(queue)
         self.target = target
@@ -88,7 +91,20 @@ final class TargetDialer: PoolConnectionRole {
     }
 
     func connectionClaimed(_ id: PoolID) -> Bool {
-        self.updating { $0.connectionClaimed(id: id) }
+        switch self.updating({ $0.connectionClaimed(id: id) }) {
+        case .counted:
+            return true
+        case .none:
+            return false
+        case .close(let connection):
+            self.logger.warning(
+                "pool connection closed: the other side used as many as the pool holds without launching them",
+                metadata: ["np.pool.id": "\(id)", "np.peer": "\(connection.channel.peerDescription)"]
+            )
+            connection.channel.close(promise: nil)
+            // Counted as used: it is no longer idle, and the pool replaces it.
+            return true
+        }
     }
 
     func connectionClosed(id: PoolID, channel: any Channel) -> Bool {

@@ -3,8 +3,10 @@ import NIOCore
 /// What a pool connection receives before it is handed off to its relay (the side with the users starts
 /// relaying before the other side has read the launch), held up to a bound and passed on in order.
 struct EarlyBytes {
-    /// The most bytes held; reading pauses above it.
-    static let maximum = 256 * 1024
+    /// Reading pauses once this many bytes are held (one more read may bring more: the relay's read size).
+    /// The launch normally comes within a round trip; a peer that never sends it holds at most this much
+    /// per connection, and a bounded number of such connections (`DialQueueStateMachine.maximumClaimed`).
+    static let maximum = 64 * 1024
 
     private var buffer = ByteBuffer()
     private(set) var inputEnded = false

@@ -30,6 +30,9 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
         /// A pool connection showed a certificate that is not the announced one, and no pool connection has
         /// succeeded since: the error is logged once (each is counted).
         var certificateMismatchLogged = false
+        /// Pool connections of the current generation from their dial until they get their ID: a new
+        /// generation (the server named another pool port, or the control channel ended) closes them.
+        var dialling: [ObjectIdentifier: any Channel] = [:]
     }
 
     /// Period of the capacity adaptation.
@@ -145,10 +148,14 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
         self.apply(adjustment, generation: generation)
     }
 
-    /// The control channel is gone: close the idle pool (relayed sessions go on).
+    /// The control channel is gone: close the idle pool and the connections still being opened (relayed
+    /// sessions go on).
     func stop() {
+        var dialling: [any Channel] = []
         let ended = self.updating { state -> UInt64 in
             defer { state.generation &+= 1 }
+            dialling = Array(state.dialling.values)
+            state.dialling = [:]
             state.poolPort = nil
             state.forwardControl = nil
             state.transports = [.tcp]
@@ -158,6 +165,7 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
             state.machine.reset()
             return state.generation
         }
+        for channel in dialling { channel.close(promise: nil) }
         // Users waiting in forward mode stay: they take a connection of the next generation (or time out).
         self.dialer.ownerLost(ended)
         self.launcher.ownerLost(ended)
@@ -199,7 +207,10 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
             let bootstrap = ClientBootstrap(group: forward ? self.forwardLoop : self.group)
                 .connectTimeout(self.configuration.dialTimeout)
                 .channelInitializer { [pipelines] channel in
-                    channel.eventLoop.makeCompletedFuture {
+                    guard self.dialStarted(channel, generation: generation) else {
+                        return channel.eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel)
+                    }
+                    return channel.eventLoop.makeCompletedFuture {
                         try pipelines.clientPoolConnection(channel, v2: v2, forward: forward, delegate: delegate)
                     }
                 }
@@ -207,6 +218,20 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
                 self.dialFailed(generation: generation, error: error)
             }
         }
+    }
+
+    /// Tracks `channel` until it gets its ID or closes; false when its generation has ended already.
+    private func dialStarted(_ channel: any Channel, generation: UInt64) -> Bool {
+        let current = self.state.withLock { state in
+            guard state.generation == generation else { return false }
+            state.dialling[ObjectIdentifier(channel)] = channel
+            return true
+        }
+        guard current else { return false }
+        channel.closeFuture.whenComplete { _ in
+            self.state.withLock { _ = $0.dialling.removeValue(forKey: ObjectIdentifier(channel)) }
+        }
+        return true
     }
 
     private func dialFailed(generation: UInt64, error: any Error) {
@@ -223,6 +248,7 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
         connection.owner = generation
         let role = self.updating { state -> (any PoolConnectionRole)? in
             guard state.generation == generation else { return nil }
+            state.dialling.removeValue(forKey: ObjectIdentifier(connection.channel))
             state.machine.connectionEstablished()
             state.certificateMismatchLogged = false
             return self.role(of: state)
