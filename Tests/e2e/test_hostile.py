@@ -426,6 +426,11 @@ def test_a_v1_server_that_uses_every_pool_connection_and_never_launches_cannot_e
     the client keeps at most MAX_POOL_CAPACITY of them waiting for a launch (reading pauses past 64 KiB on
     each), closes the others with a warning, and its descriptors and memory stay bounded (the issue's run:
     6,000 such connections and 2.64 GiB)."""
+    import resource
+
+    # The fake server keeps every pool connection the client opens: more than Python's usual 1,024.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     fake = FakeServer(*self_signed_cert)
     pushed = []
     try:
@@ -459,6 +464,16 @@ def test_a_v1_server_that_uses_every_pool_connection_and_never_launches_cannot_e
                                           r"holds without launching them.*", client.output()), 5, "the warning")
         assert "np.peer=127.0.0.1:" in line.group(0), line.group(0)
         assert len(pushed) > 64, f"only {len(pushed)} pool connections: the attack did not reach the bound"
+        # The client still works: it opens pool connections and relays a launched one. (Some connections the
+        # fake accepted late, from its backlog, the client had given up already: try the next one.)
+        def relays_a_launch() -> bool:
+            pool_id, pool_conn = fake.pool_conns.get(timeout=5)
+            pool_conn.settimeout(2)
+            fake.signal(f"launch://{pool_id}\n".encode())
+            pool_conn.sendall(b"ping")
+            return recv_exact(pool_conn, 4) == b"ping"
+
+        wait_for(relays_a_launch, 20, "a launched pool connection relayed after the attack")
         assert peak_fds < 300, f"the client held {peak_fds} descriptors"
         assert peak_rss_kib < 150 * 1024, f"the client's RSS reached {peak_rss_kib // 1024} MiB"
         assert client.alive(), f"client exited with {client.returncode()}"

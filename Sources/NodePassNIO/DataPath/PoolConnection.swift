@@ -53,7 +53,8 @@ protocol PoolConnectionRole: AnyObject, Sendable {
     /// A pool connection is ready; false when it was closed at once (its ID is taken, or the pool is full).
     func connectionReady(_ connection: PoolConnection) -> Bool
     /// The other side wrote on the idle connection `id` before launching it: true the first time it counts
-    /// as used (the dialling side keeps it for its launch; the side with the users drops it as broken).
+    /// as used (the dialling side keeps it for its launch, or closes it once too many wait; the side with the
+    /// users drops it as broken). Called with the pool's lock held: the role closes no channel at once.
     func connectionClaimed(_ id: PoolID) -> Bool
     /// A pool connection closed before its relay: true when it counted as idle (neither used nor claimed).
     func connectionClosed(id: PoolID, channel: any Channel) -> Bool

@@ -101,7 +101,9 @@ final class TargetDialer: PoolConnectionRole {
                 "pool connection closed: the other side used as many as the pool holds without launching them",
                 metadata: ["np.pool.id": "\(id)", "np.peer": "\(connection.channel.peerDescription)"]
             )
-            connection.channel.close(promise: nil)
+            // Not now: the pool asks while holding its lock, and the close reports to the pool at once.
+            let channel = connection.channel
+            channel.eventLoop.execute { channel.close(promise: nil) }
             // Counted as used: it is no longer idle, and the pool replaces it.
             return true
         }

@@ -5,7 +5,8 @@ import NIOCore
 struct EarlyBytes {
     /// Reading pauses once this many bytes are held (one more read may bring more: the relay's read size).
     /// The launch normally comes within a round trip; a peer that never sends it holds at most this much
-    /// per connection, and a bounded number of such connections (`DialQueueStateMachine.maximumClaimed`).
+    /// per connection, for the claim timeout (and on the client, on at most MAX_POOL_CAPACITY connections:
+    /// `DialQueueStateMachine.maximumClaimed`).
     static let maximum = 64 * 1024
 
     private var buffer = ByteBuffer()

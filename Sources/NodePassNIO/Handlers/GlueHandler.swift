@@ -8,9 +8,10 @@ import NIOCore
 /// The channel must have `autoRead` off: this handler reads only while the partner is writable, and the
 /// partner's handler asks for the next read when it becomes writable again (backpressure).
 /// End of input is passed on as a half-close once every byte before it has been written; an error or an
-/// abrupt close closes both channels. Either waits at most `flushTimeout` for the partner to take the
-/// bytes queued for it: a peer that stopped reading then cannot hold the relay (and a user's slot) once
-/// the other side has gone; after the deadline the partner is closed with what it did not take.
+/// abrupt close closes both channels. Either waits for the partner to take the bytes queued for it as
+/// long as it makes progress: a partner whose queue has not shrunk for `flushTimeout` is closed with what
+/// it did not take, so that a peer that stopped reading cannot hold the relay (and a user's slot) once
+/// the other side has gone.
 ///
 /// With a `SpliceSetup` on both sides, a pair of plain sockets on one event loop moves to a `SpliceEngine`
 /// once one direction has relayed `spliceAfter` bytes or after `SpliceSetup.moveAfter`, at a moment when
@@ -169,15 +170,28 @@ final class GlueHandler: ChannelInboundHandler {
         self.close(partner, mode: .output)
     }
 
-    /// Closes `partner` (`mode`) once it has written every byte queued for it, or fully after
-    /// `flushTimeout` if it has not by then.
+    /// Closes `partner` (`mode`) once it has written every byte queued for it, or fully once its queue did
+    /// not shrink in a whole `flushTimeout`.
     private func close(_ partner: any Channel, mode: CloseMode) {
-        let deadline = partner.eventLoop.scheduleTask(in: self.flushTimeout) {
+        // The two halves share an event loop, except in tests; elsewhere the first period only takes the
+        // measure.
+        let queued = NIOLoopBoundBox.makeBoxSendingValue(
+            partner.eventLoop.inEventLoop ? Self.queuedBytes(partner) : Int.max,
+            eventLoop: partner.eventLoop
+        )
+        let timeout = self.flushTimeout
+        let check = partner.eventLoop.scheduleRepeatedTask(initialDelay: timeout, delay: timeout) { task in
+            let now = Self.queuedBytes(partner)
+            if now < queued.value {
+                queued.value = now
+                return
+            }
+            task.cancel()
             partner.close(promise: nil)
         }
         // The empty write completes after every earlier write, so the close loses no byte it could send.
         partner.writeAndFlush(ByteBuffer()).whenComplete { _ in
-            deadline.cancel()
+            check.cancel()
             partner.close(mode: mode, promise: nil)
         }
     }
@@ -237,6 +251,11 @@ final class GlueHandler: ChannelInboundHandler {
             self.trySplice(context: context)
         }
         self.move = .possible(timer: timer)
+    }
+
+    /// The bytes queued for output in `channel`. Must run on the channel's event loop.
+    private static func queuedBytes(_ channel: any Channel) -> Int {
+        (try? channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
     }
 
     /// Writable, with nothing queued for output. Must run on the channel's event loop.

@@ -8,7 +8,7 @@ import ServiceLifecycle
 /// Serves `GET /metrics` over plain HTTP/1.1 with the text a `render` closure returns (Prometheus format).
 ///
 /// Anyone who reaches the port can open connections to it, so they are bounded: at most
-/// `connectionLimit` at once (one more closes the oldest, so a scraper always gets in), each closed after
+/// `connectionLimit` at once (one more closes the oldest, so that idle sockets cannot keep a scraper out), each closed after
 /// `idleTimeout` without a byte either way.
 public final class MetricsServer: Service, Sendable {
     /// Connections held at once. A Prometheus server keeps one per target.
@@ -75,6 +75,7 @@ public final class MetricsServer: Service, Sendable {
         self.onListening?(port)
         try? await gracefulShutdown()
         try? await listener.close()
+        connections.closeAll()
     }
 }
 
