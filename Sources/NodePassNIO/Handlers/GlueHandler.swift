@@ -50,12 +50,12 @@ final class GlueHandler: ChannelInboundHandler {
     /// `SpliceSetup.moveAfter`, whichever comes first).
     static let spliceAfter = 64 * 1024
 
-    /// How long the partner has to take its queued bytes after this side ended, unless told otherwise.
+    /// How long the partner's queued bytes may stay unmoved after this side ended, unless told otherwise.
     static let defaultFlushTimeout = TimeAmount.seconds(30)
 
     /// Makes an unconnected handler; `bytes` counts every byte it reads. With `splice`, the relay may move
-    /// to the kernel (only when the partner's handler has one too). `flushTimeout`: how long the partner
-    /// has to take the bytes queued for it once this side ended.
+    /// to the kernel (only when the partner's handler has one too). `flushTimeout`: how long the bytes
+    /// queued for the partner may stay unmoved once this side ended.
     init(bytes: Counter? = nil, splice: SpliceSetup? = nil, flushTimeout: TimeAmount = GlueHandler.defaultFlushTimeout)
     {
         self.bytes = bytes

@@ -15,6 +15,20 @@ final class IdleConnectionCloser: ChannelInboundHandler {
         self.message = message
     }
 
+    /// Adds an `IdleStateHandler` and a closer to `channel`'s pipeline: the channel closes once nothing moved
+    /// either way for `timeout` (reads and completed writes both count), logging `message` at debug. Must
+    /// run on the channel's event loop.
+    static func install(
+        on channel: any Channel,
+        after timeout: TimeAmount,
+        logger: Logger,
+        message: Logger.Message
+    ) throws {
+        try channel.pipeline.syncOperations.addHandlers([
+            IdleStateHandler(allTimeout: timeout), IdleConnectionCloser(logger: logger, message: message),
+        ])
+    }
+
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case IdleStateHandler.IdleStateEvent.all = event {
             self.logger.debug(self.message, metadata: ["np.peer": "\(context.channel.peerDescription)"])

@@ -7,8 +7,8 @@ import ServiceLifecycle
 
 /// Serves `GET /metrics` over plain HTTP/1.1 with the text a `render` closure returns (Prometheus format).
 ///
-/// Anyone who reaches the port can open connections to it, so they are bounded: at most
-/// `connectionLimit` at once (one more closes the oldest, so that idle sockets cannot keep a scraper out), each closed after
+/// Anyone who reaches the port can open connections to it, so they are bounded: at most `connectionLimit`
+/// at once (one more closes the oldest, so that idle sockets cannot keep a scraper out), each closed after
 /// `idleTimeout` without a byte either way.
 public final class MetricsServer: Service, Sendable {
     /// Connections held at once. A Prometheus server keeps one per target.
@@ -57,10 +57,12 @@ public final class MetricsServer: Service, Sendable {
                 )
                 channel.closeFuture.whenComplete { _ in connections.finish(channel) }
                 return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandlers([
-                        IdleStateHandler(allTimeout: idleTimeout),
-                        IdleConnectionCloser(logger: logger, message: "idle metrics connection closed"),
-                    ])
+                    try IdleConnectionCloser.install(
+                        on: channel,
+                        after: idleTimeout,
+                        logger: logger,
+                        message: "idle metrics connection closed"
+                    )
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                     try channel.pipeline.syncOperations.addHandler(MetricsHTTPHandler(render: render))
                 }

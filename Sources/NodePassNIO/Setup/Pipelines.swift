@@ -30,6 +30,9 @@ final class Pipelines: Sendable {
     let metrics: TunnelMetrics
     let logger: Logger
     let configuration: Configuration
+    /// Every `GlueHandler`'s: once one side of a relay has gone, the bytes queued for the other may stay
+    /// unmoved for 30 s, and never longer than the relay may stay idle.
+    private let flushTimeout: TimeAmount
 
     /// Makes the pipelines of one tunnel, with its sessions bounded by SEMAPHORE_LIMIT.
     init(metrics: TunnelMetrics, logger: Logger, configuration: Configuration) {
@@ -37,6 +40,10 @@ final class Pipelines: Sendable {
         self.metrics = metrics
         self.logger = logger
         self.configuration = configuration
+        self.flushTimeout = min(
+            GlueHandler.defaultFlushTimeout,
+            configuration.idleTimeout ?? GlueHandler.defaultFlushTimeout
+        )
     }
 
     /// The unconnected `GlueHandler` of `end`; it may move to the kernel unless `NODEPASS_SPLICE=0`.
@@ -46,21 +53,18 @@ final class Pipelines: Sendable {
         case .user, .poolThatDials: bytes = self.metrics.bytesUpstream
         case .target, .poolWithUsers: bytes = self.metrics.bytesDownstream
         }
-        // A relay whose one side has gone gives the other its queued bytes for 30 s at most, and never
-        // longer than the relay may stay idle.
-        let idleTimeout = self.configuration.idleTimeout
-        let flushTimeout = min(GlueHandler.defaultFlushTimeout, idleTimeout ?? GlueHandler.defaultFlushTimeout)
-        guard self.configuration.splice else { return GlueHandler(bytes: bytes, flushTimeout: flushTimeout) }
+        guard self.configuration.splice else { return GlueHandler(bytes: bytes, flushTimeout: self.flushTimeout) }
         let setup: SpliceSetup
         switch end {
         case .user, .target:
             // The ends with a socket outside the tunnel keep IDLE_TIMEOUT, on both sides of the tunnel.
+            let idleTimeout = self.configuration.idleTimeout
             setup = SpliceSetup(sessions: self.sessions, idleTimeout: idleTimeout, logger: self.logger)
         case .poolWithUsers, .poolThatDials:
             // The other half of the pair keeps the time of the move.
             setup = SpliceSetup(sessions: self.sessions, logger: self.logger, schedulesMove: false)
         }
-        return GlueHandler(bytes: bytes, splice: setup, flushTimeout: flushTimeout)
+        return GlueHandler(bytes: bytes, splice: setup, flushTimeout: self.flushTimeout)
     }
 
     // MARK: control channels
@@ -238,9 +242,7 @@ final class Pipelines: Sendable {
     /// way for that long; reads and completed writes both count as activity.
     private func closeWhenIdle(_ channel: any Channel, message: Logger.Message) throws {
         guard let idleTimeout = self.configuration.idleTimeout else { return }
-        try channel.pipeline.syncOperations.addHandlers([
-            IdleStateHandler(allTimeout: idleTimeout), IdleConnectionCloser(logger: self.logger, message: message),
-        ])
+        try IdleConnectionCloser.install(on: channel, after: idleTimeout, logger: self.logger, message: message)
     }
 
 }
