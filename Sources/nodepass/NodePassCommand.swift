@@ -70,7 +70,7 @@ struct NodePassCommand: AsyncParsableCommand {
               noudp=1            carry TCP only (no UDP listener on TARGET)
               notcp=1            carry UDP only
 
-            ENVIRONMENT (integers; durations as 5s, 500ms, 1m):
+            ENVIRONMENT (integers; durations as 5s, 500ms, 1m; sizes as 64K, 1M):
               SEMAPHORE_LIMIT    1024  concurrent user / relayed connections
               MIN_POOL_CAPACITY  16    idle pool connections kept at least
               MAX_POOL_CAPACITY  1024  idle pool connections at most
@@ -84,6 +84,10 @@ struct NodePassCommand: AsyncParsableCommand {
                                        this long both ways
               UDP_MAX_FLOWS      8192  UDP flows at once; datagrams of new flows
                                        are dropped past it
+              RELAY_BUFFER       64K   bytes one direction of a relay holds
+                                       in memory before it stops reading
+              BUFFER_BUDGET      64M   bytes all relays together hold in
+                                       memory before they stop reading
               NODEPASS_SPLICE    1     0: relay plain connections in user space
                                        only, never with splice(2)
 

@@ -14,6 +14,16 @@ import Testing
         #expect(configuration.shutdownTimeout == .seconds(5))
         #expect(configuration.udpIdleTimeout == .seconds(60))
         #expect(configuration.udpMaxFlows == 8192)
+        #expect(configuration.relayBuffer == 64 * 1024)
+        #expect(configuration.bufferBudget == 64 * 1024 * 1024)
+    }
+
+    @Test(arguments: [
+        ("65536", 65536), ("64K", 65536), ("64KiB", 65536), ("1M", 1 << 20), ("2MiB", 2 << 20), ("1G", 1 << 30),
+        ("3GiB", 3 << 30),
+    ])
+    func readsSizes(_ text: String, _ bytes: Int) throws {
+        #expect(Configuration.parseSize(text) == bytes)
     }
 
     @Test func idleTimeoutDefaultsToAnHourAndZeroTurnsItOff() throws {
@@ -32,7 +42,10 @@ import Testing
             "SEMAPHORE_LIMIT": "10", "MIN_POOL_CAPACITY": "2", "MAX_POOL_CAPACITY": "8",
             "REPORT_INTERVAL": "1s", "SERVICE_COOLDOWN": "500ms", "SHUTDOWN_TIMEOUT": "1m30s",
             "IDLE_TIMEOUT": "10m", "UDP_IDLE_TIMEOUT": "30s", "UDP_MAX_FLOWS": "100",
+            "RELAY_BUFFER": "128K", "BUFFER_BUDGET": "1G",
         ])
+        #expect(configuration.relayBuffer == 128 * 1024)
+        #expect(configuration.bufferBudget == 1 << 30)
         #expect(configuration.idleTimeout == .minutes(10))
         #expect(configuration.udpIdleTimeout == .seconds(30))
         #expect(configuration.udpMaxFlows == 100)
@@ -51,6 +64,9 @@ import Testing
         ("SERVICE_COOLDOWN", "5x"), ("SHUTDOWN_TIMEOUT", "25h"), ("SHUTDOWN_TIMEOUT", "1s2"),
         ("IDLE_TIMEOUT", "00"), ("IDLE_TIMEOUT", "-5m"), ("NODEPASS_SPLICE", "2"), ("NODEPASS_SPLICE", "off"),
         ("UDP_IDLE_TIMEOUT", "0"), ("UDP_IDLE_TIMEOUT", "1ms"), ("UDP_MAX_FLOWS", "0"), ("UDP_MAX_FLOWS", "2000000"),
+        ("RELAY_BUFFER", "64KB"), ("RELAY_BUFFER", "1K"), ("RELAY_BUFFER", "32M"), ("RELAY_BUFFER", "-64K"),
+        ("RELAY_BUFFER", "k"), ("RELAY_BUFFER", " 64K"), ("BUFFER_BUDGET", "64 M"), ("BUFFER_BUDGET", "512K"),
+        ("BUFFER_BUDGET", "9999999999999G"), ("BUFFER_BUDGET", "2T"), ("BUFFER_BUDGET", "1.5M"),
     ])
     func refusesBadValuesNamingTheVariable(_ name: String, _ value: String) {
         do {

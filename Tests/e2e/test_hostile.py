@@ -481,3 +481,94 @@ def test_a_v1_server_that_uses_every_pool_connection_and_never_launches_cannot_e
               f"{peak_rss_kib // 1024} MiB RSS")
     finally:
         fake.close()
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def buffered_bytes(metrics_port: int) -> int:
+    """The process' `nodepass_relay_buffered_bytes` gauge."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found = re.search(r"^nodepass_relay_buffered_bytes(?:\{\})? ([0-9.e+]+)$", text, re.M)
+    assert found, "no nodepass_relay_buffered_bytes gauge in the metrics"
+    return int(float(found.group(1)))
+
+
+@pytest.mark.parametrize("tls,splice,rss_bound_kib", [("1", "1", 160), ("0", "0", 64)],
+                         ids=["tls1", "tls0-in-swiftnio"])
+def test_users_pushing_into_a_stalled_service_hold_a_bounded_amount_of_memory(procs, nodepass_bin, tls, splice,
+                                                                             rss_bound_kib):
+    """200 users of a service that stopped reading their connections each push 1.5 MiB (tls=1, and tls=0 kept
+    in SwiftNIO with NODEPASS_SPLICE=0): the bytes the relays hold in memory stay within RELAY_BUFFER (64 KiB)
+    per relay on each side, by the `nodepass_relay_buffered_bytes` gauge; each side's RSS grows by less than
+    `rss_bound_kib` per relay over the same relays held quiet (tls=1 adds the TLS library's own buffers of a
+    connection that carried data); once the users are gone, RSS comes back within 10 % of what it was before
+    them. MAX_POOL_CAPACITY=16 keeps the pool at its minimum, so that its own growth is not counted. The previous build: 1.7 MiB per relay on the server and 1.1 MiB on the client (tls=1), 0.9 MiB on
+    both (tls=0 in SwiftNIO)."""
+    users, push = 200, 1536 * 1024
+    service = procs.start_helper("stall")
+    env = {"NODEPASS_SPLICE": splice, "MAX_POOL_CAPACITY": "16", "IDLE_TIMEOUT": "3s"}
+    tunnel = Tunnel(procs, nodepass_bin, nodepass_bin, service.port, env=env, log="info")
+    tunnel.use_key("memory-" + "k" * 16)
+    server_metrics, client_metrics = free_port(), free_port()
+    tunnel.server_query = f"&tls={tls}&metrics=127.0.0.1:{server_metrics}"
+    tunnel.client_query = f"&metrics=127.0.0.1:{client_metrics}"
+    tunnel.start()
+    wait_for(lambda: buffered_bytes(server_metrics) == 0 and buffered_bytes(client_metrics) == 0, 10, "metrics")
+    pids = (tunnel.server.pid, tunnel.client.pid)
+    before = [rss_kib(pid) for pid in pids]
+
+    def to_service() -> int:
+        return sum(1 for s in tcp_sockets(tunnel.client.pid)
+                   if s.remote_port == service.port and s.state == TCP_ESTABLISHED)
+
+    attackers = []
+    try:
+        for _ in range(users):
+            attacker = connect(tunnel.host, tunnel.target_port)
+            attacker.sendall(b"stall\n")
+            attacker.setblocking(False)
+            attackers.append(attacker)
+        wait_for(lambda: to_service() == users, 30, "every user relayed to the service")
+        held = [rss_kib(pid) for pid in pids]
+        pushed = 0
+        for attacker in attackers:
+            sent = 0
+            try:
+                while sent < push:
+                    sent += attacker.send(b"x" * min(65536, push - sent))
+            except BlockingIOError:
+                pass  # the tunnel stopped taking bytes: the service reads none
+            pushed += sent
+        assert pushed >= users * 256 * 1024, f"only {pushed} bytes pushed: the attack did not fill the relays"
+        # The bytes move until every relay's path is full; measure over a while, at the peak.
+        peak_buffered, peak_rss = [0, 0], list(held)
+        started = time.monotonic()
+        while time.monotonic() - started < 3:
+            for side, (pid, port) in enumerate(zip(pids, (server_metrics, client_metrics))):
+                peak_buffered[side] = max(peak_buffered[side], buffered_bytes(port))
+                peak_rss[side] = max(peak_rss[side], rss_kib(pid))
+            time.sleep(0.2)
+        per_relay = [(peak - base) / users for peak, base in zip(peak_rss, held)]
+        print(f"tls={tls} splice={splice}: {pushed >> 20} MiB pushed; RSS before {before} KiB, {users} relays held "
+              f"quiet {held} KiB, pushed {peak_rss} KiB ({per_relay[0]:.0f} / {per_relay[1]:.0f} KiB per relay); "
+              f"held by the relays at most {peak_buffered} bytes")
+        for side, name in enumerate(("server", "client")):
+            assert peak_buffered[side] > 0, f"{name}: the gauge never moved"
+            assert peak_buffered[side] <= users * 64 * 1024, f"{name}: {peak_buffered[side]} bytes held"
+            assert per_relay[side] < rss_bound_kib, f"{name}: {per_relay[side]:.0f} KiB per relay"
+    finally:
+        for attacker in attackers:
+            attacker.close()
+    wait_for(lambda: to_service() == 0, 20, "the relays to the stalled service to end")
+    wait_for(lambda: buffered_bytes(server_metrics) == 0 and buffered_bytes(client_metrics) == 0, 10,
+             "the relays' bytes to be released")
+    # glibc gives freed pages back when the trimmer runs (every 30 s).
+    after = wait_for(lambda: (lambda now: now if all(n <= 1.1 * b for n, b in zip(now, before)) else None)(
+        [rss_kib(pid) for pid in pids]), 45, "RSS to come back within 10 % of what it was before the users")
+    print(f"RSS before {before} KiB, after {after} KiB")
+    assert tunnel.server.alive() and tunnel.client.alive()

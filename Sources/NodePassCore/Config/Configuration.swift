@@ -23,6 +23,10 @@ public struct Configuration: Hashable, Sendable {
     public var udpIdleTimeout: TimeAmount = .seconds(60)
     /// UDP flows at once, on each side (v2); a new flow past the bound is dropped.
     public var udpMaxFlows: Int = 8192
+    /// Bytes one direction of a relay may hold in user space (read, not yet written to the other end).
+    public var relayBuffer: Int = 64 * 1024
+    /// Bytes every relay of the process together may hold in user space.
+    public var bufferBudget: Int = 64 * 1024 * 1024
 
     /// Bound on the TLS handshake of the control channel.
     public var handshakeTimeout: TimeAmount = .seconds(10)
@@ -42,7 +46,7 @@ public struct Configuration: Hashable, Sendable {
     public static let variableNames = [
         "SEMAPHORE_LIMIT", "MIN_POOL_CAPACITY", "MAX_POOL_CAPACITY",
         "REPORT_INTERVAL", "SERVICE_COOLDOWN", "SHUTDOWN_TIMEOUT", "IDLE_TIMEOUT", "UDP_IDLE_TIMEOUT",
-        "UDP_MAX_FLOWS", "NODEPASS_SPLICE",
+        "UDP_MAX_FLOWS", "RELAY_BUFFER", "BUFFER_BUDGET", "NODEPASS_SPLICE",
     ]
 
     /// Reads the variables from `environment`; an unset or empty variable keeps its default.
@@ -83,6 +87,18 @@ public struct Configuration: Hashable, Sendable {
             default: self.udpMaxFlows,
             range: 1...1_000_000
         )
+        self.relayBuffer = try Self.size(
+            "RELAY_BUFFER",
+            environment,
+            default: self.relayBuffer,
+            range: 4 * 1024...16 * 1024 * 1024
+        )
+        self.bufferBudget = try Self.size(
+            "BUFFER_BUDGET",
+            environment,
+            default: self.bufferBudget,
+            range: 1024 * 1024...1024 * 1024 * 1024 * 1024
+        )
         self.splice = try Self.integer("NODEPASS_SPLICE", environment, default: 1, range: 0...1) == 1
         guard self.minPoolCapacity <= self.maxPoolCapacity else {
             throw NodePassError(
@@ -98,16 +114,65 @@ public struct Configuration: Hashable, Sendable {
         default value: Int,
         range: ClosedRange<Int>
     ) throws(NodePassError) -> Int {
+        try Self.bounded(name, environment, default: value, range: range) { text in
+            guard text.utf8.count <= 10, text.allSatisfy({ $0.isASCII && $0.isNumber }) else { return nil }
+            return Int(text)
+        } expected: {
+            "a whole number from \(range.lowerBound) to \(range.upperBound)"
+        }
+    }
+
+    /// A size in bytes: a whole number, optionally followed by K, M or G (or KiB, MiB, GiB; powers of 1024).
+    private static func size(
+        _ name: String,
+        _ environment: [String: String],
+        default value: Int,
+        range: ClosedRange<Int>
+    ) throws(NodePassError) -> Int {
+        try Self.bounded(name, environment, default: value, range: range, parse: Self.parseSize) {
+            "a size from \(Self.describeSize(range.lowerBound)) to \(Self.describeSize(range.upperBound)) "
+                + "(write it as 65536, 64K or 64KiB, 1M, 1G)"
+        }
+    }
+
+    /// The variable `name` as `parse` reads it, within `range`; `default` when unset or empty; an error
+    /// saying what was `expected` otherwise.
+    private static func bounded(
+        _ name: String,
+        _ environment: [String: String],
+        default value: Int,
+        range: ClosedRange<Int>,
+        parse: (String) -> Int?,
+        expected: () -> String
+    ) throws(NodePassError) -> Int {
         guard let text = environment[name], !text.isEmpty else { return value }
-        guard text.utf8.count <= 10, text.allSatisfy({ $0.isASCII && $0.isNumber }), let number = Int(text),
-            range.contains(number)
-        else {
-            throw NodePassError(
-                .invalidEnvironment,
-                "\(name)='\(text.prefix(64))' is not a whole number from \(range.lowerBound) to \(range.upperBound)"
-            )
+        guard let number = parse(text), range.contains(number) else {
+            throw NodePassError(.invalidEnvironment, "\(name)='\(text.prefix(64))' is not \(expected())")
         }
         return number
+    }
+
+    /// The bytes `text` names (see `size`), or nil.
+    static func parseSize(_ text: String) -> Int? {
+        let digits = text.prefix { $0.isASCII && $0.isNumber }
+        guard !digits.isEmpty, digits.count <= 13, let number = Int(digits) else { return nil }
+        let multiplier: Int
+        switch text.dropFirst(digits.count) {
+        case "": multiplier = 1
+        case "K", "KiB": multiplier = 1024
+        case "M", "MiB": multiplier = 1024 * 1024
+        case "G", "GiB": multiplier = 1024 * 1024 * 1024
+        default: return nil
+        }
+        let (bytes, overflow) = number.multipliedReportingOverflow(by: multiplier)
+        return overflow ? nil : bytes
+    }
+
+    private static func describeSize(_ bytes: Int) -> String {
+        for (unit, size) in [("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)] where bytes % size == 0 {
+            return "\(bytes / size)\(unit)"
+        }
+        return "\(bytes)"
     }
 
     private static func duration(

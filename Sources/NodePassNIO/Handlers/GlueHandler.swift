@@ -5,8 +5,11 @@ import NIOCore
 ///
 /// Each side of a relay has its own `GlueHandler` whose partner is the other channel. The handler is put
 /// in the pipeline when the channel is set up and stays idle until `connect(to:context:)` names the partner.
-/// The channel must have `autoRead` off: this handler reads only while the partner is writable, and the
-/// partner's handler asks for the next read when it becomes writable again (backpressure).
+/// The channel must have `autoRead` off: this handler reads only while the bytes it handed to the partner
+/// and the partner has not yet written stay within its `RelayReadWindow` (RELAY_BUFFER), and while the
+/// process' `RelayBudget` (BUFFER_BUDGET) has room; a completed write or the budget's room asks for the next
+/// read (backpressure, never a dropped byte). The window also sizes every read of the channel
+/// (`RelayReadAllocator`, set when the handler is added).
 /// End of input is passed on as a half-close once every byte before it has been written; an error or an
 /// abrupt close closes both channels. Either waits for the partner to take the bytes queued for it as
 /// long as it makes progress: a partner whose queue has not shrunk for `flushTimeout` is closed with what
@@ -38,6 +41,13 @@ final class GlueHandler: ChannelInboundHandler {
     /// Bytes read before the partner was known (a read the partner asked for may overtake `connect`).
     private var early: ByteBuffer?
     private var pendingFlush = false
+    /// A read was held back for want of room (window, budget); the next completed write or the budget's room
+    /// asks again.
+    private var awaitingRoom = false
+    /// Waiting for the budget's call.
+    private var awaitingBudget = false
+    private let window: RelayReadWindow
+    private let budget: RelayBudget?
     private var inputEnded = false
     private var inactive = false
     private let bytes: Counter?
@@ -53,14 +63,25 @@ final class GlueHandler: ChannelInboundHandler {
     /// How long the partner's queued bytes may stay unmoved after this side ended, unless told otherwise.
     static let defaultFlushTimeout = TimeAmount.seconds(30)
 
+    /// The window of a handler made without one.
+    static let defaultWindow = 64 * 1024
+
     /// Makes an unconnected handler; `bytes` counts every byte it reads. With `splice`, the relay may move
     /// to the kernel (only when the partner's handler has one too). `flushTimeout`: how long the bytes
-    /// queued for the partner may stay unmoved once this side ended.
-    init(bytes: Counter? = nil, splice: SpliceSetup? = nil, flushTimeout: TimeAmount = GlueHandler.defaultFlushTimeout)
-    {
+    /// queued for the partner may stay unmoved once this side ended. `window`: the most bytes read and not
+    /// yet written by the partner; `budget`: the process' bound on those bytes, over every relay.
+    init(
+        bytes: Counter? = nil,
+        splice: SpliceSetup? = nil,
+        flushTimeout: TimeAmount = GlueHandler.defaultFlushTimeout,
+        window: Int = GlueHandler.defaultWindow,
+        budget: RelayBudget? = nil
+    ) {
         self.bytes = bytes
         self.splice = splice
         self.flushTimeout = flushTimeout
+        self.window = RelayReadWindow(limit: window)
+        self.budget = budget
         self.move = splice == nil ? .never : .possible(timer: nil)
     }
 
@@ -69,9 +90,13 @@ final class GlueHandler: ChannelInboundHandler {
         return false
     }
 
-    /// Starts relaying to `partner`. Must run on this handler's event loop.
+    /// Sizes the channel's reads by the window, one read per wake-up (the window is the batch).
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        if let options = context.channel.syncOptions {
+            try? options.setOption(.recvAllocator, value: RelayReadAllocator(window: self.window))
+            try? options.setOption(.maxMessagesPerRead, value: 1)
+        }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -92,8 +117,7 @@ final class GlueHandler: ChannelInboundHandler {
         self.partner = partner
         if let early = self.early {
             self.early = nil
-            partner.write(early, promise: nil)
-            self.pendingFlush = true
+            self.forward(early, to: partner, eventLoop: context.eventLoop)
         }
         if self.inactive {
             self.flushPending()
@@ -111,7 +135,7 @@ final class GlueHandler: ChannelInboundHandler {
         if self.splice?.schedulesMove == true {
             self.scheduleSpliceAttempt(context: context)
         }
-        context.read()
+        self.readIfRoom(context: context)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -133,26 +157,78 @@ final class GlueHandler: ChannelInboundHandler {
             return
         }
         self.relayed += buffer.readableBytes
-        partner.write(buffer, promise: nil)
-        self.pendingFlush = true
+        self.forward(buffer, to: partner, eventLoop: context.eventLoop)
     }
 
-    func channelReadComplete(context: ChannelHandlerContext) {
-        guard let partner = self.partner, !self.isMoving else { return }
-        self.flushPending()
-        // Only a relay that carries more than a few messages is worth the move at once (short request and
-        // reply connections would pay for it and gain nothing).
-        if self.relayed >= Self.spliceAfter && self.trySplice(context: context) { return }
-        if partner.isWritable && !self.inputEnded {
+    /// Hands `buffer` to the partner, counted in the window and the budget until the partner has written it.
+    private func forward(_ buffer: ByteBuffer, to partner: any Channel, eventLoop: any EventLoop) {
+        let count = buffer.readableBytes
+        self.window.sent(count)
+        self.budget?.take(count)
+        // Made on this loop, the promise runs its callback here even when the partner lives elsewhere.
+        let promise = eventLoop.makePromise(of: Void.self)
+        partner.write(buffer, promise: promise)
+        self.pendingFlush = true
+        promise.futureResult.assumeIsolated().whenComplete { _ in
+            self.window.written(count)
+            self.budget?.give(count)
+            if self.awaitingRoom, let context = self.context {
+                self.readIfRoom(context: context)
+            }
+        }
+    }
+
+    /// Asks for the next read when the relay may read: connected, input open, not moving, room in the window
+    /// and in the budget. Otherwise notes that a read is owed (`awaitingRoom`).
+    private func readIfRoom(context: ChannelHandlerContext) {
+        self.awaitingRoom = false
+        guard self.partner != nil, !self.inputEnded, !self.inactive else { return }
+        switch self.move {
+        case .possible, .never: break
+        case .moving, .spliced: return
+        }
+        guard self.window.hasRoom else {
+            self.awaitingRoom = true
+            return
+        }
+        if let budget = self.budget, !budget.hasRoom {
+            self.awaitingRoom = true
+            self.waitForBudget(budget, context: context)
+            return
+        }
+        context.read()
+    }
+
+    /// Asks the budget for a call once it has room; the call reads if the relay still may.
+    private func waitForBudget(_ budget: RelayBudget, context: ChannelHandlerContext) {
+        guard !self.awaitingBudget else { return }
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let eventLoop = context.eventLoop
+        let waiting = budget.waitForRoom {
+            eventLoop.execute {
+                let handler = handler.value
+                handler.awaitingBudget = false
+                if handler.awaitingRoom, let context = handler.context {
+                    handler.readIfRoom(context: context)
+                }
+            }
+        }
+        if waiting {
+            self.awaitingBudget = true
+        } else {
+            // Room came back meanwhile.
+            self.awaitingRoom = false
             context.read()
         }
     }
 
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable && !self.isMoving {
-            self.partner?.read()
-        }
-        context.fireChannelWritabilityChanged()
+    func channelReadComplete(context: ChannelHandlerContext) {
+        guard self.partner != nil, !self.isMoving else { return }
+        self.flushPending()
+        // Only a relay that carries more than a few messages is worth the move at once (short request and
+        // reply connections would pay for it and gain nothing).
+        if self.relayed >= Self.spliceAfter && self.trySplice(context: context) { return }
+        self.readIfRoom(context: context)
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -309,8 +385,7 @@ extension GlueHandler {
         self.move = .never
         guard let partner = self.partner else { return }
         if held.readableBytes > 0 {
-            partner.write(held, promise: nil)
-            self.pendingFlush = true
+            self.forward(held, to: partner, eventLoop: channel.eventLoop)
         }
         // An inactive channel finishes in `channelInactive`.
         guard !self.inactive else { return }
@@ -319,8 +394,8 @@ extension GlueHandler {
             return
         }
         self.flushPending()
-        if partner.isWritable {
-            channel.read()
+        if let context = self.context {
+            self.readIfRoom(context: context)
         }
     }
 }

@@ -47,24 +47,14 @@ enum SocketTuning {
         }
     }
 
-    /// The most a relayed connection reads at once. SwiftNIO's default is 64 KiB; relays that stay in user
-    /// space (TLS data connections and their partners) moved 1.35x the bytes of a single stream for 0.75x
-    /// the CPU per GiB with 256 KiB in the benchmark (1 MiB was no faster and tripled the peak RSS). The
-    /// read size adapts: a connection that carries little keeps reading small buffers.
-    static let maximumRead = 256 * 1024
-
     /// A relayed connection's channel options, set before it is registered: no automatic reads (the relay
-    /// reads when the far side can take the bytes), half-closure passed on instead of closing, and reads of
-    /// up to `maximumRead`. Set here rather than as bootstrap options, which SwiftNIO applies one future at
-    /// a time.
+    /// reads when the far side can take the bytes) and half-closure passed on instead of closing. (Its
+    /// `GlueHandler` sizes its reads.) Set here rather than as bootstrap options, which SwiftNIO applies one
+    /// future at a time.
     static func prepareRelay(_ channel: any Channel) throws {
         guard let options = channel.syncOptions else { return }
         try options.setOption(.autoRead, value: false)
         try options.setOption(.allowRemoteHalfClosure, value: true)
-        try options.setOption(
-            .recvAllocator,
-            value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: Self.maximumRead)
-        )
     }
 
     /// Keepalive for every connection `bootstrap` accepts: set once on the listening socket, whose options

@@ -33,6 +33,8 @@ final class Pipelines: Sendable {
     /// Every `GlueHandler`'s: once one side of a relay has gone, the bytes queued for the other may stay
     /// unmoved for 30 s, and never longer than the relay may stay idle.
     private let flushTimeout: TimeAmount
+    /// What every relay of the process holds in user space, bounded by BUFFER_BUDGET.
+    private let budget: RelayBudget
 
     /// Makes the pipelines of one tunnel, with its sessions bounded by SEMAPHORE_LIMIT.
     init(metrics: TunnelMetrics, logger: Logger, configuration: Configuration) {
@@ -44,6 +46,7 @@ final class Pipelines: Sendable {
             GlueHandler.defaultFlushTimeout,
             configuration.idleTimeout ?? GlueHandler.defaultFlushTimeout
         )
+        self.budget = RelayBudget.shared(limit: configuration.bufferBudget, logger: logger)
     }
 
     /// The unconnected `GlueHandler` of `end`; it may move to the kernel unless `NODEPASS_SPLICE=0`.
@@ -53,7 +56,14 @@ final class Pipelines: Sendable {
         case .user, .poolThatDials: bytes = self.metrics.bytesUpstream
         case .target, .poolWithUsers: bytes = self.metrics.bytesDownstream
         }
-        guard self.configuration.splice else { return GlueHandler(bytes: bytes, flushTimeout: self.flushTimeout) }
+        guard self.configuration.splice else {
+            return GlueHandler(
+                bytes: bytes,
+                flushTimeout: self.flushTimeout,
+                window: self.configuration.relayBuffer,
+                budget: self.budget
+            )
+        }
         let setup: SpliceSetup
         switch end {
         case .user, .target:
@@ -64,7 +74,13 @@ final class Pipelines: Sendable {
             // The other half of the pair keeps the time of the move.
             setup = SpliceSetup(sessions: self.sessions, logger: self.logger, schedulesMove: false)
         }
-        return GlueHandler(bytes: bytes, splice: setup, flushTimeout: self.flushTimeout)
+        return GlueHandler(
+            bytes: bytes,
+            splice: setup,
+            flushTimeout: self.flushTimeout,
+            window: self.configuration.relayBuffer,
+            budget: self.budget
+        )
     }
 
     // MARK: control channels
