@@ -87,7 +87,7 @@ struct NodePassCommand: AsyncParsableCommand {
               RELAY_BUFFER       64K   bytes one direction of a relay holds
                                        in memory before it stops reading
               BUFFER_BUDGET      64M   bytes all relays together hold in
-                                       memory before they stop reading
+                                       memory before reads shrink to 1 KiB
               NODEPASS_SPLICE    1     0: relay plain connections in user space
                                        only, never with splice(2)
 

@@ -88,21 +88,21 @@ extension ReadCounter: Sendable {}
 
     // MARK: the budget
 
-    @Test func theBudgetCallsThoseWaitingOnceItIsUnderItsLimitAgain() {
-        let budget = RelayBudget(limit: 1000)
-        let calls = Locked(0)
-        #expect(!budget.waitForRoom { calls.withLock { $0 += 1 } })  // room: nothing kept
-        budget.take(600)
-        budget.take(600)
+    @Test func whileTheBudgetIsFullReadsShrinkToTheMinimum() {
+        let budget = RelayBudget(limit: 8 * 1024)
+        let window = RelayReadWindow(limit: 64 * 1024, budget: budget)
+        for _ in 0..<4 {
+            window.recorded(window.readSize())
+        }
+        #expect(window.readSize() == 32 * 1024)
+        budget.take(6 * 1024)
+        #expect(window.readSize() == 32 * 1024)  // room left
+        budget.take(2 * 1024)
         #expect(!budget.hasRoom)
-        #expect(budget.waitForRoom { calls.withLock { $0 += 1 } })
-        #expect(budget.waitForRoom { calls.withLock { $0 += 1 } })
-        budget.give(100)  // 1100: still full
-        #expect(calls.withLock { $0 } == 0)
-        budget.give(200)  // 900
-        #expect(calls.withLock { $0 } == 2)
-        budget.give(900)
-        #expect(calls.withLock { $0 } == 2)  // called once each
+        #expect(window.readSize() == RelayReadWindow.minimumRead)
+        budget.give(1)
+        #expect(window.readSize() == 32 * 1024)
+        budget.give(8 * 1024 - 1)
         #expect(budget.used == 0)
     }
 
@@ -141,22 +141,17 @@ extension ReadCounter: Sendable {}
         _ = try partner.finish()
     }
 
-    @Test func aRelayWaitsForTheBudgetAndIsCalledBackWhenBytesAreWritten() throws {
+    @Test func aRelayHoldingNothingKeepsReadingWhenOthersFillTheBudget() throws {
         let budget = RelayBudget(limit: 8 * 1024)
         let (channel, partner, held, reads) = try Self.relay(window: 64 * 1024, budget: budget)
+        budget.take(8 * 1024)  // other relays' bytes fill the budget (and may wait for this one)
         try channel.writeInbound(ByteBuffer(repeating: 1, count: 1024))
         channel.pipeline.fireChannelReadComplete()
+        #expect(budget.used == 9 * 1024)
+        #expect(reads.reads == 1)  // its own byte is in flight
         held.complete(1)
-        #expect(reads.reads == 2)  // written at once: read again
-        budget.take(8 * 1024)  // another relay's bytes fill the budget
-        try channel.writeInbound(ByteBuffer(repeating: 2, count: 1024))
-        channel.pipeline.fireChannelReadComplete()
-        held.complete(1)
-        channel.embeddedEventLoop.run()
-        #expect(reads.reads == 2)  // its window has room, the budget not
+        #expect(reads.reads == 2)  // written: it reads again, budget or not
         budget.give(8 * 1024)
-        channel.embeddedEventLoop.run()  // the budget's call comes through the event loop
-        #expect(reads.reads == 3)
         #expect(budget.used == 0)
         #expect(try channel.finish().isClean)
         _ = try partner.finish()

@@ -131,7 +131,7 @@ public struct Configuration: Hashable, Sendable {
     ) throws(NodePassError) -> Int {
         try Self.bounded(name, environment, default: value, range: range, parse: Self.parseSize) {
             "a size from \(Self.describeSize(range.lowerBound)) to \(Self.describeSize(range.upperBound)) "
-                + "(write it as 65536, 64K or 64KiB, 1M, 1G)"
+                + "(write it as 65536, 64K or 64KiB, 1M)"
         }
     }
 

@@ -5,18 +5,18 @@ import NIOCore
 /// The bytes that every relay of the process holds in user space (read from one end, not yet written to
 /// the other), bounded by `limit` (BUFFER_BUDGET).
 ///
-/// A relay takes from the budget what it reads and gives it back once written. Past the limit, relays stop
-/// reading and wait (`waitForRoom`) until written bytes bring the total under the limit again; no byte is
-/// dropped. One budget serves every tunnel of a process (`shared(limit:logger:)`). The bytes held are the
+/// A relay takes from the budget what it reads and gives it back once written. Past the limit, relays read
+/// `RelayReadWindow.minimumRead` at a time until written bytes bring the total under the limit again: the
+/// total stays within the limit plus one read per relay direction, no relay waits for bytes that others
+/// hold, and no byte is dropped. One budget serves every tunnel of a process (`shared(limit:logger:)`). The bytes held are the
 /// gauge `nodepass_relay_buffered_bytes`; reaching the limit is logged (a warning, rate-limited with every
 /// repeated line).
 final class RelayBudget: Sendable {
     private struct State {
         var used = 0
-        var waiting: [@Sendable () -> Void] = []
     }
 
-    /// The most bytes held at once (plus one read per relay at most).
+    /// The most bytes held at once (plus one read per relay direction).
     let limit: Int
     private let state = Locked(State())
     private let gauge: Meter
@@ -61,32 +61,17 @@ final class RelayBudget: Sendable {
         }
         if reached {
             self.logger?.warning(
-                "BUFFER_BUDGET reached: relays stop reading until the bytes they hold are written",
+                "BUFFER_BUDGET reached: relays read 1 KiB at a time until the bytes they hold are written",
                 metadata: ["np.budget": "\(self.limit)"]
             )
         }
     }
 
-    /// `count` bytes a relay read were written (or dropped with their connection); those waiting are called
-    /// once the total is under the limit.
+    /// `count` bytes a relay read were written (or dropped with their connection).
     func give(_ count: Int) {
-        let wake: [@Sendable () -> Void] = self.state.withLock { state in
+        self.state.withLock { state in
             state.used -= count
             self.gauge.set(state.used)
-            guard state.used < self.limit, !state.waiting.isEmpty else { return [] }
-            defer { state.waiting = [] }
-            return state.waiting
-        }
-        for call in wake { call() }
-    }
-
-    /// Calls `wake` once the budget has room again and returns true; returns false without keeping `wake`
-    /// when it has room already.
-    func waitForRoom(_ wake: @escaping @Sendable () -> Void) -> Bool {
-        self.state.withLock { state in
-            guard state.used >= self.limit else { return false }
-            state.waiting.append(wake)
-            return true
         }
     }
 }

@@ -10,7 +10,9 @@ import NIOCore
 /// send buffer still holds what keeps the connection busy meanwhile, and the bytes a stalled relay holds
 /// are then one read's buffer (TLS encrypts a whole read into one buffer, which a second read while it is
 /// queued would duplicate). A read leaves 1/256 of the window for the framing that TLS adds, so that the
-/// encrypted read still fits a buffer of the window's size. Lives on the channel's event loop.
+/// encrypted read still fits a buffer of the window's size. While the process' `RelayBudget` is full, reads
+/// ask for `minimumRead` only: relays slow down instead of stopping, so that none waits for bytes that
+/// other relays hold (which could wait for it in turn). Lives on the channel's event loop.
 final class RelayReadWindow {
     /// The smallest read asked for, even when less room is left (a read of zero bytes would be taken for the
     /// end of the input).
@@ -27,9 +29,11 @@ final class RelayReadWindow {
     private var nextRead: Int
     private var lastRead = 0
     private var shortReads = 0
+    private let budget: RelayBudget?
 
-    /// Makes a window of `limit` bytes (at least `minimumRead`).
-    init(limit: Int) {
+    /// Makes a window of `limit` bytes (at least `minimumRead`), its reads shrinking while `budget` is full.
+    init(limit: Int, budget: RelayBudget? = nil) {
+        self.budget = budget
         self.limit = max(limit, Self.minimumRead)
         self.maximumRead = self.limit - self.limit / 256
         self.nextRead = min(Self.initialRead, self.maximumRead)
@@ -40,9 +44,13 @@ final class RelayReadWindow {
         self.inFlight == 0
     }
 
-    /// The size of the next read: the adapted size, within the room left, never below `minimumRead`.
+    /// The size of the next read: the adapted size, within the room left, never below `minimumRead`, and
+    /// `minimumRead` while the budget is full.
     func readSize() -> Int {
-        let size = max(Self.minimumRead, min(self.nextRead, self.maximumRead - self.inFlight))
+        var size = max(Self.minimumRead, min(self.nextRead, self.maximumRead - self.inFlight))
+        if let budget = self.budget, !budget.hasRoom {
+            size = Self.minimumRead
+        }
         self.lastRead = size
         return size
     }

@@ -5,11 +5,12 @@ import NIOCore
 ///
 /// Each side of a relay has its own `GlueHandler` whose partner is the other channel. The handler is put
 /// in the pipeline when the channel is set up and stays idle until `connect(to:context:)` names the partner.
-/// The channel must have `autoRead` off: this handler reads only while the bytes it handed to the partner
-/// and the partner has not yet written stay within its `RelayReadWindow` (RELAY_BUFFER), and while the
-/// process' `RelayBudget` (BUFFER_BUDGET) has room; a completed write or the budget's room asks for the next
-/// read (backpressure, never a dropped byte). The window also sizes every read of the channel
-/// (`RelayReadAllocator`, set when the handler is added).
+/// The channel must have `autoRead` off: this handler reads again only once the partner has written every
+/// byte it was handed, and a completed write asks for the next read (backpressure, never a dropped byte).
+/// Its `RelayReadWindow` (RELAY_BUFFER) sizes every read of the channel once the relay is connected
+/// (`RelayReadAllocator`); while the process' `RelayBudget` (BUFFER_BUDGET) is full, reads shrink to
+/// `RelayReadWindow.minimumRead` instead of stopping, so that relays holding nothing never wait for
+/// relays they have nothing to do with.
 /// End of input is passed on as a half-close once every byte before it has been written; an error or an
 /// abrupt close closes both channels. Either waits for the partner to take the bytes queued for it as
 /// long as it makes progress: a partner whose queue has not shrunk for `flushTimeout` is closed with what
@@ -41,11 +42,8 @@ final class GlueHandler: ChannelInboundHandler {
     /// Bytes read before the partner was known (a read the partner asked for may overtake `connect`).
     private var early: ByteBuffer?
     private var pendingFlush = false
-    /// A read was held back for want of room (window, budget); the next completed write or the budget's room
-    /// asks again.
+    /// A read was held back while bytes were in flight; the next completed write asks again.
     private var awaitingRoom = false
-    /// Waiting for the budget's call.
-    private var awaitingBudget = false
     private let window: RelayReadWindow
     private let budget: RelayBudget?
     private var inputEnded = false
@@ -80,7 +78,7 @@ final class GlueHandler: ChannelInboundHandler {
         self.bytes = bytes
         self.splice = splice
         self.flushTimeout = flushTimeout
-        self.window = RelayReadWindow(limit: window)
+        self.window = RelayReadWindow(limit: window, budget: budget)
         self.budget = budget
         self.move = splice == nil ? .never : .possible(timer: nil)
     }
@@ -90,13 +88,8 @@ final class GlueHandler: ChannelInboundHandler {
         return false
     }
 
-    /// Sizes the channel's reads by the window, one read per wake-up (the window is the batch).
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        if let options = context.channel.syncOptions {
-            try? options.setOption(.recvAllocator, value: RelayReadAllocator(window: self.window))
-            try? options.setOption(.maxMessagesPerRead, value: 1)
-        }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -115,6 +108,12 @@ final class GlueHandler: ChannelInboundHandler {
     private func connect(to partner: any Channel, context: ChannelHandlerContext) {
         guard self.partner == nil else { return }
         self.partner = partner
+        // The window sizes the relay's reads, one read per wake-up (the window is the batch). Set here, not
+        // when the handler is added: a pool connection that becomes a UDP carrier is never connected.
+        if let options = context.channel.syncOptions {
+            try? options.setOption(.recvAllocator, value: RelayReadAllocator(window: self.window))
+            try? options.setOption(.maxMessagesPerRead, value: 1)
+        }
         if let early = self.early {
             self.early = nil
             self.forward(early, to: partner, eventLoop: context.eventLoop)
@@ -178,8 +177,8 @@ final class GlueHandler: ChannelInboundHandler {
         }
     }
 
-    /// Asks for the next read when the relay may read: connected, input open, not moving, room in the window
-    /// and in the budget. Otherwise notes that a read is owed (`awaitingRoom`).
+    /// Asks for the next read when the relay may read: connected, input open, not moving, nothing in flight.
+    /// Otherwise notes that a read is owed (`awaitingRoom`).
     private func readIfRoom(context: ChannelHandlerContext) {
         self.awaitingRoom = false
         guard self.partner != nil, !self.inputEnded, !self.inactive else { return }
@@ -191,35 +190,7 @@ final class GlueHandler: ChannelInboundHandler {
             self.awaitingRoom = true
             return
         }
-        if let budget = self.budget, !budget.hasRoom {
-            self.awaitingRoom = true
-            self.waitForBudget(budget, context: context)
-            return
-        }
         context.read()
-    }
-
-    /// Asks the budget for a call once it has room; the call reads if the relay still may.
-    private func waitForBudget(_ budget: RelayBudget, context: ChannelHandlerContext) {
-        guard !self.awaitingBudget else { return }
-        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
-        let eventLoop = context.eventLoop
-        let waiting = budget.waitForRoom {
-            eventLoop.execute {
-                let handler = handler.value
-                handler.awaitingBudget = false
-                if handler.awaitingRoom, let context = handler.context {
-                    handler.readIfRoom(context: context)
-                }
-            }
-        }
-        if waiting {
-            self.awaitingBudget = true
-        } else {
-            // Room came back meanwhile.
-            self.awaitingRoom = false
-            context.read()
-        }
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
