@@ -8,9 +8,9 @@ import NIOCore
 /// A relay takes from the budget what it reads and gives it back once written. Past the limit, relays read
 /// `RelayReadWindow.minimumRead` at a time until written bytes bring the total under the limit again: the
 /// total stays within the limit plus one read per relay direction, no relay waits for bytes that others
-/// hold, and no byte is dropped. One budget serves every tunnel of a process (`shared(limit:logger:)`). The bytes held are the
-/// gauge `nodepass_relay_buffered_bytes`; reaching the limit is logged (a warning, rate-limited with every
-/// repeated line).
+/// hold, and no byte is dropped. One budget serves every tunnel of a process (`shared(limit:logger:)`).
+/// The bytes held are the gauge `nodepass_relay_buffered_bytes`; reaching the limit is logged (a warning,
+/// rate-limited with every repeated line).
 final class RelayBudget: Sendable {
     private struct State {
         var used = 0

@@ -71,14 +71,16 @@ final class RelayReadWindow {
         }
     }
 
-    /// `count` bytes were handed to the partner.
+    /// `count` bytes were handed to the partner (counted in the budget too).
     func sent(_ count: Int) {
         self.inFlight += count
+        self.budget?.take(count)
     }
 
     /// `count` bytes handed to the partner were written (or dropped with it).
     func written(_ count: Int) {
         self.inFlight -= count
+        self.budget?.give(count)
     }
 }
 

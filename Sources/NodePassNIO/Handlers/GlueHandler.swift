@@ -45,7 +45,6 @@ final class GlueHandler: ChannelInboundHandler {
     /// A read was held back while bytes were in flight; the next completed write asks again.
     private var awaitingRoom = false
     private let window: RelayReadWindow
-    private let budget: RelayBudget?
     private var inputEnded = false
     private var inactive = false
     private let bytes: Counter?
@@ -79,7 +78,6 @@ final class GlueHandler: ChannelInboundHandler {
         self.splice = splice
         self.flushTimeout = flushTimeout
         self.window = RelayReadWindow(limit: window, budget: budget)
-        self.budget = budget
         self.move = splice == nil ? .never : .possible(timer: nil)
     }
 
@@ -163,14 +161,12 @@ final class GlueHandler: ChannelInboundHandler {
     private func forward(_ buffer: ByteBuffer, to partner: any Channel, eventLoop: any EventLoop) {
         let count = buffer.readableBytes
         self.window.sent(count)
-        self.budget?.take(count)
         // Made on this loop, the promise runs its callback here even when the partner lives elsewhere.
         let promise = eventLoop.makePromise(of: Void.self)
         partner.write(buffer, promise: promise)
         self.pendingFlush = true
         promise.futureResult.assumeIsolated().whenComplete { _ in
             self.window.written(count)
-            self.budget?.give(count)
             if self.awaitingRoom, let context = self.context {
                 self.readIfRoom(context: context)
             }
