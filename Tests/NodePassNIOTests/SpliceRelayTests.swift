@@ -7,6 +7,13 @@ import Testing
 
 /// A one-hop relay in front of an echo service, built like the tunnel's: each accepted connection dials the
 /// service on its own event loop, and the two `GlueHandler`s (with a `SpliceSetup`) are connected.
+/// Makes `channel`'s close a reset (SO_LINGER 0).
+private func resetOnClose(_ channel: any Channel) async throws {
+    let options = try #require(channel as? any SocketOptionProvider)
+    try await options.unsafeSetSocketOption(level: .socket, name: .so_linger, value: linger(l_onoff: 1, l_linger: 0))
+        .get()
+}
+
 private struct SplicedRelay {
     let echo: any Channel
     let listener: any Channel
@@ -17,6 +24,8 @@ private struct SplicedRelay {
         case echo
         /// Reads nothing and never closes.
         case silent
+        /// Reads nothing and never closes, with a small receive buffer (what is sent to it soon stays on the way).
+        case silentAndSmall
         /// Sends this many bytes of 0x62 at once, then half-closes.
         case flood(Int)
     }
@@ -25,6 +34,7 @@ private struct SplicedRelay {
     static func start(
         idleTimeout: TimeAmount? = nil,
         moveAfter: TimeAmount = .milliseconds(100),
+        flushTimeout: TimeAmount = GlueHandler.defaultFlushTimeout,
         service: Service = .echo,
         userSendBuffer: Int? = nil
     ) async throws -> SplicedRelay {
@@ -36,8 +46,13 @@ private struct SplicedRelay {
         switch service {
         case .echo:
             echo = try await EchoHandler.listen(group: group)
-        case .silent:
-            echo = try await ServerBootstrap(group: group)
+        case .silent, .silentAndSmall:
+            var bootstrap = ServerBootstrap(group: group)
+            if case .silentAndSmall = service {
+                bootstrap = bootstrap.serverChannelOption(.socketOption(.so_rcvbuf), value: 4096)
+            }
+            echo =
+                try await bootstrap
                 .childChannelOption(.autoRead, value: false)
                 .childChannelOption(.allowRemoteHalfClosure, value: true)
                 .bind(host: "127.0.0.1", port: 0).get()
@@ -73,7 +88,8 @@ private struct SplicedRelay {
                     sessions: sessions,
                     idleTimeout: idleTimeout,
                     logger: logger,
-                    moveAfter: moveAfter
+                    moveAfter: moveAfter,
+                    flushTimeout: flushTimeout
                 )
                 // Relaying starts once the user's channel is active (as in the tunnel).
                 let dial: @Sendable (any Channel) -> Void = { user in
@@ -219,12 +235,7 @@ private struct SplicedRelay {
         let user = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .channelOption(.allowRemoteHalfClosure, value: true)
             .connect(host: "127.0.0.1", port: port).get()
-        let options = try #require(user as? any SocketOptionProvider)
-        try await options.unsafeSetSocketOption(
-            level: .socket,
-            name: .so_linger,
-            value: linger(l_onoff: 1, l_linger: 0)
-        ).get()
+        try await resetOnClose(user)
         await relay.sessions.waitUntilSpliced(1)
         // The user half-closes (the relay's reading of it is done), then resets.
         try await user.close(mode: .output).get()
@@ -232,6 +243,26 @@ private struct SplicedRelay {
         try await user.close().get()
         // The silent service never writes: only the reset can end the relay.
         await relay.sessions.waitUntilEmpty()
+        try await relay.stop()
+    }
+
+    @Test func aSplicedRelayWhoseUserLeftEndsWhenItsBytesStopMoving() async throws {
+        // No idle timeout: only the flush deadline can end this relay.
+        let relay = try await SplicedRelay.start(flushTimeout: .seconds(1), service: .silentAndSmall)
+        let port = try #require(relay.listener.localAddress?.port)
+        let user = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .connect(host: "127.0.0.1", port: port).get()
+        await relay.sessions.waitUntilSpliced(1)
+        // Far more than the way to the service holds: the relay keeps bytes it cannot deliver. Then the user
+        // leaves with a reset.
+        user.writeAndFlush(ByteBuffer(repeating: 0x61, count: 8 * 1024 * 1024), promise: nil)
+        // Time for the bytes to reach the relay (nothing to await: the write never completes).
+        try await Task.sleep(for: .milliseconds(300))
+        try await resetOnClose(user)
+        try await user.close().get()
+        // Generous for ThreadSanitizer; without the deadline the relay would stay for ever.
+        let cut = await relay.sessions.drain(timeout: .seconds(20))
+        #expect(cut == 0, "the relay outlived its flush deadline")
         try await relay.stop()
     }
 

@@ -38,6 +38,9 @@ public final class TunnelServer: Service, Sendable {
     /// The event loop of every pool and user connection: both halves of a relay on one thread, so that
     /// relaying a buffer is a direct call instead of a task handed to another thread.
     private let dataLoop: any EventLoop
+    /// The event loop where v2 pool connections are accepted and prove their session: another than
+    /// `dataLoop` when the group has one, so that a flood of strangers' openings does not slow the relays.
+    private let openingLoop: any EventLoop
 
     /// Makes a server for `url` (role server); `onListening` is told the bound ports.
     public init(
@@ -48,7 +51,9 @@ public final class TunnelServer: Service, Sendable {
         metrics: TunnelMetrics = TunnelMetrics(role: "server"),
         onListening: (@Sendable (ServerPorts) -> Void)? = nil
     ) {
-        self.dataLoop = group.next()
+        let dataLoop = group.next()
+        self.dataLoop = dataLoop
+        self.openingLoop = group.makeIterator().first { $0 !== dataLoop } ?? dataLoop
         self.url = url
         self.group = group
         self.onListening = onListening
@@ -268,28 +273,44 @@ public final class TunnelServer: Service, Sendable {
     }
 
     private func poolBootstrap(protocol tunnelProtocol: ServerProtocol) -> ServerBootstrap {
-        // Made once: every pool connection of a v2 server is checked with the same settings.
-        var authentication: ServerPoolAuthenticationHandler.Settings?
-        if case .v2(let v2) = tunnelProtocol {
-            authentication = ServerPoolAuthenticationHandler.Settings(
-                tls: v2.dataTLS,
-                timeout: self.configuration.idReadTimeout,
-                secretForSession: { [pool] in pool.secret(forSession: $0) },
-                openings: self.pendingPoolOpenings,
-                metrics: self.metrics,
-                logger: self.logger
-            )
-        }
         let forward = tunnelProtocol.mode == .forward
-        return self.baseBootstrap(on: self.dataLoop, what: "pool")
-            .childChannelInitializer { [pool, pipelines, authentication] channel in
+        guard case .v2(let v2) = tunnelProtocol else {
+            return self.baseBootstrap(on: self.dataLoop, what: "pool")
+                .childChannelInitializer { [pool, pipelines] channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try pipelines.serverPoolConnection(
+                            channel,
+                            tls: nil,
+                            authenticated: false,
+                            forward: forward,
+                            pool: pool
+                        )
+                    }
+                }
+        }
+        // Made once: every pool connection of a v2 server is checked with the same settings. The openings are
+        // accepted and proven on a loop of their own; a proven one moves to the relays' loop.
+        let authentication = ServerPoolAuthenticationHandler.Settings(
+            dataLoop: self.dataLoop,
+            setUp: { [pool, pipelines] channel in
+                try pipelines.serverPoolConnection(
+                    channel,
+                    tls: v2.dataTLS,
+                    authenticated: true,
+                    forward: forward,
+                    pool: pool
+                )
+            },
+            timeout: self.configuration.idReadTimeout,
+            secretForSession: { [pool] in pool.secret(forSession: $0) },
+            openings: self.pendingPoolOpenings,
+            metrics: self.metrics,
+            logger: self.logger
+        )
+        return self.baseBootstrap(on: self.openingLoop, what: "pool")
+            .childChannelInitializer { [pipelines] channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try pipelines.serverPoolConnection(
-                        channel,
-                        authentication: authentication,
-                        forward: forward,
-                        pool: pool
-                    )
+                    try pipelines.serverPoolOpening(channel, authentication: authentication)
                 }
             }
     }

@@ -69,10 +69,20 @@ final class Pipelines: Sendable {
         case .user, .target:
             // The ends with a socket outside the tunnel keep IDLE_TIMEOUT, on both sides of the tunnel.
             let idleTimeout = self.configuration.idleTimeout
-            setup = SpliceSetup(sessions: self.sessions, idleTimeout: idleTimeout, logger: self.logger)
+            setup = SpliceSetup(
+                sessions: self.sessions,
+                idleTimeout: idleTimeout,
+                logger: self.logger,
+                flushTimeout: self.flushTimeout
+            )
         case .poolWithUsers, .poolThatDials:
             // The other half of the pair keeps the time of the move.
-            setup = SpliceSetup(sessions: self.sessions, logger: self.logger, schedulesMove: false)
+            setup = SpliceSetup(
+                sessions: self.sessions,
+                logger: self.logger,
+                flushTimeout: self.flushTimeout,
+                schedulesMove: false
+            )
         }
         return GlueHandler(
             bytes: bytes,
@@ -159,22 +169,31 @@ final class Pipelines: Sendable {
 
     // MARK: pool connections
 
-    /// A pool connection the server accepted: v2 proves its session first (`authentication`, nil in v1).
-    /// `forward`: the server dials for it (forward mode), else it carries the server's users.
+    /// A v2 pool connection the server accepted, before it proves its session (`authentication`; a proven one
+    /// moves to the relays' event loop as a new channel, set up by `serverPoolConnection`).
+    func serverPoolOpening(_ channel: any Channel, authentication: ServerPoolAuthenticationHandler.Settings) throws {
+        try SocketTuning.prepareRelay(channel)
+        authentication.openings.admit(
+            channel,
+            logger: self.logger,
+            evicted: "too many pool openings in progress; the oldest was closed"
+        )
+        try channel.pipeline.syncOperations.addHandler(ServerPoolAuthenticationHandler(settings: authentication))
+    }
+
+    /// A pool connection on the server: accepted (v1), or proven and moved (v2: `authenticated`, with `tls`
+    /// after `tls=1`/`tls=2`; it starts on `V2PoolAuthenticated`). `forward`: the server dials for it
+    /// (forward mode), else it carries the server's users.
     func serverPoolConnection(
         _ channel: any Channel,
-        authentication: ServerPoolAuthenticationHandler.Settings?,
+        tls: NIOSSLContext?,
+        authenticated: Bool,
         forward: Bool,
         pool: any ServerPoolConnectionDelegate
     ) throws {
         try SocketTuning.prepareRelay(channel)
-        if let authentication {
-            authentication.openings.admit(
-                channel,
-                logger: self.logger,
-                evicted: "too many pool openings in progress; the oldest was closed"
-            )
-            try channel.pipeline.syncOperations.addHandler(ServerPoolAuthenticationHandler(settings: authentication))
+        if let tls {
+            try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))
         }
         let glue = self.glue(forward ? .poolThatDials : .poolWithUsers)
         let claimTimeout = self.configuration.poolWaitTimeout + self.configuration.dialTimeout
@@ -182,7 +201,7 @@ final class Pipelines: Sendable {
             ServerPoolConnectionHandler(
                 delegate: pool,
                 glue: glue,
-                waitsForAuthentication: authentication != nil,
+                waitsForAuthentication: authenticated,
                 claimTimeout: forward ? claimTimeout : nil
             ),
             glue,

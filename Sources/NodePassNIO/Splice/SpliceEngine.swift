@@ -64,6 +64,8 @@ final class SpliceEngine: @unchecked Sendable {
     private var lastPipeWarning = NIODeadline.distantPast
     private var lastPipeError = Errno(code: 0)
     private var relaysWithIdleTimeout = 0
+    /// Relays with a direction whose source has ended: the sweep checks their flush deadline.
+    private var relaysWatchingFlush = 0
     private var lastSweep = NIODeadline.now()
 
     /// Starts an engine thread; nil when splice(2) is not available (not Linux, or no epoll or eventfd).
@@ -127,7 +129,7 @@ final class SpliceEngine: @unchecked Sendable {
                 timeout = 0
             } else if !self.waitingForPipes.isEmpty {
                 timeout = Int32(Self.pipeRetryInterval.nanoseconds / 1_000_000)
-            } else if self.relaysWithIdleTimeout > 0 {
+            } else if self.relaysWithIdleTimeout > 0 || self.relaysWatchingFlush > 0 {
                 timeout = Int32(Self.idleSweepInterval.nanoseconds / 1_000_000)
             } else {
                 timeout = -1
@@ -149,7 +151,7 @@ final class SpliceEngine: @unchecked Sendable {
             }
             self.runPendingTurns()
             self.retryPipes()
-            self.sweepIdle()
+            self.sweepTimeouts()
         }
         for relay in self.relays.values { self.end(relay, reason: nil) }
         for pipe in self.pipes { pipe.close() }
@@ -204,6 +206,11 @@ final class SpliceEngine: @unchecked Sendable {
     /// direction 1 (second → first).
     private func handle(id: UInt64, side: Int, flags: UInt32) {
         guard let relay = self.relays[id] else { return }
+        if flags & UInt32(NP_HANGUP | NP_ERROR) != 0 {
+            // The peer ended its output or the connection: what this side's direction still holds must move
+            // within the flush deadline (its end may wait behind bytes that a stalled destination never takes).
+            relay.directions[side].sourceHungUp()
+        }
         if flags & UInt32(NP_ERROR) != 0 {
             // Reading the socket surfaces its error after the bytes that came before it. When its reading
             // direction is already done (a half-closed user), nothing would read it: ask for the error.
@@ -248,6 +255,10 @@ final class SpliceEngine: @unchecked Sendable {
         if relay.directions[0].finished && relay.directions[1].finished {
             self.end(relay, reason: relay.failure)
             return
+        }
+        if !relay.watchesFlush && (relay.directions[0].sourceGone || relay.directions[1].sourceGone) {
+            relay.watchesFlush = true
+            self.relaysWatchingFlush += 1
         }
         if again { self.pendingTurns.append(relay.id) }
         if noPipe { self.waitingForPipes.append(relay.id) }
@@ -298,21 +309,31 @@ final class SpliceEngine: @unchecked Sendable {
         self.turnBothWays()
     }
 
-    private func sweepIdle() {
-        guard self.relaysWithIdleTimeout > 0 else { return }
+    private func sweepTimeouts() {
+        guard self.relaysWithIdleTimeout > 0 || self.relaysWatchingFlush > 0 else { return }
         let now = NIODeadline.now()
         guard now - self.lastSweep >= Self.idleSweepInterval else { return }
         self.lastSweep = now
         for relay in self.relays.values {
-            guard let timeout = relay.idleTimeout, now - relay.lastActivity >= timeout else { continue }
-            relay.logger.debug("idle relay closed", metadata: ["np.peer": "\(relay.description)"])
-            self.end(relay, reason: nil)
+            if let timeout = relay.idleTimeout, now - relay.lastActivity >= timeout {
+                relay.logger.debug("idle relay closed", metadata: ["np.peer": "\(relay.description)"])
+                self.end(relay, reason: nil)
+            } else if relay.watchesFlush,
+                relay.directions.contains(where: { $0.isStuck(now: now, timeout: relay.flushTimeout) })
+            {
+                relay.logger.debug(
+                    "relay closed: one side ended and the other took none of its bytes for the flush deadline",
+                    metadata: ["np.peer": "\(relay.description)", "np.deadline": "\(relay.flushTimeout)"]
+                )
+                self.end(relay, reason: nil)
+            }
         }
     }
 
     private func end(_ relay: SpliceRelay, reason: Errno?) {
         guard self.relays.removeValue(forKey: relay.id) != nil else { return }
         if relay.idleTimeout != nil { self.relaysWithIdleTimeout -= 1 }
+        if relay.watchesFlush { self.relaysWatchingFlush -= 1 }
         _ = np_epoll_remove(self.epoll, relay.sockets.0)
         _ = np_epoll_remove(self.epoll, relay.sockets.1)
         if let reason {

@@ -27,6 +27,10 @@ final class SpliceRelay: @unchecked Sendable {
     /// The relay ends when nothing moved for this long (nil: never).
     let idleTimeout: TimeAmount?
     var lastActivity = NIODeadline.now()
+    /// The relay ends when a direction whose source has ended holds bytes that did not move for this long.
+    let flushTimeout: TimeAmount
+    /// Whether the engine watches this relay's flush deadline (a direction's source has ended).
+    var watchesFlush = false
     /// Set when a direction failed; the relay ends once the other one has delivered what it read.
     var failure: Errno?
     let logger: Logger
@@ -45,6 +49,7 @@ final class SpliceRelay: @unchecked Sendable {
         sockets: (Int32, Int32),
         directions: (SpliceDirection, SpliceDirection),
         idleTimeout: TimeAmount?,
+        flushTimeout: TimeAmount,
         logger: Logger,
         description: String,
         onEnd: @escaping @Sendable () -> Void
@@ -53,6 +58,7 @@ final class SpliceRelay: @unchecked Sendable {
         self.sockets = sockets
         self.directions = [directions.0, directions.1]
         self.idleTimeout = idleTimeout
+        self.flushTimeout = flushTimeout
         self.logger = logger
         self.description = description
         self.onEnd = onEnd
@@ -85,6 +91,11 @@ final class SpliceDirection {
     var pipe: SplicePipe?
     private var bytesInPipe = 0
     private var sourceEnded: Bool
+    /// The source ended its output (a hang-up seen, its end read, or a failure), perhaps with bytes still
+    /// to read: from then on what this direction holds must keep moving (`isStuck`).
+    private(set) var sourceGone: Bool
+    /// When this direction last wrote to its destination, or its source went; kept once `sourceGone`.
+    private var lastProgress = NIODeadline.uptimeNanoseconds(0)
     private(set) var finished = false
     private let bytes: Counter?
 
@@ -94,7 +105,26 @@ final class SpliceDirection {
         self.destination = destination
         self.prefix = prefix
         self.sourceEnded = sourceEnded
+        self.sourceGone = sourceEnded
+        if sourceEnded { self.lastProgress = .now() }
         self.bytes = bytes
+    }
+
+    /// The source hung up (its end may still be behind bytes not read yet).
+    func sourceHungUp() {
+        guard !self.sourceGone else { return }
+        self.sourceGone = true
+        self.lastProgress = .now()
+    }
+
+    /// Whether the source has gone and what this direction holds has not moved for `timeout`.
+    func isStuck(now: NIODeadline, timeout: TimeAmount) -> Bool {
+        self.sourceGone && !self.finished && now - self.lastProgress >= timeout
+    }
+
+    private func progressed(_ relay: SpliceRelay) {
+        relay.touch()
+        if self.sourceGone { self.lastProgress = .now() }
     }
 
     /// Moves what can be moved now, at most `SpliceEngine.movesPerTurn` calls.
@@ -107,7 +137,7 @@ final class SpliceDirection {
                 }
                 if written > 0 {
                     self.prefix.moveReaderIndex(forwardBy: written)
-                    relay.touch()
+                    self.progressed(relay)
                     continue
                 }
                 if let stop = Self.stop(after: written, socket: self.destination) { return stop }
@@ -117,7 +147,7 @@ final class SpliceDirection {
                 let moved = np_splice(pipe.reader, self.destination, self.bytesInPipe)
                 if moved > 0 {
                     self.bytesInPipe -= moved
-                    relay.touch()
+                    self.progressed(relay)
                     continue
                 }
                 if let stop = Self.stop(after: moved, socket: self.destination) { return stop }
@@ -147,6 +177,7 @@ final class SpliceDirection {
             }
             if moved == 0 {
                 self.sourceEnded = true
+                self.sourceHungUp()
                 continue
             }
             if let stop = Self.stop(after: moved, socket: self.source) {
@@ -165,6 +196,7 @@ final class SpliceDirection {
     /// write side (the relay then ends), as a user-space relay flushes before it closes.
     func stopReading() {
         self.sourceEnded = true
+        self.sourceHungUp()
     }
 
     /// The destination failed: what this direction still held is dropped.

@@ -3,14 +3,6 @@ import Logging
 import NIOCore
 import NIOSSL
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
-
 /// What a `GlueHandler` needs to move its relay to a `SpliceEngine`.
 struct SpliceSetup: Sendable {
     let sessions: SessionTracker
@@ -19,31 +11,26 @@ struct SpliceSetup: Sendable {
     let logger: Logger
     /// A relay that carries little moves after this long (one that carries more moves sooner).
     let moveAfter: TimeAmount
+    /// Once a side's input has ended, the bytes the relay holds for the other side may stay unmoved this
+    /// long (as `GlueHandler`'s flush deadline).
+    let flushTimeout: TimeAmount
     /// Whether this half starts the `moveAfter` timer when the relay connects. One half of a pair is enough
     /// (either half moves both): the pool connection's half leaves it to the other, sparing every relay a
     /// timer.
     let schedulesMove: Bool
 
-    init(sessions: SessionTracker, idleTimeout: TimeAmount? = nil, logger: Logger, schedulesMove: Bool = true) {
-        self.init(
-            sessions: sessions,
-            idleTimeout: idleTimeout,
-            logger: logger,
-            moveAfter: .seconds(1),
-            schedulesMove: schedulesMove
-        )
-    }
-
     init(
         sessions: SessionTracker,
-        idleTimeout: TimeAmount?,
+        idleTimeout: TimeAmount? = nil,
         logger: Logger,
-        moveAfter: TimeAmount,
+        moveAfter: TimeAmount = .seconds(1),
+        flushTimeout: TimeAmount = GlueHandler.defaultFlushTimeout,
         schedulesMove: Bool = true
     ) {
         self.sessions = sessions
         self.idleTimeout = idleTimeout
         self.logger = logger
+        self.flushTimeout = flushTimeout
         self.moveAfter = moveAfter
         self.schedulesMove = schedulesMove
     }
@@ -128,8 +115,8 @@ final class SpliceUpgrade {
     private func complete() {
         guard !self.settled else { return }
         guard self.first.channel.isActive, self.second.channel.isActive else { return self.abort() }
-        guard let firstSocket = Self.duplicate(self.first.channel) else { return self.abort() }
-        guard let secondSocket = Self.duplicate(self.second.channel) else {
+        guard let firstSocket = SocketMove.duplicate(self.first.channel) else { return self.abort() }
+        guard let secondSocket = SocketMove.duplicate(self.second.channel) else {
             closeDescriptor(firstSocket)
             return self.abort()
         }
@@ -150,6 +137,7 @@ final class SpliceUpgrade {
                 Self.direction(secondPart, from: secondSocket, to: firstSocket)
             ),
             idleTimeout: timeouts.min(),
+            flushTimeout: min(self.first.setup.flushTimeout, self.second.setup.flushTimeout),
             logger: setup.logger,
             description: Self.describe(self.first.channel, self.second.channel),
             onEnd: { sessions.end(keys) }
@@ -174,17 +162,6 @@ final class SpliceUpgrade {
             sourceEnded: part.inputEnded,
             bytes: part.bytes
         )
-    }
-
-    /// A duplicate of the channel's socket descriptor, or nil.
-    private static func duplicate(_ channel: any Channel) -> Int32? {
-        let duplicate = try? channel.pipeline.syncOperations.withUnsafeTransportIfAvailable(
-            of: NIOBSDSocket.Handle.self
-        ) {
-            fcntl($0, F_DUPFD_CLOEXEC, 0)
-        }
-        guard let duplicate, duplicate >= 0 else { return nil }
-        return duplicate
     }
 
     private static func describe(_ first: any Channel, _ second: any Channel) -> String {

@@ -1,26 +1,32 @@
 import CoreMetrics
 import Logging
 import NIOCore
-import NIOSSL
 import NodePassCore
 
-/// The first handler of a v2 server pool connection: sends a fresh nonce, reads the client's session ID and
-/// proof, and checks the proof before doing anything costly. On success it adds TLS after itself (with
-/// `tls=1`/`tls=2`), fires `V2PoolAuthenticated` down the pipeline and passes everything through from then
-/// on; on failure it logs the peer's address and closes. The channel must have `autoRead` off.
+/// The only handler of a v2 server pool connection before it proves its session, on an event loop other
+/// than the relays' (so that strangers who open pool connections by the thousand cost the users nothing but
+/// a core's share): sends a fresh nonce, reads the client's session ID and proof, and checks the proof
+/// before doing anything costly. On success the connection moves to the relays' event loop
+/// (`Settings.dataLoop`, `SocketMove`) as a new channel set up by `Settings.setUp` (TLS with `tls=1`/`tls=2`,
+/// the pool handler), which gets `V2PoolAuthenticated` and then whatever followed the proof; on failure it
+/// logs the peer's address and closes. The channel must have `autoRead` off.
 final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
 
     private enum State {
         case awaitingProof(nonce: [UInt8], received: ByteBuffer)
-        case authenticated
+        /// Proven: what the read in progress brings is kept until it ends, then the connection moves.
+        case proven(V2PoolAuthenticated, received: ByteBuffer)
+        case moved
         case failed
     }
 
     /// What every pool connection of one server is checked with; made once when the server starts.
     struct Settings: Sendable {
-        /// The TLS that follows a proven opening (`tls=1`/`tls=2`); nil with `tls=0`.
-        var tls: NIOSSLContext?
+        /// The event loop of the relays, where a proven connection moves.
+        var dataLoop: any EventLoop
+        /// Sets up a proven connection's new channel on `dataLoop` (its TLS, the pool handler).
+        var setUp: @Sendable (any Channel) throws -> Void
         /// How long a client has to send its session ID and proof.
         var timeout: TimeAmount
         /// The secret of a connected session, by its ID.
@@ -55,11 +61,13 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard case .awaitingProof(let nonce, var received) = self.state else {
-            if case .authenticated = self.state { context.fireChannelRead(data) }
+        var buffer = self.unwrapInboundIn(data)
+        if case .proven(let authenticated, var received) = self.state {
+            received.writeBuffer(&buffer)
+            self.state = .proven(authenticated, received: received)
             return
         }
-        var buffer = self.unwrapInboundIn(data)
+        guard case .awaitingProof(let nonce, var received) = self.state else { return }
         received.writeBuffer(&buffer)
         guard received.readableBytes >= V2PoolOpening.clientMessageLength else {
             self.state = .awaitingProof(nonce: nonce, received: received)
@@ -75,23 +83,30 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
         }
         self.timer?.cancel()
         self.timer = nil
-        self.state = .authenticated
+        self.state = .proven(V2PoolAuthenticated(sessionID: sessionID, nonce: nonce), received: received)
         self.settings.openings.finish(context.channel)
-        if let tls = self.settings.tls {
-            do {
-                try context.pipeline.syncOperations.addHandler(
-                    NIOSSLServerHandler(context: tls),
-                    position: .after(self)
+    }
+
+    /// Moves the proven connection once the read that brought the proof has ended (a read may deliver more
+    /// than one buffer, and none may be left behind in this channel).
+    private func move(context: ChannelHandlerContext, authenticated: V2PoolAuthenticated, received: ByteBuffer) {
+        self.state = .moved
+        let logger = self.settings.logger
+        let peer = context.channel.peerDescription
+        SocketMove.move(context.channel, to: self.settings.dataLoop, initialize: self.settings.setUp).whenComplete {
+            switch $0 {
+            case .success(let channel):
+                channel.pipeline.fireUserInboundEventTriggered(authenticated)
+                if received.readableBytes > 0 {
+                    channel.pipeline.fireChannelRead(received)
+                    channel.pipeline.fireChannelReadComplete()
+                }
+            case .failure(let error):
+                logger.debug(
+                    "proven pool connection lost on its way to the relays' event loop",
+                    metadata: ["np.peer": "\(peer)", "np.error": "\(error)"]
                 )
-            } catch {
-                context.close(promise: nil)
-                return
             }
-        }
-        context.fireUserInboundEventTriggered(V2PoolAuthenticated(sessionID: sessionID, nonce: nonce))
-        if received.readableBytes > 0 {
-            context.fireChannelRead(NIOAny(received))
-            context.fireChannelReadComplete()
         }
     }
 
@@ -111,8 +126,9 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
     func channelReadComplete(context: ChannelHandlerContext) {
         switch self.state {
         case .awaitingProof: context.read()
-        case .authenticated: context.fireChannelReadComplete()
-        case .failed: break
+        case .proven(let authenticated, let received):
+            self.move(context: context, authenticated: authenticated, received: received)
+        case .moved, .failed: break
         }
     }
 
