@@ -5,8 +5,6 @@ import Testing
 
 @testable import NodePassNIO
 
-/// A one-hop relay in front of an echo service, built like the tunnel's: each accepted connection dials the
-/// service on its own event loop, and the two `GlueHandler`s (with a `SpliceSetup`) are connected.
 /// Makes `channel`'s close a reset (SO_LINGER 0).
 private func resetOnClose(_ channel: any Channel) async throws {
     let options = try #require(channel as? any SocketOptionProvider)
@@ -14,6 +12,36 @@ private func resetOnClose(_ channel: any Channel) async throws {
         .get()
 }
 
+/// A service that answers once its client has ended its output: after `delay`, it sends back what it read,
+/// then closes.
+private final class LateAnswerHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private let delay: TimeAmount
+    private var received = ByteBuffer()
+
+    init(delay: TimeAmount) {
+        self.delay = delay
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var buffer = self.unwrapInboundIn(data)
+        self.received.writeBuffer(&buffer)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard case ChannelEvent.inputClosed = event else { return context.fireUserInboundEventTriggered(event) }
+        let answer = self.received
+        let channel = context.channel
+        context.eventLoop.scheduleTask(in: self.delay) {
+            channel.writeAndFlush(answer).whenComplete { _ in channel.close(promise: nil) }
+        }
+    }
+}
+
+/// A one-hop relay in front of an echo service, built like the tunnel's: each accepted connection dials the
+/// service on its own event loop, and the two `GlueHandler`s (with a `SpliceSetup`) are connected.
 private struct SplicedRelay {
     let echo: any Channel
     let listener: any Channel
@@ -28,6 +56,8 @@ private struct SplicedRelay {
         case silentAndSmall
         /// Sends this many bytes of 0x62 at once, then half-closes.
         case flood(Int)
+        /// Answers `LateAnswerHandler`'s way, after this long.
+        case lateAnswer(TimeAmount)
     }
 
     /// `userSendBuffer`: the relay's send buffer towards the user (small: output queues up in NIO).
@@ -55,6 +85,15 @@ private struct SplicedRelay {
                 try await bootstrap
                 .childChannelOption(.autoRead, value: false)
                 .childChannelOption(.allowRemoteHalfClosure, value: true)
+                .bind(host: "127.0.0.1", port: 0).get()
+        case .lateAnswer(let delay):
+            echo = try await ServerBootstrap(group: group)
+                .childChannelOption(.allowRemoteHalfClosure, value: true)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(LateAnswerHandler(delay: delay))
+                    }
+                }
                 .bind(host: "127.0.0.1", port: 0).get()
         case .flood(let count):
             echo = try await ServerBootstrap(group: group)
@@ -264,6 +303,21 @@ private struct SplicedRelay {
         let cut = await relay.sessions.drain(timeout: .seconds(20))
         #expect(cut == 0, "the relay outlived its flush deadline")
         try await relay.stop()
+    }
+
+    @Test func aHalfClosedUserWaitsLongerThanTheFlushDeadlineForItsAnswer() async throws {
+        // The deadline is for bytes that stop moving, not for a user who has said everything and waits.
+        let relay = try await SplicedRelay.start(flushTimeout: .seconds(1), service: .lateAnswer(.seconds(3)))
+        let user = try await relay.connectUser()
+        try await user.executeThenClose { inbound, outbound in
+            await relay.sessions.waitUntilSpliced(1)
+            try await outbound.write(ByteBuffer(string: "question"))
+            outbound.finish()
+            var answer = ByteBuffer()
+            for try await var chunk in inbound { answer.writeBuffer(&chunk) }
+            #expect(answer == ByteBuffer(string: "question"))
+        }
+        try await relay.finish()
     }
 
     @Test func aRelayCarryingBytesMovesWithoutWaitingForTheTimer() async throws {

@@ -26,7 +26,9 @@ enum SocketMove {
 
     /// Moves `channel`'s connection to a new channel on `loop`, set up by `initialize` before it becomes
     /// active; the future gives the new channel (on `loop`). Must run on `channel`'s event loop, at a moment
-    /// when it has no read in progress and nothing left to write. `channel` is closed either way.
+    /// when it has no read in progress and nothing left to write. `channel` is closed either way. (Should
+    /// SwiftNIO fail to make the new channel before it owns the duplicate, which happens only if `loop` has
+    /// shut down or the descriptor cannot be made non-blocking, the duplicate stays open.)
     static func move(
         _ channel: any Channel,
         to loop: any EventLoop,

@@ -38,9 +38,6 @@ public final class TunnelServer: Service, Sendable {
     /// The event loop of every pool and user connection: both halves of a relay on one thread, so that
     /// relaying a buffer is a direct call instead of a task handed to another thread.
     private let dataLoop: any EventLoop
-    /// The event loop where v2 pool connections are accepted and prove their session: another than
-    /// `dataLoop` when the group has one, so that a flood of strangers' openings does not slow the relays.
-    private let openingLoop: any EventLoop
 
     /// Makes a server for `url` (role server); `onListening` is told the bound ports.
     public init(
@@ -51,9 +48,7 @@ public final class TunnelServer: Service, Sendable {
         metrics: TunnelMetrics = TunnelMetrics(role: "server"),
         onListening: (@Sendable (ServerPorts) -> Void)? = nil
     ) {
-        let dataLoop = group.next()
-        self.dataLoop = dataLoop
-        self.openingLoop = group.makeIterator().first { $0 !== dataLoop } ?? dataLoop
+        self.dataLoop = group.next()
         self.url = url
         self.group = group
         self.onListening = onListening
@@ -307,7 +302,7 @@ public final class TunnelServer: Service, Sendable {
             metrics: self.metrics,
             logger: self.logger
         )
-        return self.baseBootstrap(on: self.openingLoop, what: "pool")
+        return self.baseBootstrap(on: PoolOpeningLoop.group, what: "pool")
             .childChannelInitializer { [pipelines] channel in
                 channel.eventLoop.makeCompletedFuture {
                     try pipelines.serverPoolOpening(channel, authentication: authentication)
@@ -321,4 +316,12 @@ public final class TunnelServer: Service, Sendable {
                 users.initialize(channel) { launcher.userArrived($0) }
             }
     }
+}
+
+/// Where every server of the process accepts v2 pool connections and checks their proofs: a thread of its
+/// own that relays nothing, so that a flood of strangers' openings at any tunnel takes a share of the CPU
+/// from the relays, never a place in their event loop's queue. Made when the first server needs it and kept
+/// for the life of the process, as SwiftNIO's singleton group is.
+enum PoolOpeningLoop {
+    static let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
 }

@@ -3,9 +3,9 @@ import Logging
 import NIOCore
 import NodePassCore
 
-/// The only handler of a v2 server pool connection before it proves its session, on an event loop other
-/// than the relays' (so that strangers who open pool connections by the thousand cost the users nothing but
-/// a core's share): sends a fresh nonce, reads the client's session ID and proof, and checks the proof
+/// The only handler of a v2 server pool connection before it proves its session, on the process' opening
+/// loop (`PoolOpeningLoop`, not a loop that relays, so that strangers who open pool connections by the
+/// thousand cost the users a share of the CPU, not a place in the relays' queue): sends a fresh nonce, reads the client's session ID and proof, and checks the proof
 /// before doing anything costly. On success the connection moves to the relays' event loop
 /// (`Settings.dataLoop`, `SocketMove`) as a new channel set up by `Settings.setUp` (TLS with `tls=1`/`tls=2`,
 /// the pool handler), which gets `V2PoolAuthenticated` and then whatever followed the proof; on failure it
@@ -63,6 +63,7 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = self.unwrapInboundIn(data)
         if case .proven(let authenticated, var received) = self.state {
+            self.state = .moved  // a placeholder while `received` grows, so that it is not copied
             received.writeBuffer(&buffer)
             self.state = .proven(authenticated, received: received)
             return
@@ -93,20 +94,21 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
         self.state = .moved
         let logger = self.settings.logger
         let peer = context.channel.peerDescription
-        SocketMove.move(context.channel, to: self.settings.dataLoop, initialize: self.settings.setUp).whenComplete {
-            switch $0 {
-            case .success(let channel):
-                channel.pipeline.fireUserInboundEventTriggered(authenticated)
-                if received.readableBytes > 0 {
-                    channel.pipeline.fireChannelRead(received)
-                    channel.pipeline.fireChannelReadComplete()
-                }
-            case .failure(let error):
-                logger.debug(
-                    "proven pool connection lost on its way to the relays' event loop",
-                    metadata: ["np.peer": "\(peer)", "np.error": "\(error)"]
-                )
-            }
+        let setUp = self.settings.setUp
+        let moved = SocketMove.move(context.channel, to: self.settings.dataLoop) { channel in
+            try setUp(channel)
+            // First in the new pipeline: the proof's outcome and the bytes behind it go through before the
+            // channel can read anything.
+            try channel.pipeline.syncOperations.addHandler(
+                ProvenOpening(authenticated: authenticated, received: received),
+                position: .first
+            )
+        }
+        moved.whenFailure { error in
+            logger.warning(
+                "proven pool connection lost on its way to the relays' event loop",
+                metadata: ["np.peer": "\(peer)", "np.error": "\(UserFacingError.describe(error))"]
+            )
         }
     }
 
@@ -153,3 +155,27 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
 
 @available(*, unavailable)
 extension ServerPoolAuthenticationHandler: Sendable {}
+
+/// The first handler of a proven pool connection's new channel: when the channel becomes active, passes
+/// `V2PoolAuthenticated` and the bytes that followed the proof down the pipeline, then leaves it.
+private final class ProvenOpening: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+
+    private let authenticated: V2PoolAuthenticated
+    private let received: ByteBuffer
+
+    init(authenticated: V2PoolAuthenticated, received: ByteBuffer) {
+        self.authenticated = authenticated
+        self.received = received
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        context.fireChannelActive()
+        context.fireUserInboundEventTriggered(self.authenticated)
+        if self.received.readableBytes > 0 {
+            context.fireChannelRead(NIOAny(self.received))
+            context.fireChannelReadComplete()
+        }
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+    }
+}
