@@ -34,15 +34,15 @@ final class TargetDialer: PoolConnectionRole {
         maximumIdle: Int,
         owners: (any PoolConnectionOwners)? = nil,
         pipelines: Pipelines,
-        idleGauge: Meter?
+        idleGauge: Meter?,
+        maximumClaimed: Int? = nil
     ) {
-        // Launches that come before their connection are bounded as idle connections are.
-        // A peer that follows the protocol never has more connections in use before their launch than the
-        // pool holds.
+        // Launches that come before their connection are bounded as idle connections are, and so are
+        // connections used before their launch unless told otherwise.
         let queue = DialQueueStateMachine<PoolConnection>(
             maximumIdle: maximumIdle,
             maximumAwaited: pipelines.configuration.maxPoolCapacity,
-            maximumClaimed: pipelines.configuration.maxPoolCapacity
+            maximumClaimed: maximumClaimed ?? pipelines.configuration.maxPoolCapacity
         )
         self.state = Locked(queue)
         self.target = target

@@ -55,6 +55,9 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
     /// Forward mode's role.
     private let launcher: Launcher
 
+    /// The least number of pool connections a v2 server may use before their launches.
+    static let minimumClaimedV2 = 1024
+
     init(url: TunnelURL, group: any EventLoopGroup, pipelines: Pipelines) {
         let configuration = pipelines.configuration
         self.metrics = pipelines.metrics
@@ -73,10 +76,16 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
         )
         self.dialer = TargetDialer(
             target: url.target,
-            // The sizing bounds the pool; claimed connections wait here for their launch on top of it.
+            // The sizing bounds the pool; claimed connections wait here for their launch on top of it (the
+            // pool replaces them). A v1 server is a stranger: it may claim as many as the pool holds. A v2
+            // server proved the key, and in a burst of users its launches can trail its bytes on many more
+            // connections than the pool holds (the pool keeps replacing the claimed ones), so that the bound
+            // only caps memory there: at most 64 KiB each.
             maximumIdle: .max,
             pipelines: pipelines,
-            idleGauge: nil
+            idleGauge: nil,
+            maximumClaimed: url.key == nil
+                ? configuration.maxPoolCapacity : max(configuration.maxPoolCapacity * 4, Self.minimumClaimedV2)
         )
         self.launcher = Launcher(
             maximumIdle: configuration.maxPoolCapacity,
