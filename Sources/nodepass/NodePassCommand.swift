@@ -57,8 +57,11 @@ struct NodePassCommand: AsyncParsableCommand {
               pool=PORT          the pool port (default: a free port chosen at
                                  each start); fix it to open it in a firewall
             Server with a KEY only (the client follows the server):
-              tls=1              data connections in TLS with the in-memory
-                                 certificate, pinned by the client (default)
+              tls=1              encrypted and authenticated data connections
+                                 (default): sealed with keys of the session
+                                 (AES-256-GCM, no handshake each); with an
+                                 older client, TLS with the in-memory
+                                 certificate, pinned by the client
               tls=2              TLS with crt=CERT.pem and key=KEY.pem
               tls=0              plain data connections (authenticated only)
               mode=1             reverse: users connect to the server's TARGET,
@@ -263,6 +266,7 @@ struct NodePassCommand: AsyncParsableCommand {
                 MetricsServer(address: address, group: group, logger: logger, render: { registry.emitToBuffer() })
             )
         }
+        MemoryTrimmer.keepHeapTops()
         services.append(MemoryTrimmer())
         services.append(main())
         let serviceGroup = ServiceGroup(

@@ -11,6 +11,7 @@ import select
 import shutil
 import socket
 import ssl
+import struct
 import threading
 import time
 from pathlib import Path
@@ -108,6 +109,11 @@ def test_v2_relays_intact_data_with_each_tls_setting(procs, nodepass_bin, echo_s
     wire = capture.bytes()
     expected_tls = "1" if tls is None else tls
     wait_log(tunnel.client, rf"authenticated .*np\.tls={expected_tls}", 5, "the client's tls setting")
+    # tls=1 seals the pool connections with keys from the session (nodepass/2.2): no TLS handshake on them.
+    protection = {"0": "none", "1": "sealed", "2": "tls"}[expected_tls]
+    wait_log(tunnel.client, rf"np\.pool\.protection={protection}", 5, "how the pool connections are protected")
+    client_hello = re.search(rb"\x16\x03[\x01\x03]..\x01\x00", wire, re.S)  # record header, ClientHello
+    assert (client_hello is not None) == (expected_tls == "2"), "a TLS handshake crossed the pool port, or none did"
     if expected_tls == "0":
         assert token in wire, "tls=0 relays in clear: the marker should be visible on the pool port"
     else:
@@ -603,17 +609,19 @@ class PoolPortInterceptor:
 
 
 def test_a_pool_certificate_that_is_not_the_announced_one_is_logged_once_counted_and_retried_rarely(
-        procs, nodepass_bin, echo_service, data_cert):
-    """The pool port's TLS is intercepted (the control channel is not): the client logs the mismatch once,
+        procs, nodepass_bin, echo_service, data_cert, tmp_path):
+    """The pool port's TLS (tls=2: tls=1 has no certificate on pool connections since nodepass/2.2) is
+    intercepted with another certificate (the control channel is not): the client logs the mismatch once,
     at error, with the address it dialled, counts every one, and probes one connection at a time after
     longer and longer pauses instead of its whole pool every second."""
     from test_metrics import scrape, value
 
     pool, metrics = free_port(), free_port()
-    tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port, tls="1")
-    tunnel.server_query += f"&pool={pool}"
+    tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port, tls="2")
+    tunnel.server_query += f"&pool={pool}&crt={data_cert[0]}&key={data_cert[1]}"
     tunnel.start_server()
-    interceptor = PoolPortInterceptor(tunnel.tunnel_port, pool, *data_cert)
+    other = self_signed(tmp_path, "other", "nodepass-e2e-other")
+    interceptor = PoolPortInterceptor(tunnel.tunnel_port, pool, str(other[0]), str(other[1]))
     try:
         client = procs.start("client", [
             nodepass_bin,
@@ -664,3 +672,58 @@ def test_a_relayed_pool_proof_without_the_confirmation_never_gets_a_user(procs, 
         stolen.close()
     finally:
         control.close()
+
+
+def test_the_python_peer_relays_over_sealed_pool_connections(procs, nodepass_bin, echo_service):
+    """An independent client (v2_peer, written from docs/PROTOCOL.md) negotiates nodepass/2.2 and gets sealed
+    pool connections for tls=1; a user's bytes cross them both ways, a half-close crosses as the end record,
+    and a record with one changed bit ends its connection without reaching the user."""
+    tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port)  # tls=1
+    tunnel.server_env["REPORT_INTERVAL"] = "30s"  # the Python client sends no heartbeats
+    tunnel.start_server()
+    control, session = v2_peer.handshake(tunnel.host, tunnel.tunnel_port, KEY, sealed=True)
+    assert control.alpn == v2_peer.ALPN_SEALED
+    assert session.tls == v2_peer.TLS_SEALED and session.data_fingerprint == b""
+
+    def launched_pool_connection(user):
+        pool = v2_peer.PoolConnection(tunnel.host, session.pool_port)
+        pool.answer(session)
+        pool_id = pool.finish(session)
+        user.sendall(b"question")
+        while True:
+            kind, payload = v2_peer.read_frame(control.sock)
+            if kind == v2_peer.LAUNCH:
+                assert struct.unpack(">I", payload)[0] == pool_id
+                return pool
+            assert kind == v2_peer.HEARTBEAT, f"unexpected control frame {kind}"
+
+    with connect(tunnel.host, tunnel.target_port) as user:
+        pool = launched_pool_connection(user)
+        assert recv_exact(pool.sock, 8) == b"question"
+        answer = os.urandom(150_000)  # three records
+        pool.sock.sendall(answer)
+        assert recv_exact(user, len(answer)) == answer
+        user.shutdown(socket.SHUT_WR)
+        assert pool.sock.recv(1) == b"" and pool.sock.ended, "the user's half-close arrives as the end record"
+        pool.sock.sendall(b"after the user's end")
+        assert recv_exact(user, 20) == b"after the user's end"
+        pool.sock.send_end()
+        user.settimeout(5)
+        assert user.recv(1) == b"", "the end record reaches the user as a clean end"
+        pool.close()
+
+    with connect(tunnel.host, tunnel.target_port) as user:
+        pool = launched_pool_connection(user)
+        assert recv_exact(pool.sock, 8) == b"question"
+        forged = bytearray(v2_peer.seal_record(pool.sock.send_key, pool.sock.send_number, b"forged"))
+        forged[-1] ^= 1
+        pool.sock.raw.sendall(bytes(forged))
+        user.settimeout(5)
+        try:
+            assert user.recv(100) == b"", "a forged record reached the user"
+        except ConnectionResetError:
+            pass
+        assert pool.closed_by_server(5)
+    wait_log(tunnel.server, r"sealed pool connection closed: it broke the protocol .*np\.peer=127\.0\.0\.1:", 5,
+             "the server to log the forged record")
+    control.close()

@@ -6,7 +6,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from v2_peer import datagram_frame, derive_key, end_frame, mac, transcript
+import pytest
+
+from v2_peer import (SEAL_RECORDS_PER_KEY, SealBroken, SealedStream, datagram_frame, derive_key, end_frame, mac, next_seal_key,
+                     seal_keys, seal_record, transcript)
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 
@@ -47,3 +50,49 @@ def test_documented_vectors_match_an_independent_implementation():
     assert mac(k, b"server proof", t, forward_udp).hex() == v["server_proof_forward_plain_udp"]
     assert datagram_frame(1, b"pong").hex() == v["datagram_frame"]
     assert end_frame(42).hex() == v["end_frame"]
+
+
+def test_sealed_pool_connection_vectors_match_an_independent_implementation():
+    v = vectors()
+    k, t, s = bytes.fromhex(v["K"]), bytes.fromhex(v["T"]), bytes.fromhex(v["S"])
+    session_id, np_, nk = bytes.fromhex(v["session_id"]), bytes.fromhex(v["Np"]), bytes.fromhex(v["Nk"])
+    sealed = bytes([1, 3]) + (10101).to_bytes(2, "big") + (5000).to_bytes(4, "big") + session_id + bytes([3])
+    assert sealed.hex() == v["parameters_sealed"]
+    assert mac(k, b"server proof", t, sealed).hex() == v["server_proof_sealed"]
+    assert (session_id + mac(s, b"pool client", np_) + nk).hex() == v["pool_client_message_sealed"]
+    client_key, server_key = seal_keys(s, np_, nk)
+    assert client_key.hex() == v["seal_client_key"]
+    assert server_key.hex() == v["seal_server_key"]
+    assert seal_record(server_key, 0, b"ping").hex() == v["sealed_record"]
+    assert seal_record(server_key, 1, b"").hex() == v["sealed_end"]
+    assert next_seal_key(server_key).hex() == v["seal_next_key"]
+    assert seal_record(next_seal_key(server_key), SEAL_RECORDS_PER_KEY, b"pong").hex() == v["sealed_record_next"]
+
+
+class _Bytes:
+    """A socket stand-in that serves fixed bytes."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def recv(self, n: int) -> bytes:
+        chunk, self.data = self.data[:n], self.data[n:]
+        return chunk
+
+
+def test_the_sealed_stream_opens_the_vectors_and_refuses_a_changed_bit():
+    v = vectors()
+    client_key, server_key = bytes.fromhex(v["seal_client_key"]), bytes.fromhex(v["seal_server_key"])
+    records = bytes.fromhex(v["sealed_record"] + v["sealed_end"])
+    stream = SealedStream(_Bytes(records), send_key=client_key, receive_key=server_key)
+    assert stream.recv(100) == b"ping"
+    assert stream.recv(100) == b"" and stream.ended
+    changed = bytearray(records)
+    changed[20] ^= 1
+    broken = SealedStream(_Bytes(bytes(changed)), send_key=client_key, receive_key=server_key)
+    with pytest.raises(SealBroken, match="does not open"):
+        broken.recv(100)
+    # The end record alone is record 1: as the first record it is out of order.
+    skipped = SealedStream(_Bytes(bytes.fromhex(v["sealed_end"])), send_key=client_key, receive_key=server_key)
+    with pytest.raises(SealBroken, match="out of order"):
+        skipped.recv(100)

@@ -17,6 +17,11 @@ from typing import Optional, Tuple
 
 ALPN = "nodepass/2"
 ALPN_DATAGRAMS = "nodepass/2.1"  # v2 with UDP
+ALPN_SEALED = "nodepass/2.2"  # v2 with UDP and sealed pool connections (tls 3 on the wire)
+TLS_SEALED = 3
+SEAL_OVERHEAD = 12 + 16  # nonce, tag
+SEAL_MAX_PLAINTEXT = 65535 - SEAL_OVERHEAD
+SEAL_RECORDS_PER_KEY = 1 << 24
 HELLO, CHALLENGE, AUTHENTICATE, WELCOME, FAILURE, HEARTBEAT, LAUNCH = 0x01, 0x02, 0x03, 0x04, 0x05, 0x10, 0x11
 LAUNCH_DATAGRAMS = 0x12
 CARRIES_TCP, CARRIES_UDP = 1, 2
@@ -57,12 +62,13 @@ def read_frame(sock) -> Tuple[int, bytes]:
     return kind, recv_exact(sock, length)
 
 
-def tls_client_context(alpn: bool = True, datagrams: bool = False) -> ssl.SSLContext:
+def tls_client_context(alpn: bool = True, datagrams: bool = False, sealed: bool = False) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     if alpn:
-        ctx.set_alpn_protocols([ALPN_DATAGRAMS, ALPN] if datagrams else [ALPN])
+        names = [ALPN_DATAGRAMS, ALPN] if datagrams else [ALPN]
+        ctx.set_alpn_protocols([ALPN_SEALED] + names if sealed else names)
     return ctx
 
 
@@ -102,8 +108,9 @@ def parse_parameters(raw: bytes, with_transports: bool = False):
     """(mode, tls, pool port, heartbeat, session ID, fingerprint, transports or None); the length must fit."""
     mode, tls, port, heartbeat = struct.unpack(">BBHI", raw[:8])
     session_id = raw[8:24]
-    end = 56 if tls else 24
-    fingerprint = raw[24:56] if tls else b""
+    has_certificate = tls in (1, 2)  # 3: sealed, no certificate
+    end = 56 if has_certificate else 24
+    fingerprint = raw[24:56] if has_certificate else b""
     transports = None
     if with_transports:
         transports = raw[end]
@@ -116,9 +123,10 @@ def parse_parameters(raw: bytes, with_transports: bool = False):
 class Control:
     """A TLS control connection to a v2 server."""
 
-    def __init__(self, host: str, port: int, alpn: bool = True, timeout: float = 10.0, datagrams: bool = False):
+    def __init__(self, host: str, port: int, alpn: bool = True, timeout: float = 10.0, datagrams: bool = False,
+                 sealed: bool = False):
         raw = socket.create_connection((host, port), timeout=timeout)
-        self.sock = tls_client_context(alpn, datagrams).wrap_socket(raw)
+        self.sock = tls_client_context(alpn, datagrams, sealed).wrap_socket(raw)
         self.alpn = self.sock.selected_alpn_protocol()
         self.sock.settimeout(timeout)
         self.fingerprint = hashlib.sha256(self.sock.getpeercert(binary_form=True)).digest()
@@ -156,7 +164,8 @@ class Control:
         if not hmac.compare_digest(proof, mac(k, b"server proof", t, raw)):
             raise AssertionError("the server's proof does not verify")
         mode, tls, port, heartbeat, session_id, fingerprint, transports = parse_parameters(
-            raw, with_transports=self.alpn == ALPN_DATAGRAMS)
+            raw, with_transports=self.alpn in (ALPN_DATAGRAMS, ALPN_SEALED))
+        assert tls != TLS_SEALED or self.alpn == ALPN_SEALED, "sealed pool connections without nodepass/2.2"
         return Session(mode, tls, port, heartbeat, session_id, fingerprint, mac(k, b"session secret", t, session_id),
                        transports)
 
@@ -167,8 +176,9 @@ class Control:
             pass
 
 
-def handshake(host: str, port: int, key: str, datagrams: bool = False) -> Tuple[Control, Session]:
-    control = Control(host, port, datagrams=datagrams)
+def handshake(host: str, port: int, key: str, datagrams: bool = False,
+              sealed: bool = False) -> Tuple[Control, Session]:
+    control = Control(host, port, datagrams=datagrams or sealed, sealed=sealed)
     control.hello()
     return control, control.authenticate(derive_key(key))
 
@@ -181,15 +191,23 @@ class PoolConnection:
         self.sock.settimeout(timeout)
         self.nonce = recv_exact(self.sock, 32)
 
-    def answer(self, session: Session) -> bytes:
+    def answer(self, session: Session, client_nonce: Optional[bytes] = None) -> bytes:
+        """The session ID and the proof; a sealed session's client nonce follows (fresh unless given)."""
         message = session.session_id + mac(session.secret, b"pool client", self.nonce)
+        if session.tls == TLS_SEALED:
+            self.client_nonce = client_nonce or os.urandom(32)
+            message += self.client_nonce
         self.sock.sendall(message)
         return message
 
     def finish(self, session: Session) -> int:
-        """After answer(): TLS if the session says so (pinning the fingerprint), then the ID message."""
+        """After answer(): TLS if the session says so (pinning the fingerprint), or the seal, then the ID
+        message."""
         sock = self.sock
-        if session.tls:
+        if session.tls == TLS_SEALED:
+            keys = seal_keys(session.secret, self.nonce, self.client_nonce)
+            self.sock = sock = SealedStream(self.sock, send_key=keys[0], receive_key=keys[1])
+        elif session.tls:
             sock = tls_client_context(alpn=False).wrap_socket(self.sock)
             seen = hashlib.sha256(sock.getpeercert(binary_form=True)).digest()
             assert seen == session.data_fingerprint, "data certificate does not match the pinned fingerprint"
@@ -205,7 +223,7 @@ class PoolConnection:
         self.sock.settimeout(timeout)
         try:
             return self.sock.recv(1) == b""
-        except (ConnectionResetError, ssl.SSLError):
+        except (ConnectionResetError, ssl.SSLError, SealBroken):
             return True
         except socket.timeout:
             return False
@@ -213,5 +231,100 @@ class PoolConnection:
     def close(self) -> None:
         try:
             self.sock.close()
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------- sealed pool connections
+
+
+def seal_keys(secret: bytes, server_nonce: bytes, client_nonce: bytes) -> Tuple[bytes, bytes]:
+    """(client to server, server to client) keys of a sealed pool connection."""
+    return (mac(secret, b"pool seal client", server_nonce, client_nonce),
+            mac(secret, b"pool seal server", server_nonce, client_nonce))
+
+
+def next_seal_key(key: bytes) -> bytes:
+    return hmac.new(key, b"pool seal next key", hashlib.sha256).digest()
+
+
+def seal_record(key: bytes, number: int, plaintext: bytes) -> bytes:
+    """Record `number` of a direction (under the key of its period: the caller gives that key)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    assert len(plaintext) <= SEAL_MAX_PLAINTEXT
+    nonce = bytes(4) + number.to_bytes(8, "big")
+    length = (SEAL_OVERHEAD + len(plaintext)).to_bytes(2, "big")
+    return length + nonce + AESGCM(key).encrypt(nonce, plaintext, length)
+
+
+class SealBroken(Exception):
+    """A record did not open, came out of order, or the stream ended without its end record."""
+
+
+class SealedStream:
+    """One side of a sealed pool connection, with the socket calls the tests use (sendall, recv)."""
+
+    def __init__(self, sock, send_key: bytes, receive_key: bytes):
+        self.raw = sock
+        self.send_key, self.send_number = send_key, 0
+        self.receive_key, self.receive_number = receive_key, 0
+        self.received = b""  # opened bytes not read yet
+        self.ended = False
+
+    def settimeout(self, timeout) -> None:
+        self.raw.settimeout(timeout)
+
+    def _next_number(self, number: int, key: bytes) -> Tuple[int, bytes]:
+        number += 1
+        return number, (next_seal_key(key) if number % SEAL_RECORDS_PER_KEY == 0 else key)
+
+    def send_record(self, plaintext: bytes) -> bytes:
+        record = seal_record(self.send_key, self.send_number, plaintext)
+        self.send_number, self.send_key = self._next_number(self.send_number, self.send_key)
+        self.raw.sendall(record)
+        return record
+
+    def sendall(self, data: bytes) -> None:
+        for start in range(0, len(data), SEAL_MAX_PLAINTEXT):
+            self.send_record(data[start:start + SEAL_MAX_PLAINTEXT])
+
+    def send_end(self) -> None:
+        self.send_record(b"")
+
+    def _read_record(self) -> None:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        try:
+            head = recv_exact(self.raw, 2)
+        except ConnectionError:
+            raise SealBroken("the stream ended without its end record") from None
+        length = int.from_bytes(head, "big")
+        if length < SEAL_OVERHEAD:
+            raise SealBroken(f"a record of {length} bytes")
+        body = recv_exact(self.raw, length)
+        nonce = bytes(4) + self.receive_number.to_bytes(8, "big")
+        if body[:12] != nonce:
+            raise SealBroken("a record out of order")
+        try:
+            plaintext = AESGCM(self.receive_key).decrypt(nonce, body[12:], head)
+        except InvalidTag:
+            raise SealBroken("a record that does not open") from None
+        self.receive_number, self.receive_key = self._next_number(self.receive_number, self.receive_key)
+        if plaintext:
+            self.received += plaintext
+        else:
+            self.ended = True
+
+    def recv(self, n: int) -> bytes:
+        while not self.received and not self.ended:
+            self._read_record()
+        data, self.received = self.received[:n], self.received[n:]
+        return data
+
+    def close(self) -> None:
+        try:
+            self.raw.close()
         except OSError:
             pass

@@ -22,7 +22,8 @@ enum URLQuery {
 
     /// `tls=`; `meanings` says what 0, 1 and 2 are for this kind of URL.
     static func tlsMode(_ value: Substring, meanings: String) throws(NodePassError) -> DataTLSMode {
-        guard value.count == 1, let number = UInt8(value), let tls = DataTLSMode(rawValue: number) else {
+        guard value.count == 1, let number = UInt8(value), let tls = DataTLSMode(rawValue: number), tls != .sealed
+        else {
             throw NodePassError(.invalidURL, "tls='\(value.prefix(16))' is not \(meanings)")
         }
         return tls

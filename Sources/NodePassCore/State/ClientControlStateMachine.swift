@@ -100,7 +100,7 @@ public struct ClientControlStateMachine: Sendable {
             self.state = .v1(control)
             return .connected
         case .v2(let key):
-            guard alpn == V2Message.alpn || alpn == V2Message.alpnDatagrams else {
+            guard let alpn, V2Message.alpnNames.contains(alpn) else {
                 return self.fail(nil, V2ClientHandshakeStateMachine.refusal(.noKey, text: ""))
             }
             guard let fingerprint else {
@@ -110,7 +110,8 @@ public struct ClientControlStateMachine: Sendable {
                 key: key,
                 clientNonce: nonce,
                 fingerprint: fingerprint,
-                withTransports: alpn == V2Message.alpnDatagrams
+                withTransports: alpn != V2Message.alpn,
+                allowsSealed: alpn == V2Message.alpnSealed
             )
             let hello = handshake.started()
             self.state = .v2Handshaking(handshake)

@@ -84,6 +84,8 @@ public struct ServerControlStateMachine: Sendable {
     private let version: Version
     /// What this client's session carries: set when TLS completes, nil under `nodepass/2` (TCP only).
     public private(set) var transports: TunnelTransports?
+    /// The client negotiated `nodepass/2.2`: with `tls=1` its pool connections are sealed, not TLS.
+    public private(set) var seals = false
     /// The heartbeat period; silence for three of them ends a v2 session.
     public let heartbeatInterval: TimeAmount
 
@@ -104,7 +106,7 @@ public struct ServerControlStateMachine: Sendable {
     /// The TLS handshake completed; `alpn` is the protocol negotiated, `nonce` a fresh server nonce.
     public mutating func tlsHandshakeCompleted(alpn: String?, nonce: [UInt8]) -> Action {
         guard case .tls = self.state else { return .none }
-        let offersV2 = alpn == V2Message.alpn || alpn == V2Message.alpnDatagrams
+        let offersV2 = alpn.map(V2Message.alpnNames.contains) ?? false
         switch self.version {
         case .v1(let poolPort):
             guard !offersV2 else {
@@ -122,8 +124,9 @@ public struct ServerControlStateMachine: Sendable {
                     NodePassError(.versionMismatch, "the client has no key (protocol v1); this server requires one")
                 )
             }
-            if alpn == V2Message.alpnDatagrams {
+            if alpn != V2Message.alpn {
                 self.transports = transports
+                self.seals = alpn == V2Message.alpnSealed
             } else if !transports.contains(.tcp) {
                 // An older v2 client carries TCP only, which this server does not.
                 return self.refuse(
@@ -188,7 +191,13 @@ public struct ServerControlStateMachine: Sendable {
         guard case .v2Authenticated(let handshake) = self.state else { return nil }
         var parameters = parameters
         parameters.transports = self.transports
-        return handshake.welcome(parameters: parameters)
+        if self.seals && parameters.tls == .inMemory {
+            (parameters.tls, parameters.dataFingerprint) = (.sealed, [])
+        }
+        guard let welcome = handshake.welcome(parameters: parameters) else { return nil }
+        var secret = welcome.secret
+        secret.sealsPoolConnections = parameters.tls == .sealed
+        return (welcome.message, secret)
     }
 
     /// The session was registered at `now`: send the welcome, start the heartbeat.

@@ -36,14 +36,23 @@ public struct V2ClientHandshakeStateMachine: Sendable {
     private let fingerprint: [UInt8]
     /// `nodepass/2.1` was negotiated: the welcome's parameters end with what the tunnel carries.
     private let withTransports: Bool
+    /// `nodepass/2.2` was negotiated: the server may seal the pool connections.
+    private let allowsSealed: Bool
 
     /// Makes a machine with the client's fresh nonce and the fingerprint of the server's certificate;
-    /// `withTransports` under `nodepass/2.1`.
-    public init(key: V2Key, clientNonce: [UInt8], fingerprint: [UInt8], withTransports: Bool = false) {
+    /// `withTransports` under `nodepass/2.1` and later, `allowsSealed` under `nodepass/2.2`.
+    public init(
+        key: V2Key,
+        clientNonce: [UInt8],
+        fingerprint: [UInt8],
+        withTransports: Bool = false,
+        allowsSealed: Bool = false
+    ) {
         self.key = key
         self.clientNonce = clientNonce
         self.fingerprint = fingerprint
         self.withTransports = withTransports
+        self.allowsSealed = allowsSealed
     }
 
     /// TLS is up: the first message to send.
@@ -86,12 +95,15 @@ public struct V2ClientHandshakeStateMachine: Sendable {
             }
             var buffer = ByteBuffer(bytes: encoded)
             do {
-                let parameters = try V2SessionParameters.read(from: &buffer, withTransports: self.withTransports)
-                self.state = .established
-                return .established(
-                    parameters,
-                    self.key.sessionSecret(transcript: transcript, sessionID: parameters.sessionID)
+                let parameters = try V2SessionParameters.read(
+                    from: &buffer,
+                    withTransports: self.withTransports,
+                    allowsSealed: self.allowsSealed
                 )
+                self.state = .established
+                var secret = self.key.sessionSecret(transcript: transcript, sessionID: parameters.sessionID)
+                secret.sealsPoolConnections = parameters.tls == .sealed
+                return .established(parameters, secret)
             } catch {
                 self.state = .failed
                 return .fail(.failure(.protocolViolation, text: "bad welcome"), error)

@@ -147,7 +147,8 @@ final class ClientControlHandler: ChannelInboundHandler {
                 "connected to the server; authenticated",
                 metadata: [
                     "np.pool.port": "\(parameters.poolPort)", "np.mode": "\(parameters.mode)",
-                    "np.tls": "\(parameters.tls.rawValue)",
+                    "np.tls": "\(parameters.tls == .sealed ? DataTLSMode.inMemory.rawValue : parameters.tls.rawValue)",
+                    "np.pool.protection": "\(Self.protection(parameters.tls))",
                     "np.udp": "\(parameters.transports?.contains(.udp) == true ? "on" : "off")",
                 ]
             )
@@ -157,7 +158,7 @@ final class ClientControlHandler: ChannelInboundHandler {
                 v2: V2PoolSettings(
                     sessionID: parameters.sessionID,
                     secret: secret,
-                    tls: parameters.tls == .plain ? nil : self.tunnelProtocol.dataTLS,
+                    tls: parameters.tls.hasCertificate ? self.tunnelProtocol.dataTLS : nil,
                     fingerprint: parameters.dataFingerprint
                 ),
                 forwardControl: parameters.mode == .forward ? context.channel : nil,
@@ -261,6 +262,17 @@ final class ClientControlHandler: ChannelInboundHandler {
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         self.logger.debug("control channel error", metadata: ["np.error": "\(error)"])
         self.perform(self.machine.errorCaught(error), context: context)
+    }
+}
+
+extension ClientControlHandler {
+    /// How the session's pool connections are protected, for the log.
+    static func protection(_ tls: DataTLSMode) -> String {
+        switch tls {
+        case .plain: "none"
+        case .inMemory, .files: "tls"
+        case .sealed: "sealed"
+        }
     }
 }
 

@@ -29,6 +29,8 @@ struct V2PoolAuthenticated: Sendable {
     var sessionID: [UInt8]
     /// The server's nonce of this connection.
     var nonce: [UInt8]
+    /// The keys of a sealed connection (`nodepass/2.2` with `tls=1`); nil when it is TLS or plain.
+    var sealing: V2PoolSealKeys? = nil
 }
 
 /// What a server pool connection reports to its pool. Called on the connection's event loop.

@@ -287,10 +287,11 @@ public final class TunnelServer: Service, Sendable {
         // accepted and proven on a loop of their own; a proven one moves to the relays' loop.
         let authentication = ServerPoolAuthenticationHandler.Settings(
             dataLoop: self.dataLoop,
-            setUp: { [pool, pipelines] channel in
+            setUp: { [pool, pipelines] channel, authenticated in
                 try pipelines.serverPoolConnection(
                     channel,
-                    tls: v2.dataTLS,
+                    tls: authenticated.sealing == nil ? v2.dataTLS : nil,
+                    sealing: authenticated.sealing,
                     authenticated: true,
                     forward: forward,
                     pool: pool

@@ -182,17 +182,22 @@ final class Pipelines: Sendable {
     }
 
     /// A pool connection on the server: accepted (v1), or proven and moved (v2: `authenticated`, with `tls`
-    /// after `tls=1`/`tls=2`; it starts on `V2PoolAuthenticated`). `forward`: the server dials for it
-    /// (forward mode), else it carries the server's users.
+    /// after `tls=1`/`tls=2`, or sealed with `sealing`; it starts on `V2PoolAuthenticated`). `forward`: the
+    /// server dials for it (forward mode), else it carries the server's users.
     func serverPoolConnection(
         _ channel: any Channel,
         tls: NIOSSLContext?,
+        sealing: V2PoolSealKeys? = nil,
         authenticated: Bool,
         forward: Bool,
         pool: any ServerPoolConnectionDelegate
     ) throws {
         try SocketTuning.prepareRelay(channel)
-        if let tls {
+        if let sealing {
+            try channel.pipeline.syncOperations.addHandler(
+                SealedRecordHandler(keys: sealing, isClient: false, logger: self.logger)
+            )
+        } else if let tls {
             try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))
         }
         let glue = self.glue(forward ? .poolThatDials : .poolWithUsers)
@@ -222,7 +227,9 @@ final class Pipelines: Sendable {
         if let v2 {
             let nonce = V2PoolNonce()
             try channel.pipeline.syncOperations.addHandler(
-                ClientPoolAuthenticationHandler(settings: v2, nonce: nonce) { delegate.poolCertificateMismatched($0) }
+                ClientPoolAuthenticationHandler(settings: v2, nonce: nonce, logger: self.logger) {
+                    delegate.poolCertificateMismatched($0)
+                }
             )
             idReader = PoolIDReader(
                 length: V2PoolOpening.serverMessageLength,

@@ -34,7 +34,7 @@ enum ServerProtocol: Sendable {
         var dataTLS: NIOSSLContext?
         var fingerprint: [UInt8] = []
         switch url.effectiveDataTLS {
-        case .plain:
+        case .plain, .sealed:
             break
         case .inMemory:
             dataTLS = try certificate.makeServerContext()
@@ -65,7 +65,7 @@ enum ServerProtocol: Sendable {
     }
 
     /// The ALPN protocols the control channel's TLS accepts, preferred first.
-    static let alpn = [V2Message.alpnDatagrams, V2Message.alpn]
+    static let alpn = V2Message.alpnNames
 
     /// Which side has the users: the client in v2 forward mode, else the server.
     var mode: TunnelMode {

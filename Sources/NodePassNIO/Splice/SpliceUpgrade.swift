@@ -99,9 +99,11 @@ final class SpliceUpgrade {
         return true
     }
 
-    /// No TLS in the pipeline: the socket carries the relayed bytes as they are.
+    /// No TLS and no seal in the pipeline: the socket carries the relayed bytes as they are.
     private static func isPlain(_ channel: any Channel) -> Bool {
-        (try? channel.pipeline.syncOperations.handler(type: NIOSSLHandler.self)) == nil
+        let operations = channel.pipeline.syncOperations
+        return (try? operations.handler(type: NIOSSLHandler.self)) == nil
+            && (try? operations.handler(type: SealedRecordHandler.self)) == nil
     }
 
     /// Gives up the move: both handlers relay in user space again.

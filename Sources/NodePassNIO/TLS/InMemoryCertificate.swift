@@ -182,7 +182,7 @@ public struct APITLS: Sendable {
         let key: NIOSSLPrivateKey
         let digest: [UInt8]
         switch mode {
-        case .plain:
+        case .plain, .sealed:
             return nil
         case .inMemory:
             let certificate = try InMemoryCertificate.generate()

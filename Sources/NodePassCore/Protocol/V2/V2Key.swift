@@ -108,6 +108,8 @@ public struct V2Key: Sendable {
 public struct V2SessionSecret: Sendable {
     /// The secret's bytes.
     public let bytes: [UInt8]
+    /// Whether the session's pool connections are sealed (`nodepass/2.2` with `tls=1`, `V2PoolSeal`).
+    public var sealsPoolConnections = false
     private let keyed: KeyedHMAC
 
     private static let poolClient = Array("pool client".utf8)
@@ -145,6 +147,14 @@ public struct V2SessionSecret: Sendable {
     /// the session secret at the far end of this very TLS session.
     public func poolConfirmation(nonce: [UInt8], id: PoolID) -> [UInt8] {
         self.keyed.mac(Self.poolConfirm, nonce, Self.bytes(of: id))
+    }
+
+    /// The keys of a sealed pool connection with the server's `serverNonce` and the client's `clientNonce`.
+    public func poolSealKeys(serverNonce: [UInt8], clientNonce: [UInt8]) -> V2PoolSealKeys {
+        V2PoolSealKeys(
+            clientToServer: self.keyed.mac(V2PoolSeal.clientLabel, serverNonce, clientNonce),
+            serverToClient: self.keyed.mac(V2PoolSeal.serverLabel, serverNonce, clientNonce)
+        )
     }
 
     static func bytes(of id: PoolID) -> [UInt8] {

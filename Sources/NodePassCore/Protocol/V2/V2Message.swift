@@ -24,6 +24,11 @@ public enum V2Message: Hashable, Sendable {
     public static let alpn = "nodepass/2"
     /// The ALPN protocol name of v2 with UDP: offered (first) and preferred by the sides that carry UDP.
     public static let alpnDatagrams = "nodepass/2.1"
+    /// The ALPN protocol name of v2 with UDP and sealed pool connections (`V2PoolSeal`): offered first and
+    /// preferred by the sides that seal.
+    public static let alpnSealed = "nodepass/2.2"
+    /// Every v2 protocol name, the preferred first.
+    public static let alpnNames = [alpnSealed, alpnDatagrams, alpn]
     /// Length of a handshake nonce in bytes.
     public static let nonceLength = 32
     /// Length of a proof (HMAC-SHA256) in bytes.

@@ -18,6 +18,12 @@ public enum DataTLSMode: UInt8, Hashable, Sendable, CaseIterable {
     case inMemory = 1
     /// TLS with the certificate and key from the `crt=` and `key=` files, pinned by the client.
     case files = 2
+    /// On the wire only (never on a URL): what `tls=1` becomes with a client that negotiated `nodepass/2.2`,
+    /// records sealed with keys from the session secret (`V2PoolSeal`), no TLS and no certificate.
+    case sealed = 3
+
+    /// Whether pool connections run TLS, so that the parameters name the certificate's fingerprint.
+    public var hasCertificate: Bool { self == .inMemory || self == .files }
 }
 
 /// What a tunnel carries (`nodepass/2.1`): the server's `notcp=1` and `noudp=1` clear a member.
@@ -85,19 +91,19 @@ public struct V2SessionParameters: Hashable, Sendable {
 
     /// The encoded length: 24 bytes, plus 32 with a fingerprint, plus 1 with the transports.
     public var encodedLength: Int {
-        8 + Self.sessionIDLength + (self.tls == .plain ? 0 : Self.fingerprintLength)
+        8 + Self.sessionIDLength + (self.tls.hasCertificate ? Self.fingerprintLength : 0)
             + (self.transports == nil ? 0 : 1)
     }
 
     /// Writes mode (1), tls (1), pool port (2), heartbeat ms (4), session ID (16), fingerprint (32, only
-    /// when tls is not plain); integers big-endian.
+    /// when tls is 1 or 2), transports (1, `nodepass/2.1` and later); integers big-endian.
     public func write(to buffer: inout ByteBuffer) {
         buffer.writeInteger(self.mode.rawValue)
         buffer.writeInteger(self.tls.rawValue)
         buffer.writeInteger(UInt16(truncatingIfNeeded: self.poolPort))
         buffer.writeInteger(self.heartbeatMilliseconds)
         buffer.writeBytes(self.sessionID)
-        if self.tls != .plain {
+        if self.tls.hasCertificate {
             buffer.writeBytes(self.dataFingerprint)
         }
         if let transports = self.transports {
@@ -113,10 +119,12 @@ public struct V2SessionParameters: Hashable, Sendable {
     }
 
     /// Reads parameters that fill `buffer` exactly, ending with the transports byte when `withTransports`
-    /// (`nodepass/2.1`); throws `.protocolViolation` otherwise.
+    /// (`nodepass/2.1` and later), naming sealed pool connections only when `allowsSealed` (`nodepass/2.2`);
+    /// throws `.protocolViolation` otherwise.
     public static func read(
         from buffer: inout ByteBuffer,
-        withTransports: Bool = false
+        withTransports: Bool = false,
+        allowsSealed: Bool = false
     ) throws(NodePassError) -> V2SessionParameters {
         guard let modeByte = buffer.readInteger(as: UInt8.self),
             let tlsByte = buffer.readInteger(as: UInt8.self),
@@ -139,7 +147,10 @@ public struct V2SessionParameters: Hashable, Sendable {
             throw NodePassError(.protocolViolation, "welcome names a heartbeat of \(heartbeat) ms")
         }
         var fingerprint: [UInt8] = []
-        if tls != .plain {
+        guard tls != .sealed || allowsSealed else {
+            throw NodePassError(.protocolViolation, "welcome names sealed pool connections without nodepass/2.2")
+        }
+        if tls.hasCertificate {
             guard let bytes = buffer.readBytes(length: Self.fingerprintLength) else {
                 throw NodePassError(.protocolViolation, "welcome lacks the data certificate fingerprint")
             }

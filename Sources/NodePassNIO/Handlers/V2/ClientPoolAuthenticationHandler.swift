@@ -1,4 +1,5 @@
 import Crypto
+import Logging
 import NIOCore
 import NIOSSL
 import NodePassCore
@@ -13,7 +14,8 @@ final class V2PoolNonce {
 extension V2PoolNonce: Sendable {}
 
 /// The first handler of a v2 client pool connection: reads the server's nonce, answers with the session ID
-/// and the proof, then adds TLS pinned to the fingerprint from `welcome` (with `tls=1`/`tls=2`) and passes
+/// and the proof (and, for a sealed session, its own nonce), then adds the seal (`SealedRecordHandler`) or
+/// TLS pinned to the fingerprint from `welcome` (`tls=1` before `nodepass/2.2`, `tls=2`) and passes
 /// everything through. The channel must have `autoRead` off.
 final class ClientPoolAuthenticationHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
@@ -28,9 +30,16 @@ final class ClientPoolAuthenticationHandler: ChannelInboundHandler {
     private let nonce: V2PoolNonce
     /// Called on the channel's event loop when the certificate is not the pinned one.
     private let onMismatch: (any Channel) -> Void
+    private let logger: Logger
 
-    init(settings: V2PoolSettings, nonce: V2PoolNonce, onMismatch: @escaping (any Channel) -> Void) {
+    init(
+        settings: V2PoolSettings,
+        nonce: V2PoolNonce,
+        logger: Logger,
+        onMismatch: @escaping (any Channel) -> Void
+    ) {
         self.settings = settings
+        self.logger = logger
         self.nonce = nonce
         self.onMismatch = onMismatch
     }
@@ -55,12 +64,28 @@ final class ClientPoolAuthenticationHandler: ChannelInboundHandler {
         }
         self.state = .answered
         self.nonce.bytes = nonce
-        var answer = context.channel.allocator.buffer(capacity: V2PoolOpening.clientMessageLength)
-        answer.writeBytes(
-            V2PoolOpening.clientMessage(sessionID: self.settings.sessionID, secret: self.settings.secret, nonce: nonce)
+        let secret = self.settings.secret
+        var answer = context.channel.allocator.buffer(
+            capacity: V2PoolOpening.clientMessageLength + V2PoolSeal.clientNonceLength
         )
+        answer.writeBytes(V2PoolOpening.clientMessage(sessionID: self.settings.sessionID, secret: secret, nonce: nonce))
+        // A sealed connection: the client's own nonce follows, and everything after is records.
+        let clientNonce = secret.sealsPoolConnections ? SecureRandom.bytes(V2PoolSeal.clientNonceLength) : nil
+        if let clientNonce {
+            answer.writeBytes(clientNonce)
+        }
         context.writeAndFlush(NIOAny(answer), promise: nil)
-        if let tls = self.settings.tls {
+        if let clientNonce {
+            let keys = secret.poolSealKeys(serverNonce: nonce, clientNonce: clientNonce)
+            do {
+                try context.pipeline.syncOperations.addHandler(
+                    SealedRecordHandler(keys: keys, isClient: true, logger: self.logger),
+                    position: .after(self)
+                )
+            } catch {
+                context.close(promise: nil)
+            }
+        } else if let tls = self.settings.tls {
             do {
                 let fingerprint = self.settings.fingerprint
                 let (channel, onMismatch) = (context.channel, self.onMismatch)

@@ -5,16 +5,19 @@ import NodePassCore
 
 /// The only handler of a v2 server pool connection before it proves its session, on the process' opening
 /// loop (`PoolOpeningLoop`, not a loop that relays, so that strangers who open pool connections by the
-/// thousand cost the users a share of the CPU, not a place in the relays' queue): sends a fresh nonce, reads the client's session ID and proof, and checks the proof
-/// before doing anything costly. On success the connection moves to the relays' event loop
-/// (`Settings.dataLoop`, `SocketMove`) as a new channel set up by `Settings.setUp` (TLS with `tls=1`/`tls=2`,
-/// the pool handler), which gets `V2PoolAuthenticated` and then whatever followed the proof; on failure it
-/// logs the peer's address and closes. The channel must have `autoRead` off.
+/// thousand cost the users a share of the CPU, not a place in the relays' queue): sends a fresh nonce, reads
+/// the client's session ID and proof (and, for a sealed session, the client's nonce that follows it), and
+/// checks the proof before doing anything costly. On success the connection moves to the relays' event
+/// loop (`Settings.dataLoop`, `SocketMove`) as a new channel set up by `Settings.setUp` (the seal or TLS, the
+/// pool handler), which gets `V2PoolAuthenticated` and then whatever followed the proof; on failure it logs
+/// the peer's address and closes. The channel must have `autoRead` off.
 final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
 
     private enum State {
         case awaitingProof(nonce: [UInt8], received: ByteBuffer)
+        /// A sealed session's proof was valid: the client's nonce follows it.
+        case awaitingClientNonce(V2PoolAuthenticated, V2SessionSecret, received: ByteBuffer)
         /// Proven: what the read in progress brings is kept until it ends, then the connection moves.
         case proven(V2PoolAuthenticated, received: ByteBuffer)
         case moved
@@ -25,8 +28,8 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
     struct Settings: Sendable {
         /// The event loop of the relays, where a proven connection moves.
         var dataLoop: any EventLoop
-        /// Sets up a proven connection's new channel on `dataLoop` (its TLS, the pool handler).
-        var setUp: @Sendable (any Channel) throws -> Void
+        /// Sets up a proven connection's new channel on `dataLoop` (its TLS or seal, the pool handler).
+        var setUp: @Sendable (any Channel, V2PoolAuthenticated) throws -> Void
         /// How long a client has to send its session ID and proof.
         var timeout: TimeAmount
         /// The secret of a connected session, by its ID.
@@ -68,6 +71,11 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
             self.state = .proven(authenticated, received: received)
             return
         }
+        if case .awaitingClientNonce(let authenticated, let secret, var received) = self.state {
+            received.writeBuffer(&buffer)
+            self.clientNonceArrived(authenticated, secret, received: received, context: context)
+            return
+        }
         guard case .awaitingProof(let nonce, var received) = self.state else { return }
         received.writeBuffer(&buffer)
         guard received.readableBytes >= V2PoolOpening.clientMessageLength else {
@@ -82,9 +90,35 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
             self.fail(context: context)
             return
         }
+        let authenticated = V2PoolAuthenticated(sessionID: sessionID, nonce: nonce)
+        guard secret.sealsPoolConnections else {
+            self.proven(authenticated, received: received, context: context)
+            return
+        }
+        self.clientNonceArrived(authenticated, secret, received: received, context: context)
+    }
+
+    /// A sealed session's connection is proven once the client's nonce, which its keys need, is there too.
+    private func clientNonceArrived(
+        _ authenticated: V2PoolAuthenticated,
+        _ secret: V2SessionSecret,
+        received: ByteBuffer,
+        context: ChannelHandlerContext
+    ) {
+        var received = received
+        guard let clientNonce = received.readBytes(length: V2PoolSeal.clientNonceLength) else {
+            self.state = .awaitingClientNonce(authenticated, secret, received: received)
+            return
+        }
+        var sealed = authenticated
+        sealed.sealing = secret.poolSealKeys(serverNonce: authenticated.nonce, clientNonce: clientNonce)
+        self.proven(sealed, received: received, context: context)
+    }
+
+    private func proven(_ authenticated: V2PoolAuthenticated, received: ByteBuffer, context: ChannelHandlerContext) {
         self.timer?.cancel()
         self.timer = nil
-        self.state = .proven(V2PoolAuthenticated(sessionID: sessionID, nonce: nonce), received: received)
+        self.state = .proven(authenticated, received: received)
         self.settings.openings.finish(context.channel)
     }
 
@@ -96,7 +130,7 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
         let peer = context.channel.peerDescription
         let setUp = self.settings.setUp
         let moved = SocketMove.move(context.channel, to: self.settings.dataLoop) { channel in
-            try setUp(channel)
+            try setUp(channel, authenticated)
             // First in the new pipeline: the proof's outcome and the bytes behind it go through before the
             // channel can read anything.
             try channel.pipeline.syncOperations.addHandler(
@@ -109,6 +143,13 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
                 "proven pool connection lost on its way to the relays' event loop",
                 metadata: ["np.peer": "\(peer)", "np.error": "\(UserFacingError.describe(error))"]
             )
+        }
+    }
+
+    private var isAwaiting: Bool {
+        switch self.state {
+        case .awaitingProof, .awaitingClientNonce: true
+        case .proven, .moved, .failed: false
         }
     }
 
@@ -127,7 +168,7 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         switch self.state {
-        case .awaitingProof: context.read()
+        case .awaitingProof, .awaitingClientNonce: context.read()
         case .proven(let authenticated, let received):
             self.move(context: context, authenticated: authenticated, received: received)
         case .moved, .failed: break
@@ -135,7 +176,7 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case .awaitingProof = self.state, case ChannelEvent.inputClosed = event {
+        if self.isAwaiting, case ChannelEvent.inputClosed = event {
             context.close(promise: nil)
             return
         }
@@ -145,7 +186,7 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
     func channelInactive(context: ChannelHandlerContext) {
         self.timer?.cancel()
         self.timer = nil
-        if case .awaitingProof = self.state {
+        if self.isAwaiting {
             self.state = .failed
             self.settings.openings.finish(context.channel)
         }
