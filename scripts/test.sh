@@ -26,11 +26,11 @@ if [ ${#need_packages[@]} -gt 0 ]; then
     $sudo_cmd apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need_packages[@]}" >/dev/null
 fi
-if ! python3 -c 'import pytest, pytest_timeout, aioquic' 2>/dev/null; then
-    say "installing pytest, pytest-timeout and aioquic from PyPI"
-    python3 -m pip install --quiet --disable-pip-version-check pytest pytest-timeout aioquic 2>/dev/null \
+if ! python3 -c 'import pytest, pytest_timeout, aioquic, cryptography' 2>/dev/null; then
+    say "installing pytest, pytest-timeout, aioquic and cryptography from PyPI"
+    python3 -m pip install --quiet --disable-pip-version-check pytest pytest-timeout aioquic cryptography 2>/dev/null \
         || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages pytest pytest-timeout \
-            aioquic
+            aioquic cryptography
 fi
 
 say "format (swift-format, swift-nio's settings in .swift-format)"

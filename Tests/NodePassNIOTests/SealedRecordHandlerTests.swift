@@ -115,6 +115,30 @@ private final class Received: ChannelInboundHandler {
         #expect(!server.isActive)
     }
 
+    @Test func bytesAfterTheEndRecordAreRefused() throws {
+        let (server, received) = try self.end(isClient: false)
+        var sealer = V2RecordSealer(key: Self.keys.clientToServer)
+        var wire = ByteBuffer()
+        try Array("before".utf8).withUnsafeBytes { try sealer.seal($0, into: &wire) }
+        try sealer.sealEnd(into: &wire)
+        try Array("after".utf8).withUnsafeBytes { try sealer.seal($0, into: &wire) }
+        try server.writeInbound(wire)
+        #expect(received.bytes == Array("before".utf8))
+        #expect(received.inputClosed)
+        #expect(received.errors.count == 1)
+        #expect(!server.isActive)
+    }
+
+    @Test func aFullCloseEndsTheDirectionWithTheEndRecord() throws {
+        let (client, _) = try self.end(isClient: true)
+        let (server, received) = try self.end(isClient: false)
+        try client.writeOutbound(ByteBuffer(string: "bye"))
+        try client.close().wait()
+        try server.writeInbound(try self.written(client))
+        #expect(received.bytes == Array("bye".utf8))
+        #expect(received.inputClosed, "a close after the last write is a clean end for the peer")
+    }
+
     @Test func recordsSealedForTheOtherDirectionAreRefused() throws {
         // A record the server sent, reflected back at it, must not open.
         let (server, received) = try self.end(isClient: false)

@@ -685,9 +685,15 @@ def test_the_python_peer_relays_over_sealed_pool_connections(procs, nodepass_bin
     assert control.alpn == v2_peer.ALPN_SEALED
     assert session.tls == v2_peer.TLS_SEALED and session.data_fingerprint == b""
 
-    def launched_pool_connection(user):
+    def launched_pool_connection(user, split=False):
         pool = v2_peer.PoolConnection(tunnel.host, session.pool_port)
-        pool.answer(session)
+        if split:  # the proof, then the client's nonce in a write of its own, a moment later (another read)
+            pool.client_nonce = os.urandom(32)
+            pool.sock.sendall(session.session_id + v2_peer.mac(session.secret, b"pool client", pool.nonce))
+            time.sleep(0.2)
+            pool.sock.sendall(pool.client_nonce)
+        else:
+            pool.answer(session)
         pool_id = pool.finish(session)
         user.sendall(b"question")
         while True:
@@ -713,7 +719,7 @@ def test_the_python_peer_relays_over_sealed_pool_connections(procs, nodepass_bin
         pool.close()
 
     with connect(tunnel.host, tunnel.target_port) as user:
-        pool = launched_pool_connection(user)
+        pool = launched_pool_connection(user, split=True)
         assert recv_exact(pool.sock, 8) == b"question"
         forged = bytearray(v2_peer.seal_record(pool.sock.send_key, pool.sock.send_number, b"forged"))
         forged[-1] ^= 1

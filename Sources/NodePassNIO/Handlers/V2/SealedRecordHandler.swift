@@ -9,7 +9,7 @@ import NodePassCore
 /// reading it passes on `ChannelEvent.inputClosed`. A connection whose input ends without it (cut, or a
 /// peer that died) is closed, never passed on as a clean end; so is one with a record that does not open
 /// (logged as a warning with the peer's address).
-final class SealedRecordHandler: ChannelDuplexHandler, RemovableChannelHandler {
+final class SealedRecordHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
     typealias OutboundIn = ByteBuffer
@@ -156,7 +156,7 @@ final class SealedRecordHandler: ChannelDuplexHandler, RemovableChannelHandler {
             context.close(mode: mode, promise: promise)
             return
         }
-        // A half-close waits for the empty record: the socket would drop a write still queued when it shuts.
+        // A half-close waits for the empty record to be written (ordered after every earlier write).
         context.writeAndFlush(self.wrapOutboundOut(end)).assumeIsolated().whenComplete { _ in
             context.close(mode: .output, promise: promise)
         }
