@@ -12,6 +12,7 @@ private final class Received: ChannelInboundHandler {
 
     var bytes: [UInt8] = []
     var inputClosed = false
+    var broken = false
     var errors: [any Error] = []
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -20,6 +21,7 @@ private final class Received: ChannelInboundHandler {
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case ChannelEvent.inputClosed = event { self.inputClosed = true }
+        if event is PoolConnectionBroken { self.broken = true }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
@@ -98,6 +100,7 @@ private final class Received: ChannelInboundHandler {
         server.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
         #expect(received.bytes == Array("cut short".utf8))
         #expect(!received.inputClosed, "a cut stream must not look like a clean end")
+        #expect(received.broken, "the relay is told to reset its other half")
         #expect(!server.isActive)
     }
 
@@ -112,6 +115,7 @@ private final class Received: ChannelInboundHandler {
         try server.writeInbound(wire)
         #expect(received.bytes == Array("genuine".utf8))
         #expect(received.errors.count == 1)
+        #expect(received.broken)
         #expect(!server.isActive)
     }
 

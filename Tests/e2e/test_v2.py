@@ -677,7 +677,8 @@ def test_a_relayed_pool_proof_without_the_confirmation_never_gets_a_user(procs, 
 def test_the_python_peer_relays_over_sealed_pool_connections(procs, nodepass_bin, echo_service):
     """An independent client (v2_peer, written from docs/PROTOCOL.md) negotiates nodepass/2.2 and gets sealed
     pool connections for tls=1; a user's bytes cross them both ways, a half-close crosses as the end record,
-    and a record with one changed bit ends its connection without reaching the user."""
+    a record with one changed bit ends its connection without reaching the user, and the user of a
+    connection that is forged into or cut gets a reset, not a clean end."""
     tunnel = v2_tunnel(procs, nodepass_bin, echo_service.port)  # tls=1
     tunnel.server_env["REPORT_INTERVAL"] = "30s"  # the Python client sends no heartbeats
     tunnel.start_server()
@@ -725,11 +726,19 @@ def test_the_python_peer_relays_over_sealed_pool_connections(procs, nodepass_bin
         forged[-1] ^= 1
         pool.sock.raw.sendall(bytes(forged))
         user.settimeout(5)
-        try:
-            assert user.recv(100) == b"", "a forged record reached the user"
-        except ConnectionResetError:
-            pass
+        with pytest.raises(ConnectionResetError):  # never the forged bytes, nor a clean end
+            user.recv(100)
         assert pool.closed_by_server(5)
+
+    with connect(tunnel.host, tunnel.target_port) as user:
+        pool = launched_pool_connection(user)
+        assert recv_exact(pool.sock, 8) == b"question"
+        pool.sock.sendall(b"the start of an answer")
+        assert recv_exact(user, 22) == b"the start of an answer"
+        pool.sock.raw.close()  # cut: no end record
+        user.settimeout(5)
+        with pytest.raises(ConnectionResetError):  # a cut stream must not look complete to the user
+            user.recv(100)
     wait_log(tunnel.server, r"sealed pool connection closed: it broke the protocol .*np\.peer=127\.0\.0\.1:", 5,
              "the server to log the forged record")
     control.close()

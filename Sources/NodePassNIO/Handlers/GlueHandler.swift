@@ -1,6 +1,10 @@
 import CoreMetrics
 import NIOCore
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Relays the bytes its channel reads to a partner channel, one half of a relay pair.
 ///
 /// Each side of a relay has its own `GlueHandler` whose partner is the other channel. The handler is put
@@ -47,6 +51,8 @@ final class GlueHandler: ChannelInboundHandler {
     private let window: RelayReadWindow
     private var inputEnded = false
     private var inactive = false
+    /// This half's connection broke (`PoolConnectionBroken`): the partner is reset, not closed cleanly.
+    private var broken = false
     private let bytes: Counter?
     private let splice: SpliceSetup?
     private let flushTimeout: TimeAmount
@@ -199,6 +205,10 @@ final class GlueHandler: ChannelInboundHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is PoolConnectionBroken {
+            self.broken = true
+            return
+        }
         guard case ChannelEvent.inputClosed = event else {
             context.fireUserInboundEventTriggered(event)
             return
@@ -255,10 +265,24 @@ final class GlueHandler: ChannelInboundHandler {
         }
         // A partner that is closed already (the usual end: both halves shut) needs nothing more.
         if let partner = self.partner, partner.isActive {
-            self.flushPending()
-            self.close(partner, mode: .all)
+            if self.broken {
+                Self.reset(partner)
+            } else {
+                self.flushPending()
+                self.close(partner, mode: .all)
+            }
         }
         context.fireChannelInactive()
+    }
+
+    /// Closes `partner` with a reset (SO_LINGER 0), so that its application sees an error, not an end.
+    private static func reset(_ partner: any Channel) {
+        guard let options = partner as? any SocketOptionProvider else {
+            partner.close(promise: nil)
+            return
+        }
+        options.unsafeSetSocketOption(level: .socket, name: .so_linger, value: linger(l_onoff: 1, l_linger: 0))
+            .whenComplete { _ in partner.close(promise: nil) }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

@@ -8,7 +8,8 @@ import NodePassCore
 /// A direction ends with the empty record: `close(mode: .output)` and a full close write it first, and
 /// reading it passes on `ChannelEvent.inputClosed`. A connection whose input ends without it (cut, or a
 /// peer that died) is closed, never passed on as a clean end; so is one with a record that does not open
-/// (logged as a warning with the peer's address).
+/// (logged as a warning with the peer's address). Either way `PoolConnectionBroken` goes up the pipeline
+/// first, so that the relay resets its other half instead of ending it cleanly.
 final class SealedRecordHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
@@ -99,6 +100,7 @@ final class SealedRecordHandler: ChannelDuplexHandler {
         // The end was passed on with the empty record; without it, the stream was cut.
         if !self.inputEnded && !self.failed {
             self.failed = true
+            context.fireUserInboundEventTriggered(PoolConnectionBroken())
             context.close(promise: nil)
         }
     }
@@ -111,6 +113,7 @@ final class SealedRecordHandler: ChannelDuplexHandler {
                 "np.peer": "\(context.channel.peerDescription)", "np.error": "\(UserFacingError.describe(error))",
             ]
         )
+        context.fireUserInboundEventTriggered(PoolConnectionBroken())
         context.fireErrorCaught(error)
         context.close(promise: nil)
     }
@@ -179,3 +182,7 @@ final class SealedRecordHandler: ChannelDuplexHandler {
 
 @available(*, unavailable)
 extension SealedRecordHandler: Sendable {}
+
+/// A sealed pool connection was cut or broke the protocol: the bytes it carried so far may be a stream's
+/// beginning only, so its relay's other half must not end cleanly (`GlueHandler` resets it).
+struct PoolConnectionBroken: Sendable {}
