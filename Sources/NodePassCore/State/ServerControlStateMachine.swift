@@ -194,10 +194,7 @@ public struct ServerControlStateMachine: Sendable {
         if self.seals && parameters.tls == .inMemory {
             (parameters.tls, parameters.dataFingerprint) = (.sealed, [])
         }
-        guard let welcome = handshake.welcome(parameters: parameters) else { return nil }
-        var secret = welcome.secret
-        secret.sealsPoolConnections = parameters.tls == .sealed
-        return (welcome.message, secret)
+        return handshake.welcome(parameters: parameters)
     }
 
     /// The session was registered at `now`: send the welcome, start the heartbeat.

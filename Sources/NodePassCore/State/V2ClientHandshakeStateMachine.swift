@@ -101,9 +101,7 @@ public struct V2ClientHandshakeStateMachine: Sendable {
                     allowsSealed: self.allowsSealed
                 )
                 self.state = .established
-                var secret = self.key.sessionSecret(transcript: transcript, sessionID: parameters.sessionID)
-                secret.sealsPoolConnections = parameters.tls == .sealed
-                return .established(parameters, secret)
+                return .established(parameters, self.key.sessionSecret(transcript: transcript, parameters: parameters))
             } catch {
                 self.state = .failed
                 return .fail(.failure(.protocolViolation, text: "bad welcome"), error)

@@ -90,7 +90,7 @@ public struct V2ServerHandshakeStateMachine: Sendable {
         let proof = self.key.serverProof(transcript: transcript, parameters: encoded)
         return (
             .welcome(proof: proof, parameters: encoded),
-            self.key.sessionSecret(transcript: transcript, sessionID: parameters.sessionID)
+            self.key.sessionSecret(transcript: transcript, parameters: parameters)
         )
     }
 }

@@ -80,6 +80,13 @@ public struct V2Key: Sendable {
         V2SessionSecret(bytes: Self.mac(self.key, "session secret", transcript + sessionID))
     }
 
+    /// The secret of the session that `parameters` describe, sealing its pool connections when they say so.
+    public func sessionSecret(transcript: [UInt8], parameters: V2SessionParameters) -> V2SessionSecret {
+        var secret = self.sessionSecret(transcript: transcript, sessionID: parameters.sessionID)
+        secret.sealsPoolConnections = parameters.tls == .sealed
+        return secret
+    }
+
     static func mac(_ key: SymmetricKey, _ label: String, _ data: [UInt8]) -> [UInt8] {
         var hmac = HMAC<SHA256>(key: key)
         hmac.update(data: Array(label.utf8))

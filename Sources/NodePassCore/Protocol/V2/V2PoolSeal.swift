@@ -39,6 +39,11 @@ public enum V2PoolSeal {
         return Array(hmac.finalize())
     }
 
+    /// A record's length field, which is also its additional authenticated data.
+    static func header(_ length: UInt16) -> [UInt8] {
+        [UInt8(length >> 8), UInt8(truncatingIfNeeded: length)]
+    }
+
     /// The nonce of record `number`.
     static func nonce(_ number: UInt64) -> [UInt8] {
         [0, 0, 0, 0] + (0..<8).map { UInt8(truncatingIfNeeded: number >> (56 - 8 * $0)) }
@@ -100,8 +105,7 @@ public struct V2RecordSealer {
     )
         throws(NodePassError)
     {
-        let length = UInt16(plaintext.count + V2PoolSeal.overhead)
-        let header = [UInt8(length >> 8), UInt8(truncatingIfNeeded: length)]
+        let header = V2PoolSeal.header(UInt16(plaintext.count + V2PoolSeal.overhead))
         do {
             let nonce = try AES.GCM.Nonce(data: V2PoolSeal.nonce(self.keys.sequence))
             let box = try AES.GCM.seal(plaintext, using: self.keys.current, nonce: nonce, authenticating: header)
@@ -145,7 +149,7 @@ public struct V2RecordOpener {
             throw NodePassError(.protocolViolation, "a sealed record of \(length) bytes is too short")
         }
         guard buffer.readableBytes >= V2PoolSeal.headerLength + Int(length) else { return nil }
-        let header = [UInt8(length >> 8), UInt8(truncatingIfNeeded: length)]
+        let header = V2PoolSeal.header(length)
         buffer.moveReaderIndex(forwardBy: V2PoolSeal.headerLength)
         let expected = V2PoolSeal.nonce(self.keys.sequence)
         let key = self.keys.current
