@@ -37,7 +37,7 @@ NP_ENV_VARS = ("MIN_POOL_CAPACITY", "MAX_POOL_CAPACITY", "SEMAPHORE_LIMIT", "REP
                "SERVICE_COOLDOWN", "SHUTDOWN_TIMEOUT")
 GO_DEFAULT = Path(os.environ.get("PEER_BIN", str(Path.home() / ".cache/np-peer/nodepass-go-1.0.1")))
 BUILTIN_ROWS = ("direct", "socat-chain", "nodepass-swift", "nodepass-swift-v2-tls0", "nodepass-swift-v2-tls1",
-                "nodepass-go")
+                "nodepass-swift-v2-tls0-resume", "nodepass-swift-v2-tls1-resume", "nodepass-go")
 # Protocol v2 rows: the same key on both sides (made fresh for each run, never printed).
 BENCH_KEY = os.urandom(16).hex()
 
@@ -1044,6 +1044,9 @@ def main() -> int:
             client = NP_CLIENT.replace("{bin}", shlex.quote(np_bin)).replace("client://", f"client://{BENCH_KEY}@")
             rows[f"nodepass-swift-v2-tls{tls}"] = Row(f"nodepass-swift-v2-tls{tls}", "tunnel", f"{server}&tls={tls}",
                                                       client, note=f"protocol v2, tls={tls}")
+            rows[f"nodepass-swift-v2-tls{tls}-resume"] = Row(
+                f"nodepass-swift-v2-tls{tls}-resume", "tunnel", f"{server}&tls={tls}&resume=1", client,
+                note=f"protocol v2, tls={tls}, resumable relays")
     if go_bin:
         rows["nodepass-go"] = Row("nodepass-go", "tunnel", NP_SERVER.replace("{bin}", shlex.quote(go_bin)),
                                   NP_CLIENT.replace("{bin}", shlex.quote(go_bin)), note=go_bin)

@@ -72,6 +72,9 @@ struct NodePassCommand: AsyncParsableCommand {
                                  TARGET, else 2
               noudp=1            carry TCP only (no UDP listener on TARGET)
               notcp=1            carry UDP only
+              resume=1           relayed connections survive a broken pool
+                                 connection: the client opens a new one and
+                                 the bytes not received are sent again
 
             ENVIRONMENT (integers; durations as 5s, 500ms, 1m; sizes as 64K, 1M):
               SEMAPHORE_LIMIT    1024  concurrent user / relayed connections
@@ -91,6 +94,8 @@ struct NodePassCommand: AsyncParsableCommand {
                                        in memory before it stops reading
               BUFFER_BUDGET      64M   bytes all relays together hold in
                                        memory before reads shrink to 1 KiB
+              RESUME_GRACE       30s   with resume=1: how long a relay waits for
+                                       a new pool connection after a break
               NODEPASS_SPLICE    1     0: relay plain connections in user space
                                        only, never with splice(2)
 

@@ -42,8 +42,9 @@ import Testing
             "SEMAPHORE_LIMIT": "10", "MIN_POOL_CAPACITY": "2", "MAX_POOL_CAPACITY": "8",
             "REPORT_INTERVAL": "1s", "SERVICE_COOLDOWN": "500ms", "SHUTDOWN_TIMEOUT": "1m30s",
             "IDLE_TIMEOUT": "10m", "UDP_IDLE_TIMEOUT": "30s", "UDP_MAX_FLOWS": "100",
-            "RELAY_BUFFER": "128K", "BUFFER_BUDGET": "1G",
+            "RELAY_BUFFER": "128K", "BUFFER_BUDGET": "1G", "RESUME_GRACE": "2m",
         ])
+        #expect(configuration.resumeGrace == .minutes(2))
         #expect(configuration.relayBuffer == 128 * 1024)
         #expect(configuration.bufferBudget == 1 << 30)
         #expect(configuration.idleTimeout == .minutes(10))
@@ -67,6 +68,7 @@ import Testing
         ("RELAY_BUFFER", "64KB"), ("RELAY_BUFFER", "1K"), ("RELAY_BUFFER", "32M"), ("RELAY_BUFFER", "-64K"),
         ("RELAY_BUFFER", "k"), ("RELAY_BUFFER", " 64K"), ("BUFFER_BUDGET", "64 M"), ("BUFFER_BUDGET", "512K"),
         ("BUFFER_BUDGET", "9999999999999G"), ("BUFFER_BUDGET", "2T"), ("BUFFER_BUDGET", "1.5M"),
+        ("RESUME_GRACE", "0"), ("RESUME_GRACE", "1ms"), ("RESUME_GRACE", "30"), ("RESUME_GRACE", "25h"),
     ])
     func refusesBadValuesNamingTheVariable(_ name: String, _ value: String) {
         do {

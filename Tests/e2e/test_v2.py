@@ -23,7 +23,7 @@ from support.ports import free_port
 from support.probes import echo_probe
 from support.procfs import TCP_ESTABLISHED, tcp_sockets
 from support.sockets import connect, recv_exact
-from support.tunnel import Tunnel
+from support.tunnel import Tunnel, pool_port
 from support.waiting import wait_for
 from scenarios import burst, integrity
 import v2_peer
@@ -38,14 +38,6 @@ def v2_tunnel(procs, nodepass_bin, service_port, tls=None, key=KEY) -> Tunnel:
     if tls is not None:
         tunnel.server_query = f"&tls={tls}"
     return tunnel
-
-
-def pool_port(tunnel: Tunnel) -> int:
-    def announced():
-        match = re.search(r"server started .*np\.pool=(\d+)", tunnel.server.output())
-        return int(match.group(1)) if match else None
-
-    return wait_for(announced, 10, "the server's start line with its pool port")
 
 
 def wait_log(proc, pattern: str, timeout: float, what: str) -> str:

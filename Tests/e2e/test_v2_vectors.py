@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import v2_peer
 from v2_peer import (SEAL_RECORDS_PER_KEY, SealBroken, SealedStream, datagram_frame, derive_key, end_frame, mac, next_seal_key,
                      seal_keys, seal_record, transcript)
 
@@ -67,6 +68,27 @@ def test_sealed_pool_connection_vectors_match_an_independent_implementation():
     assert seal_record(server_key, 1, b"").hex() == v["sealed_end"]
     assert next_seal_key(server_key).hex() == v["seal_next_key"]
     assert seal_record(next_seal_key(server_key), SEAL_RECORDS_PER_KEY, b"pong").hex() == v["sealed_record_next"]
+
+
+def test_resume_vectors_match_an_independent_implementation():
+    v = vectors()
+    k, t, s = bytes.fromhex(v["K"]), bytes.fromhex(v["T"]), bytes.fromhex(v["S"])
+    session_id, np_, nr = bytes.fromhex(v["session_id"]), bytes.fromhex(v["Np"]), bytes.fromhex(v["Nr"])
+    pool_id = bytes.fromhex(v["pool_id"])
+    parameters = bytes.fromhex(v["parameters_sealed"])[:-1] + bytes([3 | v2_peer.RESUMES])
+    assert parameters.hex() == v["parameters_resume"]
+    assert mac(k, b"server proof", t, parameters).hex() == v["server_proof_resume"]
+    *_, transports, resumes = v2_peer.parse_parameters(parameters, with_transports=True, with_resume=True)
+    assert transports == 3 and resumes
+    assert (session_id + mac(s, b"pool resume", np_)).hex() == v["pool_resume_message"]
+    key = v2_peer.resume_key(s, np_, pool_id)
+    assert key.hex() == v["resume_key"]
+    relay_id = session_id + pool_id
+    assert v2_peer.resume_request(key, relay_id, nr, 0x0102030405).hex() == v["resume_request"]
+    assert v2_peer.resume_reply(key, relay_id, nr, 0x0a0b0c).hex() == v["resume_reply"]
+    frames = v2_peer.data_frame(b"ping") + v2_peer.ack_frame(1_048_577) + bytes([v2_peer.RESUME_END,
+                                                                              v2_peer.RESUME_CLOSE])
+    assert frames.hex() == v["resume_frames"]
 
 
 class _Bytes:

@@ -18,7 +18,9 @@ from typing import Optional, Tuple
 ALPN = "nodepass/2"
 ALPN_DATAGRAMS = "nodepass/2.1"  # v2 with UDP
 ALPN_SEALED = "nodepass/2.2"  # v2 with UDP and sealed pool connections (tls 3 on the wire)
+ALPN_RESUME = "nodepass/2.3"  # 2.2 with resumable relays
 TLS_SEALED = 3
+RESUMES = 4  # bit 2 of the transports byte under nodepass/2.3
 SEAL_OVERHEAD = 12 + 16  # nonce, tag
 SEAL_MAX_PLAINTEXT = 65535 - SEAL_OVERHEAD
 SEAL_RECORDS_PER_KEY = 1 << 24
@@ -62,13 +64,15 @@ def read_frame(sock) -> Tuple[int, bytes]:
     return kind, recv_exact(sock, length)
 
 
-def tls_client_context(alpn: bool = True, datagrams: bool = False, sealed: bool = False) -> ssl.SSLContext:
+def tls_client_context(alpn: bool = True, datagrams: bool = False, sealed: bool = False,
+                       resume: bool = False) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     if alpn:
         names = [ALPN_DATAGRAMS, ALPN] if datagrams else [ALPN]
-        ctx.set_alpn_protocols([ALPN_SEALED] + names if sealed else names)
+        names = [ALPN_SEALED] + names if sealed else names
+        ctx.set_alpn_protocols([ALPN_RESUME] + names if resume else names)
     return ctx
 
 
@@ -98,35 +102,41 @@ class Session:
     data_fingerprint: bytes
     secret: bytes
     transports: Optional[int] = None  # nodepass/2.1 only: CARRIES_TCP | CARRIES_UDP
+    resumes: bool = False  # nodepass/2.3: relays resume
 
 
 class ServerRefused(Exception):
     """The server sent a failure frame or closed the connection."""
 
 
-def parse_parameters(raw: bytes, with_transports: bool = False):
-    """(mode, tls, pool port, heartbeat, session ID, fingerprint, transports or None); the length must fit."""
+def parse_parameters(raw: bytes, with_transports: bool = False, with_resume: bool = False):
+    """(mode, tls, pool port, heartbeat, session ID, fingerprint, transports or None, resumes); the length
+    must fit."""
     mode, tls, port, heartbeat = struct.unpack(">BBHI", raw[:8])
     session_id = raw[8:24]
     has_certificate = tls in (1, 2)  # 3: sealed, no certificate
     end = 56 if has_certificate else 24
     fingerprint = raw[24:56] if has_certificate else b""
     transports = None
+    resumes = False
     if with_transports:
         transports = raw[end]
+        if with_resume:
+            resumes = bool(transports & RESUMES)
+            transports &= ~RESUMES
         assert transports in (1, 2, 3), f"unknown transports byte {transports}"
         end += 1
     assert len(raw) == end, f"parameters of {len(raw)} bytes, expected {end}"
-    return mode, tls, port, heartbeat, session_id, fingerprint, transports
+    return mode, tls, port, heartbeat, session_id, fingerprint, transports, resumes
 
 
 class Control:
     """A TLS control connection to a v2 server."""
 
     def __init__(self, host: str, port: int, alpn: bool = True, timeout: float = 10.0, datagrams: bool = False,
-                 sealed: bool = False):
+                 sealed: bool = False, resume: bool = False):
         raw = socket.create_connection((host, port), timeout=timeout)
-        self.sock = tls_client_context(alpn, datagrams, sealed).wrap_socket(raw)
+        self.sock = tls_client_context(alpn, datagrams, sealed, resume).wrap_socket(raw)
         self.alpn = self.sock.selected_alpn_protocol()
         self.sock.settimeout(timeout)
         self.fingerprint = hashlib.sha256(self.sock.getpeercert(binary_form=True)).digest()
@@ -163,11 +173,12 @@ class Control:
         proof, raw = welcome[:32], welcome[32:]
         if not hmac.compare_digest(proof, mac(k, b"server proof", t, raw)):
             raise AssertionError("the server's proof does not verify")
-        mode, tls, port, heartbeat, session_id, fingerprint, transports = parse_parameters(
-            raw, with_transports=self.alpn in (ALPN_DATAGRAMS, ALPN_SEALED))
-        assert tls != TLS_SEALED or self.alpn == ALPN_SEALED, "sealed pool connections without nodepass/2.2"
+        mode, tls, port, heartbeat, session_id, fingerprint, transports, resumes = parse_parameters(
+            raw, with_transports=self.alpn in (ALPN_DATAGRAMS, ALPN_SEALED, ALPN_RESUME),
+            with_resume=self.alpn == ALPN_RESUME)
+        assert tls != TLS_SEALED or self.alpn in (ALPN_SEALED, ALPN_RESUME), "sealed without nodepass/2.2"
         return Session(mode, tls, port, heartbeat, session_id, fingerprint, mac(k, b"session secret", t, session_id),
-                       transports)
+                       transports, resumes)
 
     def close(self) -> None:
         try:
@@ -177,8 +188,8 @@ class Control:
 
 
 def handshake(host: str, port: int, key: str, datagrams: bool = False,
-              sealed: bool = False) -> Tuple[Control, Session]:
-    control = Control(host, port, datagrams=datagrams or sealed, sealed=sealed)
+              sealed: bool = False, resume: bool = False) -> Tuple[Control, Session]:
+    control = Control(host, port, datagrams=datagrams or sealed or resume, sealed=sealed or resume, resume=resume)
     control.hello()
     return control, control.authenticate(derive_key(key))
 
@@ -191,9 +202,11 @@ class PoolConnection:
         self.sock.settimeout(timeout)
         self.nonce = recv_exact(self.sock, 32)
 
-    def answer(self, session: Session, client_nonce: Optional[bytes] = None) -> bytes:
-        """The session ID and the proof; a sealed session's client nonce follows (fresh unless given)."""
-        message = session.session_id + mac(session.secret, b"pool client", self.nonce)
+    def answer(self, session: Session, client_nonce: Optional[bytes] = None, resume: bool = False) -> bytes:
+        """The session ID and the proof (`pool resume` for a connection that resumes a relay); a sealed
+        session's client nonce follows (fresh unless given)."""
+        label = b"pool resume" if resume else b"pool client"
+        message = session.session_id + mac(session.secret, label, self.nonce)
         if session.tls == TLS_SEALED:
             self.client_nonce = client_nonce or os.urandom(32)
             message += self.client_nonce
@@ -328,3 +341,55 @@ class SealedStream:
             self.raw.close()
         except OSError:
             pass
+
+
+# --------------------------------------------------------------------------- resumable relays (nodepass/2.3)
+
+RESUME_DATA, RESUME_END, RESUME_ACK, RESUME_CLOSE = 0x01, 0x02, 0x03, 0x04
+
+
+def resume_key(secret: bytes, pool_nonce: bytes, pool_id: bytes) -> bytes:
+    """R = HMAC(S, "resume key" || Np || ID): the key of the relay launched on pool connection ID."""
+    return mac(secret, b"resume key", pool_nonce, pool_id)
+
+
+def resume_request(key: bytes, relay_id: bytes, nonce: bytes, count: int) -> bytes:
+    """The client's request on a resume connection whose server nonce is `nonce`."""
+    c = count.to_bytes(8, "big")
+    return relay_id + c + mac(key, b"resume client", nonce, relay_id, c)
+
+
+def resume_reply(key: bytes, relay_id: bytes, nonce: bytes, count: int) -> bytes:
+    """The server's answer that the relay goes on, having received `count` positions."""
+    c = count.to_bytes(8, "big")
+    return b"\x00" + c + mac(key, b"resume server", nonce, relay_id, c)
+
+
+def data_frame(data: bytes) -> bytes:
+    return struct.pack(">BH", RESUME_DATA, len(data)) + data
+
+
+def ack_frame(count: int) -> bytes:
+    return struct.pack(">BQ", RESUME_ACK, count)
+
+
+def read_resume_frame(sock) -> Tuple[int, object]:
+    """(type, payload): the bytes of a data frame, the count of an ack, None for end and close."""
+    kind = recv_exact(sock, 1)[0]
+    if kind == RESUME_DATA:
+        (length,) = struct.unpack(">H", recv_exact(sock, 2))
+        assert length > 0, "an empty data frame"
+        return kind, recv_exact(sock, length)
+    if kind == RESUME_ACK:
+        return kind, struct.unpack(">Q", recv_exact(sock, 8))[0]
+    assert kind in (RESUME_END, RESUME_CLOSE), f"unknown frame type {kind}"
+    return kind, None
+
+
+def read_resume_data(sock) -> bytes:
+    """The next data frame's bytes, skipping acks."""
+    while True:
+        kind, payload = read_resume_frame(sock)
+        if kind == RESUME_DATA:
+            return payload
+        assert kind == RESUME_ACK, f"expected data, got frame type {kind}"

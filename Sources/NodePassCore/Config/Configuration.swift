@@ -27,6 +27,8 @@ public struct Configuration: Hashable, Sendable {
     public var relayBuffer: Int = 64 * 1024
     /// Bytes every relay of the process together may hold in user space.
     public var bufferBudget: Int = 64 * 1024 * 1024
+    /// How long a resumable relay (the server's `resume=1`) waits for a new pool connection after a break.
+    public var resumeGrace: TimeAmount = .seconds(30)
 
     /// Bound on the TLS handshake of the control channel.
     public var handshakeTimeout: TimeAmount = .seconds(10)
@@ -46,7 +48,7 @@ public struct Configuration: Hashable, Sendable {
     public static let variableNames = [
         "SEMAPHORE_LIMIT", "MIN_POOL_CAPACITY", "MAX_POOL_CAPACITY",
         "REPORT_INTERVAL", "SERVICE_COOLDOWN", "SHUTDOWN_TIMEOUT", "IDLE_TIMEOUT", "UDP_IDLE_TIMEOUT",
-        "UDP_MAX_FLOWS", "RELAY_BUFFER", "BUFFER_BUDGET", "NODEPASS_SPLICE",
+        "UDP_MAX_FLOWS", "RELAY_BUFFER", "BUFFER_BUDGET", "RESUME_GRACE", "NODEPASS_SPLICE",
     ]
 
     /// Reads the variables from `environment`; an unset or empty variable keeps its default.
@@ -99,6 +101,7 @@ public struct Configuration: Hashable, Sendable {
             default: self.bufferBudget,
             range: 1024 * 1024...1024 * 1024 * 1024 * 1024
         )
+        self.resumeGrace = try Self.duration("RESUME_GRACE", environment, default: self.resumeGrace)
         self.splice = try Self.integer("NODEPASS_SPLICE", environment, default: 1, range: 0...1) == 1
         guard self.minPoolCapacity <= self.maxPoolCapacity else {
             throw NodePassError(

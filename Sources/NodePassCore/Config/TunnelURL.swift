@@ -36,6 +36,9 @@ public struct TunnelURL: Hashable, Sendable {
     /// The `pool=PORT` query parameter (server, v1 and v2): the port of the pool listener, fixed so that a
     /// firewall can open it; nil: a free port, chosen at each start.
     public var poolPort: Int?
+    /// The `resume=1` query parameter (server, v2): relays whose pool connection breaks resume on a new one
+    /// (`V2Resume`), with clients that speak `nodepass/2.3`.
+    public var resume = false
 
     /// The protocol this URL selects: 2 with a key, 1 without.
     public var protocolVersion: Int { self.key == nil ? 1 : 2 }
@@ -183,6 +186,12 @@ public struct TunnelURL: Hashable, Sendable {
                 let transport: TunnelTransports = name == "notcp" ? .tcp : .udp
                 if value == "1" { self.transports.remove(transport) } else { self.transports.insert(transport) }
                 v2Only.append(String(name))
+            case "resume":
+                guard value == "0" || value == "1" else {
+                    throw NodePassError(.invalidURL, "resume='\(value.prefix(16))' is not 0 or 1")
+                }
+                self.resume = value == "1"
+                v2Only.append("resume")
             case "pool":
                 guard let port = HostPort.port(value) else {
                     throw NodePassError(.invalidURL, "pool='\(value.prefix(16))' is not a port number from 1 to 65535")
@@ -196,7 +205,7 @@ public struct TunnelURL: Hashable, Sendable {
                 throw NodePassError(
                     .invalidURL,
                     "unknown query parameter '\(name.prefix(32))' "
-                        + "(known: log, metrics, pool, tls, crt, key, mode, notcp, noudp)"
+                        + "(known: log, metrics, pool, tls, crt, key, mode, notcp, noudp, resume)"
                 )
             }
         }
@@ -263,6 +272,7 @@ public struct TunnelURL: Hashable, Sendable {
         if serverV2 || self.mode != .auto { query += "&mode=\(self.mode.rawValue)" }
         if serverV2 || !self.transports.contains(.tcp) { query += "&notcp=\(self.transports.contains(.tcp) ? 0 : 1)" }
         if serverV2 || !self.transports.contains(.udp) { query += "&noudp=\(self.transports.contains(.udp) ? 0 : 1)" }
+        if self.resume { query += "&resume=1" }
         return "\(self.role.rawValue)://\(keyPart)\(self.tunnel)/\(self.target)?\(query)"
     }
 }

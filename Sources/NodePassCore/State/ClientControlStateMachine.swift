@@ -111,7 +111,8 @@ public struct ClientControlStateMachine: Sendable {
                 clientNonce: nonce,
                 fingerprint: fingerprint,
                 withTransports: alpn != V2Message.alpn,
-                allowsSealed: alpn == V2Message.alpnSealed
+                allowsSealed: V2Message.seals(alpn),
+                allowsResume: alpn == V2Message.alpnResume
             )
             let hello = handshake.started()
             self.state = .v2Handshaking(handshake)

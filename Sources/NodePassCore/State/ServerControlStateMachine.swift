@@ -14,8 +14,9 @@ public struct ServerControlStateMachine: Sendable {
         /// No key: v1, announcing this pool port.
         case v1(poolPort: Int)
         /// A key: v2, bound to the control certificate's SHA-256 fingerprint; `transports` is what the
-        /// tunnel carries for clients that negotiate `nodepass/2.1` (the others get TCP only).
-        case v2(key: V2Key, fingerprint: [UInt8], transports: TunnelTransports = [.tcp, .udp])
+        /// tunnel carries for clients that negotiate `nodepass/2.1` (the others get TCP only); `resume`: relays
+        /// resume for clients that negotiate `nodepass/2.3` (the server's `resume=1`).
+        case v2(key: V2Key, fingerprint: [UInt8], transports: TunnelTransports = [.tcp, .udp], resume: Bool = false)
     }
 
     private enum State: Sendable {
@@ -84,8 +85,10 @@ public struct ServerControlStateMachine: Sendable {
     private let version: Version
     /// What this client's session carries: set when TLS completes, nil under `nodepass/2` (TCP only).
     public private(set) var transports: TunnelTransports?
-    /// The client negotiated `nodepass/2.2`: with `tls=1` its pool connections are sealed, not TLS.
+    /// The client negotiated `nodepass/2.2` or later: with `tls=1` its pool connections are sealed, not TLS.
     public private(set) var seals = false
+    /// The server resumes relays and the client negotiated `nodepass/2.3`.
+    public private(set) var resumes = false
     /// The heartbeat period; silence for three of them ends a v2 session.
     public let heartbeatInterval: TimeAmount
 
@@ -117,7 +120,7 @@ public struct ServerControlStateMachine: Sendable {
             }
             self.state = .v1Running(poolPort: poolPort)
             return .startV1(poolPort: poolPort)
-        case .v2(let key, let fingerprint, let transports):
+        case .v2(let key, let fingerprint, let transports, let resume):
             guard offersV2 else {
                 return self.refuse(
                     nil,
@@ -126,7 +129,8 @@ public struct ServerControlStateMachine: Sendable {
             }
             if alpn != V2Message.alpn {
                 self.transports = transports
-                self.seals = alpn == V2Message.alpnSealed
+                self.seals = V2Message.seals(alpn)
+                self.resumes = resume && alpn == V2Message.alpnResume
             } else if !transports.contains(.tcp) {
                 // An older v2 client carries TCP only, which this server does not.
                 return self.refuse(
@@ -191,6 +195,7 @@ public struct ServerControlStateMachine: Sendable {
         guard case .v2Authenticated(let handshake) = self.state else { return nil }
         var parameters = parameters
         parameters.transports = self.transports
+        parameters.resumes = self.resumes
         if self.seals && parameters.tls == .inMemory {
             (parameters.tls, parameters.dataFingerprint) = (.sealed, [])
         }

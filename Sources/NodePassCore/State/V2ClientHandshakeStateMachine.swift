@@ -38,21 +38,26 @@ public struct V2ClientHandshakeStateMachine: Sendable {
     private let withTransports: Bool
     /// `nodepass/2.2` was negotiated: the server may seal the pool connections.
     private let allowsSealed: Bool
+    /// `nodepass/2.3` was negotiated: the server may make relays resumable.
+    private let allowsResume: Bool
 
     /// Makes a machine with the client's fresh nonce and the fingerprint of the server's certificate;
-    /// `withTransports` under `nodepass/2.1` and later, `allowsSealed` under `nodepass/2.2`.
+    /// `withTransports` under `nodepass/2.1` and later, `allowsSealed` under `nodepass/2.2` and later,
+    /// `allowsResume` under `nodepass/2.3`.
     public init(
         key: V2Key,
         clientNonce: [UInt8],
         fingerprint: [UInt8],
         withTransports: Bool = false,
-        allowsSealed: Bool = false
+        allowsSealed: Bool = false,
+        allowsResume: Bool = false
     ) {
         self.key = key
         self.clientNonce = clientNonce
         self.fingerprint = fingerprint
         self.withTransports = withTransports
         self.allowsSealed = allowsSealed
+        self.allowsResume = allowsResume
     }
 
     /// TLS is up: the first message to send.
@@ -98,7 +103,8 @@ public struct V2ClientHandshakeStateMachine: Sendable {
                 let parameters = try V2SessionParameters.read(
                     from: &buffer,
                     withTransports: self.withTransports,
-                    allowsSealed: self.allowsSealed
+                    allowsSealed: self.allowsSealed,
+                    allowsResume: self.allowsResume
                 )
                 self.state = .established
                 return .established(parameters, self.key.sessionSecret(transcript: transcript, parameters: parameters))

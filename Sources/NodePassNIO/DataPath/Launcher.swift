@@ -33,6 +33,8 @@ final class Launcher: PoolConnectionRole {
     private let idleGauge: Meter?
     private let logger: Logger
     private let ownerLostHooks = Locked<(@Sendable (UInt64?) -> Void)?>(nil)
+    /// The tunnel's resumable relays; relays over a pool connection with a ticket resume.
+    private let resumes: ResumableRelays?
 
     /// Told when an owner's pool connections go (nil: everyone's), so that the owner's datagram carriers go
     /// with them (`DatagramUsers`).
@@ -47,8 +49,10 @@ final class Launcher: PoolConnectionRole {
         owners: (any PoolConnectionOwners)? = nil,
         metrics: TunnelMetrics,
         idleGauge: Meter?,
-        logger: Logger
+        logger: Logger,
+        resumes: ResumableRelays? = nil
     ) {
+        self.resumes = resumes
         self.state = Locked(State(queue: LaunchQueueStateMachine(maximumIdle: maximumIdle)))
         self.owners = owners
         self.waitTimeout = waitTimeout
@@ -181,7 +185,23 @@ final class Launcher: PoolConnectionRole {
         let owners = self.owners
         owners?.connectionTaken(connection, wasClaimed: false)
         // The owner may have left meanwhile, or the connection died: the user takes the next one.
-        guard let signals = owners?.launchWriter(for: connection.owner), connection.handOff(to: user.channel) else {
+        guard let signals = owners?.launchWriter(for: connection.owner) else {
+            connection.channel.close(promise: nil)
+            self.retry(user)
+            return
+        }
+        if let ticket = connection.resume {
+            guard self.startResumable(connection, ticket: ticket, user: user) else {
+                connection.channel.close(promise: nil)
+                user.channel.close(promise: nil)
+                return
+            }
+            signals.sendLaunch(connection.id)
+            self.logger.debug("launch sent", metadata: ["np.pool.id": "\(connection.id)", "np.resume": "1"])
+            TunnelMetrics.record(self.metrics.newConnectionDuration, since: user.arrived)
+            return
+        }
+        guard connection.handOff(to: user.channel) else {
             connection.channel.close(promise: nil)
             self.retry(user)
             return
@@ -190,5 +210,21 @@ final class Launcher: PoolConnectionRole {
         self.logger.debug("launch sent", metadata: ["np.pool.id": "\(connection.id)"])
         TunnelMetrics.record(self.metrics.newConnectionDuration, since: user.arrived)
         user.end.connect(to: connection.channel)
+    }
+
+    /// On the pool connection's event loop: starts a resumable relay (`ResumableStream`) of the user over
+    /// `connection`, its local handler taking the place of the user's `GlueHandler`; false when the user or
+    /// the connection is gone.
+    private func startResumable(_ connection: PoolConnection, ticket: V2ResumeTicket, user: WaitingUser) -> Bool {
+        guard let relays = self.resumes, let local = user.end.replaceGlue() else { return false }
+        return ResumableStream.start(
+            ticket: ticket,
+            local: user.channel,
+            localHandler: local,
+            pool: connection,
+            relays: relays,
+            bytes: self.metrics.bytesUpstream,
+            received: self.metrics.bytesDownstream
+        ) != nil
     }
 }

@@ -13,8 +13,8 @@ protocol PoolConnectionHolder: AnyObject {
 enum PoolConnectionConsumer {
     /// One TCP connection: the relay behind the holder is connected to `partner`.
     case relay(partner: any Channel)
-    /// Datagrams (`nodepass/2.1`): `handler` is put right behind the holder and reads all that comes; the
-    /// relay behind it stays unconnected.
+    /// Datagrams (`nodepass/2.1`), or the frames of a resumable relay: `handler` is put right behind the
+    /// holder and reads all that comes; the relay behind it stays unconnected.
     case carrier(any ChannelHandler)
 }
 
@@ -25,13 +25,22 @@ struct PoolConnection: Sendable {
     let id: PoolID
     /// The client session (on the server) or the pool generation (on the client) it belongs to.
     var owner: UInt64
+    /// The ticket of the relay it carries, when its session's relays resume (`V2Resume`).
+    let resume: V2ResumeTicket?
     private let holder: NIOLoopBound<any PoolConnectionHolder>
 
     /// Made on the connection's event loop by the handler that holds it.
-    init(channel: any Channel, id: PoolID, owner: UInt64, holder: any PoolConnectionHolder) {
+    init(
+        channel: any Channel,
+        id: PoolID,
+        owner: UInt64,
+        holder: any PoolConnectionHolder,
+        resume: V2ResumeTicket? = nil
+    ) {
         self.channel = channel
         self.id = id
         self.owner = owner
+        self.resume = resume
         self.holder = NIOLoopBound(holder, eventLoop: channel.eventLoop)
     }
 

@@ -226,7 +226,8 @@ final class TargetDialer: PoolConnectionRole {
         self.logger.debug("datagram carrier started", metadata: ["np.pool.id": "\(pool.id)"])
     }
 
-    /// Dials the target on the pool connection's event loop and relays between the two.
+    /// Dials the target on the pool connection's event loop and relays between the two: with a
+    /// `GlueHandler` pair, or as a `ResumableStream` when the pool connection has a resume ticket.
     private func dial(_ pool: PoolConnection) {
         let (pipelines, logger, target) = (self.pipelines, self.logger, self.target)
         let (metrics, sessions) = (pipelines.metrics, pipelines.sessions)
@@ -244,12 +245,16 @@ final class TargetDialer: PoolConnectionRole {
         }
         let launched = NIODeadline.now()
         metrics.accepted.increment()
-        let targetGlue = TargetGlue()
+        let targetEnd = TargetEnd()
         ClientBootstrap(group: pool.channel.eventLoop)
             .connectTimeout(pipelines.configuration.dialTimeout)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    targetGlue.handler = try pipelines.target(channel)
+                    if pool.resume != nil {
+                        targetEnd.resumable = try pipelines.resumableTarget(channel)
+                    } else {
+                        targetEnd.glue = try pipelines.target(channel)
+                    }
                 }
             }
             .dial(host: target.dialHost, port: target.port)
@@ -267,15 +272,14 @@ final class TargetDialer: PoolConnectionRole {
                     pool.channel.close(promise: nil)
                 case .success(let targetChannel):
                     // Same event loop as the pool connection: both halves are set up before any byte moves.
-                    guard let glue = targetGlue.handler, pool.handOff(to: targetChannel) else {
+                    guard self.relay(pool, targetChannel, targetEnd) else {
                         targetChannel.close(promise: nil)
                         pool.channel.close(promise: nil)
                         return
                     }
-                    glue.connect(to: pool.channel)
                     TunnelMetrics.record(metrics.newConnectionDuration, since: launched)
                     logger.debug(
-                        "relaying",
+                        pool.resume == nil ? "relaying" : "relaying (resumable)",
                         metadata: [
                             "np.target": "\(target)", "np.pool.id": "\(pool.id)",
                             "np.pool.local": "\(pool.channel.localAddress.map { "\($0)" } ?? "?")",
@@ -284,13 +288,38 @@ final class TargetDialer: PoolConnectionRole {
                 }
             }
     }
+
+    /// Starts the relay between `pool` and the target's connection; false when either is gone. A resumable
+    /// relay's session belongs to the target's connection from then on (its pool connection may be
+    /// replaced).
+    private func relay(_ pool: PoolConnection, _ targetChannel: any Channel, _ end: TargetEnd) -> Bool {
+        guard let ticket = pool.resume else {
+            guard let glue = end.glue, pool.handOff(to: targetChannel) else { return false }
+            glue.connect(to: pool.channel)
+            return true
+        }
+        let metrics = self.pipelines.metrics
+        guard let handler = end.resumable, self.pipelines.sessions.rekey(from: pool.channel, to: targetChannel)
+        else { return false }
+        return ResumableStream.start(
+            ticket: ticket,
+            local: targetChannel,
+            localHandler: handler,
+            pool: pool,
+            relays: self.pipelines.resumes,
+            bytes: metrics.bytesDownstream,
+            received: metrics.bytesUpstream
+        ) != nil
+    }
 }
 
-/// The target connection's `GlueHandler`, from its channel initializer to the end of its dial.
+/// The target connection's handler (a `GlueHandler`, or a `ResumeLocalHandler` for a resumable relay), from
+/// its channel initializer to the end of its dial.
 ///
 /// `@unchecked Sendable`: the initializer and the dial's completion both run on the pool connection's event
 /// loop (the target is dialled on it), one after the other; nothing else touches it. (Not a `NIOLoopBoundBox`:
 /// its generic metadata is looked up at every dial.)
-private final class TargetGlue: @unchecked Sendable {
-    var handler: GlueHandler?
+private final class TargetEnd: @unchecked Sendable {
+    var glue: GlueHandler?
+    var resumable: ResumeLocalHandler?
 }

@@ -21,12 +21,20 @@ struct PoolIDReader {
     var parse: (ByteBuffer) -> PoolID?
     /// What to answer once the ID is read (v2: the confirmation), if anything.
     var reply: ((PoolID) -> [UInt8])?
+    /// The ticket of a relay launched on the connection, when the session's relays resume.
+    var ticket: ((PoolID) -> V2ResumeTicket)?
 
     /// Makes a reader.
-    init(length: Int, parse: @escaping (ByteBuffer) -> PoolID?, reply: ((PoolID) -> [UInt8])? = nil) {
+    init(
+        length: Int,
+        parse: @escaping (ByteBuffer) -> PoolID?,
+        reply: ((PoolID) -> [UInt8])? = nil,
+        ticket: ((PoolID) -> V2ResumeTicket)? = nil
+    ) {
         self.length = length
         self.parse = parse
         self.reply = reply
+        self.ticket = ticket
     }
 
     /// v1: 8 lowercase hex characters.
@@ -127,7 +135,13 @@ final class ClientPoolConnectionHandler: ChannelInboundHandler, PoolConnectionHo
                 context.writeAndFlush(NIOAny(buffer), promise: nil)
             }
             self.delegate.poolConnectionEstablished(
-                PoolConnection(channel: context.channel, id: id, owner: 0, holder: self)
+                PoolConnection(
+                    channel: context.channel,
+                    id: id,
+                    owner: 0,
+                    holder: self,
+                    resume: self.idReader.ticket?(id)
+                )
             )
             if pending.readableBytes > 0 {
                 self.early.hold(&pending)

@@ -25,7 +25,7 @@ import Glibc
 /// once one direction has relayed `spliceAfter` bytes or after `SpliceSetup.moveAfter`, at a moment when
 /// neither side has output queued (see `SpliceUpgrade`); the channels are then closed without touching the
 /// sockets.
-final class GlueHandler: ChannelInboundHandler {
+final class GlueHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
 
     /// Where this half stands with the move of its relay to the kernel.
@@ -85,6 +85,11 @@ final class GlueHandler: ChannelInboundHandler {
         self.flushTimeout = flushTimeout
         self.window = RelayReadWindow(limit: window, budget: budget)
         self.move = splice == nil ? .never : .possible(timer: nil)
+    }
+
+    /// Not connected, and nothing read or ended yet (it may leave its pipeline without losing anything).
+    var isUntouched: Bool {
+        self.partner == nil && self.early == nil && !self.inputEnded && !self.inactive
     }
 
     private var isMoving: Bool {
@@ -276,7 +281,7 @@ final class GlueHandler: ChannelInboundHandler {
     }
 
     /// Closes `partner` with a reset (SO_LINGER 0), so that its application sees an error, not an end.
-    private static func reset(_ partner: any Channel) {
+    static func reset(_ partner: any Channel) {
         guard let options = partner as? any SocketOptionProvider else {
             partner.close(promise: nil)
             return
@@ -429,6 +434,21 @@ struct RelayEnd: Sendable {
         } else {
             self.channel.eventLoop.execute { self.connectNow(to: partner) }
         }
+    }
+
+    /// Takes this end's `GlueHandler` out of its pipeline and puts a `ResumeLocalHandler` in its place (a
+    /// resumable relay); nil when the channel is closed or has already read. Runs on the channel's loop.
+    func replaceGlue() -> ResumeLocalHandler? {
+        let glue = self.glue.value
+        guard self.channel.isActive, glue.isUntouched else { return nil }
+        let handler = ResumeLocalHandler()
+        do {
+            try self.channel.pipeline.syncOperations.addHandler(handler, position: .after(glue))
+        } catch {
+            return nil
+        }
+        self.channel.pipeline.syncOperations.removeHandler(glue, promise: nil)
+        return handler
     }
 
     private func connectNow(to partner: any Channel) {

@@ -12,13 +12,22 @@ struct PoolAdmission: Sendable {
     var owner: UInt64
     /// v2: the confirmation the client must send back before the connection is idle.
     var confirmation: [UInt8]?
+    /// The ticket of the relay it will carry, when its session's relays resume.
+    var resume: V2ResumeTicket?
 
     /// Makes an admission.
-    init(id: PoolID, opening: ByteBuffer, owner: UInt64, confirmation: [UInt8]? = nil) {
+    init(
+        id: PoolID,
+        opening: ByteBuffer,
+        owner: UInt64,
+        confirmation: [UInt8]? = nil,
+        resume: V2ResumeTicket? = nil
+    ) {
         self.id = id
         self.opening = opening
         self.owner = owner
         self.confirmation = confirmation
+        self.resume = resume
     }
 }
 
@@ -31,6 +40,8 @@ struct V2PoolAuthenticated: Sendable {
     var nonce: [UInt8]
     /// The keys of a sealed connection (`nodepass/2.2` with `tls=1`); nil when it is TLS or plain.
     var sealing: V2PoolSealKeys? = nil
+    /// The proof said `pool resume`: the connection resumes a relay instead of joining the pool.
+    var resume = false
 }
 
 /// What a server pool connection reports to its pool. Called on the connection's event loop.
@@ -128,7 +139,13 @@ final class ServerPoolConnectionHandler: ChannelInboundHandler, PoolConnectionHo
     private func becomeIdle(context: ChannelHandlerContext, admission: PoolAdmission) {
         self.state = .idle(admission.id)
         self.delegate.poolConnectionReady(
-            PoolConnection(channel: context.channel, id: admission.id, owner: admission.owner, holder: self)
+            PoolConnection(
+                channel: context.channel,
+                id: admission.id,
+                owner: admission.owner,
+                holder: self,
+                resume: admission.resume
+            )
         )
         context.read()
     }

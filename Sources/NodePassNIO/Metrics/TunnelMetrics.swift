@@ -37,6 +37,8 @@ public final class TunnelMetrics: Sendable {
     public let newConnectionDuration: Timer
     /// UDP (v2): datagrams, bytes, flows and drops.
     let datagrams: DatagramMetrics
+    /// Resumable relays: attempts, outcomes, bytes sent again.
+    let resume: ResumeMetrics
 
     /// Why a connection failed.
     public enum FailureReason: Sendable {
@@ -68,6 +70,7 @@ public final class TunnelMetrics: Sendable {
         self.handshakeDuration = labels.timer("nodepass_tls_handshake_duration_seconds")
         self.newConnectionDuration = labels.timer("nodepass_new_connection_duration_seconds")
         self.datagrams = DatagramMetrics(labels: labels)
+        self.resume = ResumeMetrics(labels: labels)
     }
 
     /// Counts a failed connection.

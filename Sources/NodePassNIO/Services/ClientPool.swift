@@ -92,10 +92,12 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
             waitTimeout: configuration.poolWaitTimeout,
             metrics: pipelines.metrics,
             idleGauge: nil,
-            logger: pipelines.logger
+            logger: pipelines.logger,
+            resumes: pipelines.resumes
         )
         self.dialer.owners = self
         self.launcher.owners = self
+        pipelines.resumes.connector = self
     }
 
     /// The monotonic clock the pool's growth is timed with, in nanoseconds.
@@ -155,6 +157,11 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
         }
         self.logger.debug("pool started", metadata: ["np.pool.port": "\(port)", "np.pool.open": "\(adjustment.open)"])
         self.apply(adjustment, generation: generation)
+        // Relays of an earlier session resume on this one (their pool connections may have died with the
+        // control channel without either end noticing yet).
+        if v2?.secret.resumesRelays == true, self.pipelines.resumes.count > 0 {
+            self.pipelines.resumes.sessionRestarted()
+        }
     }
 
     /// The control channel is gone: close the idle pool and the connections still being opened (relayed
@@ -363,6 +370,31 @@ final class ClientPool: PoolConnectionOwners, ClientControlDelegate {
 }
 
 /// Forwards one pool generation's connection events, so that late events of an old generation are dropped.
+extension ClientPool: ResumeConnector {
+    func openResumeConnection(for stream: ResumableStream.Handle) -> EventLoopFuture<Void> {
+        let loop = stream.eventLoop
+        let session = self.state.withLock { state -> (port: Int, host: String?, v2: V2PoolSettings)? in
+            guard let port = state.poolPort, let v2 = state.v2, v2.secret.resumesRelays else { return nil }
+            return (port, state.poolHost, v2)
+        }
+        guard let session else {
+            return loop.makeFailedFuture(NodePassError(.controlChannelLost, "no session with the server yet"))
+        }
+        let done = loop.makePromise(of: Void.self)
+        let pipelines = self.pipelines
+        ClientBootstrap(group: loop)
+            .connectTimeout(self.configuration.dialTimeout)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try pipelines.clientResumeConnection(channel, v2: session.v2, stream: stream, done: done)
+                }
+            }
+            .dial(host: session.host ?? self.url.tunnel.dialHost, port: session.port)
+            .whenFailure { done.fail($0) }
+        return done.futureResult
+    }
+}
+
 private final class GenerationDelegate: ClientPoolConnectionDelegate {
     private let pool: ClientPool
     private let generation: UInt64

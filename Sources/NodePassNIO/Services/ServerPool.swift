@@ -28,8 +28,11 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
     private let metrics: TunnelMetrics
     /// What the pool connections are for; set once by `serve`, before any client connects.
     private let role = Locked<(any PoolConnectionRole)?>(nil)
+    /// The live resumable relays, whose first pool connection's ID no new pool connection takes.
+    private let resumes: ResumableRelays?
 
-    init(configuration: Configuration, metrics: TunnelMetrics, logger: Logger) {
+    init(configuration: Configuration, metrics: TunnelMetrics, logger: Logger, resumes: ResumableRelays? = nil) {
+        self.resumes = resumes
         self.configuration = configuration
         self.metrics = metrics
         self.logger = logger
@@ -44,7 +47,8 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
             owners: self,
             metrics: self.metrics,
             idleGauge: self.metrics.poolIdle,
-            logger: self.logger
+            logger: self.logger,
+            resumes: self.resumes
         )
         self.role.withLock { $0 = launcher }
         return launcher
@@ -189,7 +193,7 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
             isFull: role.isFull,
             perClientLimit: role is TargetDialer ? self.configuration.maxPoolCapacity : nil,
             idleCount: { role.idleCount(owner: $0) },
-            isInUse: { role.isInUse($0) }
+            isInUse: { [resumes] in role.isInUse($0) || resumes?.isLive($0) == true }
         )
         let decision = self.sessions.withLock {
             $0.admitPoolConnection(credential, pool: occupancy) { PoolID.random() }
@@ -207,7 +211,16 @@ final class ServerPool: ServerPoolConnectionDelegate, ServerControlDelegate, Poo
             } else {
                 id.write(to: &opening)
             }
-            return PoolAdmission(id: id, opening: opening, owner: owner, confirmation: confirmation)
+            var resume: V2ResumeTicket?
+            if let authentication, let secret, secret.resumesRelays {
+                resume = V2ResumeTicket(
+                    secret: secret,
+                    sessionID: authentication.sessionID,
+                    nonce: authentication.nonce,
+                    id: id
+                )
+            }
+            return PoolAdmission(id: id, opening: opening, owner: owner, confirmation: confirmation, resume: resume)
         }
     }
 

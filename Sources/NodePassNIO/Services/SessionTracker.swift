@@ -89,6 +89,24 @@ final class SessionTracker: Sendable {
         return true
     }
 
+    /// The session keyed by `old` is keyed by `new` from now on (a resumable relay: its pool connection may be
+    /// replaced, its target connection stays); it ends when `new` closes. False when `old` has no session
+    /// (it closed meanwhile).
+    func rekey(from old: any Channel, to new: any Channel) -> Bool {
+        let id = self.state.withLock { state -> UInt64? in
+            guard let id = state.byChannel.removeValue(forKey: ObjectIdentifier(old)) else { return nil }
+            state.byChannel[ObjectIdentifier(new)] = id
+            state.sessions[id]?.owner = .channel(new)
+            return id
+        }
+        guard let id else { return false }
+        let key = ObjectIdentifier(new)
+        new.closeFuture.whenComplete { _ in
+            self.end([id], channel: key)
+        }
+        return true
+    }
+
     /// Moves the sessions of any of `channels` out of them, before the channels are closed: from now on
     /// `close` ends the relay. Returns the sessions moved, to pass to `end(_:)` when the relay ends.
     func transfer(_ channels: [any Channel], close: @escaping @Sendable () -> Void) -> [UInt64] {
@@ -122,7 +140,10 @@ final class SessionTracker: Sendable {
             for id in ids {
                 guard let session = state.sessions[id] else { continue }
                 if let channel {
-                    guard case .channel = session.owner else { continue }
+                    // Only the channel that owns it now ends it (not one it was moved from).
+                    guard case .channel(let owner) = session.owner, ObjectIdentifier(owner) == channel else {
+                        continue
+                    }
                     state.byChannel[channel] = nil
                 }
                 state.sessions[id] = nil

@@ -64,6 +64,25 @@ enum SocketTuning {
         Self.keepalive.reduce(bootstrap) { $0.serverChannelOption($1.0, value: $1.1) }
     }
 
+    /// The pool connection of a resumable relay: the kernel ends it soon after its path dies, so that the
+    /// relay resumes on a new one. Keepalive probes after 5 s of silence, every 2 s, 3 unanswered end it;
+    /// written bytes unacknowledged for 30 s end it too (TCP_USER_TIMEOUT; also after 30 s of a zero window, when
+    /// the far end stopped reading: the relay then resumes on a new connection, which costs a connection and
+    /// nothing else). Called on the channel's loop.
+    static func detectDeadPath(on channel: any Channel) {
+        guard let options = channel.syncOptions else { return }
+        try? options.setOption(.socketOption(.so_keepalive), value: 1)
+        #if os(Linux)
+        for (name, value) in [(TCP_KEEPIDLE, 5), (TCP_KEEPINTVL, 2), (TCP_KEEPCNT, 3)] {
+            try? options.setOption(
+                ChannelOptions.Types.SocketOption(level: Self.tcpLevel, name: SocketOptionName(name)),
+                value: SocketOptionValue(value)
+            )
+        }
+        #endif
+        Self.setUserTimeout(.seconds(30), on: channel)
+    }
+
     /// Aborts the connection when written bytes stay unacknowledged for `timeout` (Linux TCP_USER_TIMEOUT),
     /// so a dead peer on the control channel is noticed by the side that only writes.
     static func setUserTimeout(_ timeout: TimeAmount, on channel: any Channel) {

@@ -34,7 +34,7 @@ public final class TunnelClient: Service, Sendable {
     ) {
         self.url = url
         self.group = group
-        self.pipelines = Pipelines(metrics: metrics, logger: logger, configuration: configuration)
+        self.pipelines = Pipelines(metrics: metrics, logger: logger, configuration: configuration, isClient: true)
         self.pool = ClientPool(url: url, group: group, pipelines: self.pipelines)
     }
 

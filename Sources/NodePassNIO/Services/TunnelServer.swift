@@ -52,8 +52,13 @@ public final class TunnelServer: Service, Sendable {
         self.url = url
         self.group = group
         self.onListening = onListening
-        self.pool = ServerPool(configuration: configuration, metrics: metrics, logger: logger)
-        self.pipelines = Pipelines(metrics: metrics, logger: logger, configuration: configuration)
+        self.pipelines = Pipelines(metrics: metrics, logger: logger, configuration: configuration, isClient: false)
+        self.pool = ServerPool(
+            configuration: configuration,
+            metrics: metrics,
+            logger: logger,
+            resumes: self.pipelines.resumes
+        )
         self.users = UserConnections(pipelines: self.pipelines)
         self.pendingHandshakes = ConnectionBound(limit: configuration.maxPendingHandshakes)
         self.pendingPoolOpenings = ConnectionBound(limit: configuration.maxPendingHandshakes * 4)
@@ -293,6 +298,7 @@ public final class TunnelServer: Service, Sendable {
                     tls: authenticated.sealing == nil ? v2.dataTLS : nil,
                     sealing: authenticated.sealing,
                     authenticated: true,
+                    resume: authenticated.resume,
                     forward: forward,
                     pool: pool
                 )

@@ -35,9 +35,12 @@ final class Pipelines: Sendable {
     private let flushTimeout: TimeAmount
     /// What every relay of the process holds in user space, bounded by BUFFER_BUDGET.
     private let budget: RelayBudget
+    /// The tunnel's resumable relays (v2 sessions that resume).
+    let resumes: ResumableRelays
 
-    /// Makes the pipelines of one tunnel, with its sessions bounded by SEMAPHORE_LIMIT.
-    init(metrics: TunnelMetrics, logger: Logger, configuration: Configuration) {
+    /// Makes the pipelines of one tunnel (the client's when `isClient`), with its sessions bounded by
+    /// SEMAPHORE_LIMIT.
+    init(metrics: TunnelMetrics, logger: Logger, configuration: Configuration, isClient: Bool) {
         self.sessions = SessionTracker(limit: configuration.semaphoreLimit)
         self.metrics = metrics
         self.logger = logger
@@ -47,6 +50,13 @@ final class Pipelines: Sendable {
             configuration.idleTimeout ?? GlueHandler.defaultFlushTimeout
         )
         self.budget = RelayBudget.shared(limit: configuration.bufferBudget, logger: logger)
+        self.resumes = ResumableRelays(
+            configuration: configuration,
+            metrics: metrics,
+            budget: self.budget,
+            logger: logger,
+            isClient: isClient
+        )
     }
 
     /// The unconnected `GlueHandler` of `end`; it may move to the kernel unless `NODEPASS_SPLICE=0`.
@@ -126,7 +136,7 @@ final class Pipelines: Sendable {
         case .v1:
             version = .v1(poolPort: poolPort)
         case .v2(let v2):
-            version = .v2(key: v2.key, fingerprint: fingerprint, transports: v2.transports)
+            version = .v2(key: v2.key, fingerprint: fingerprint, transports: v2.transports, resume: v2.resume)
             (parameters.mode, parameters.tls, parameters.dataFingerprint) = (v2.mode, v2.tls, v2.dataFingerprint)
         }
         try channel.pipeline.syncOperations.addHandlers([
@@ -183,12 +193,14 @@ final class Pipelines: Sendable {
 
     /// A pool connection on the server: accepted (v1), or proven and moved (v2: `authenticated`, with `tls`
     /// after `tls=1`/`tls=2`, or sealed with `sealing`; it starts on `V2PoolAuthenticated`). `forward`: the
-    /// server dials for it (forward mode), else it carries the server's users.
+    /// server dials for it (forward mode), else it carries the server's users. `resume`: it resumes a relay
+    /// (`ServerResumeOpeningHandler`) instead of joining the pool.
     func serverPoolConnection(
         _ channel: any Channel,
         tls: NIOSSLContext?,
         sealing: V2PoolSealKeys? = nil,
         authenticated: Bool,
+        resume: Bool = false,
         forward: Bool,
         pool: any ServerPoolConnectionDelegate
     ) throws {
@@ -199,6 +211,12 @@ final class Pipelines: Sendable {
             )
         } else if let tls {
             try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))
+        }
+        if resume {
+            try channel.pipeline.syncOperations.addHandler(
+                ServerResumeOpeningHandler(relays: self.resumes, timeout: self.configuration.idReadTimeout)
+            )
+            return
         }
         let glue = self.glue(forward ? .poolThatDials : .poolWithUsers)
         let claimTimeout = self.configuration.poolWaitTimeout + self.configuration.dialTimeout
@@ -225,6 +243,7 @@ final class Pipelines: Sendable {
         try SocketTuning.prepareRelay(channel)
         var idReader = PoolIDReader.v1
         if let v2 {
+            let sessionID = v2.sessionID
             let nonce = V2PoolNonce()
             try channel.pipeline.syncOperations.addHandler(
                 ClientPoolAuthenticationHandler(settings: v2, nonce: nonce, logger: self.logger) {
@@ -240,7 +259,10 @@ final class Pipelines: Sendable {
                         nonce: nonce.bytes
                     )
                 },
-                reply: { id in v2.secret.poolConfirmation(nonce: nonce.bytes, id: id) }
+                reply: { id in v2.secret.poolConfirmation(nonce: nonce.bytes, id: id) },
+                ticket: v2.secret.resumesRelays
+                    ? { id in V2ResumeTicket(secret: v2.secret, sessionID: sessionID, nonce: nonce.bytes, id: id) }
+                    : nil
             )
         }
         let glue = self.glue(forward ? .poolWithUsers : .poolThatDials)
@@ -253,6 +275,28 @@ final class Pipelines: Sendable {
                 claimTimeout: self.configuration.poolWaitTimeout + self.configuration.dialTimeout
             ),
             glue,
+        ])
+    }
+
+    /// A pool connection the client dialled to resume the relay `stream` (`v2`: the current session);
+    /// `done` completes when the relay goes on over it.
+    func clientResumeConnection(
+        _ channel: any Channel,
+        v2: V2PoolSettings,
+        stream: ResumableStream.Handle,
+        done: EventLoopPromise<Void>
+    ) throws {
+        SocketTuning.apply(to: channel)
+        try SocketTuning.prepareRelay(channel)
+        let nonce = V2PoolNonce()
+        try channel.pipeline.syncOperations.addHandlers([
+            ClientPoolAuthenticationHandler(settings: v2, nonce: nonce, resume: true, logger: self.logger) { _ in },
+            ClientResumeOpeningHandler(
+                handle: stream,
+                nonce: nonce,
+                done: done,
+                timeout: self.configuration.idReadTimeout
+            ),
         ])
     }
 
@@ -278,6 +322,16 @@ final class Pipelines: Sendable {
         let glue = self.glue(.target)
         try channel.pipeline.syncOperations.addHandler(glue)
         return glue
+    }
+
+    /// A connection dialled to the target for a resumable relay; returns its handler.
+    func resumableTarget(_ channel: any Channel) throws -> ResumeLocalHandler {
+        SocketTuning.apply(to: channel)
+        try SocketTuning.prepareRelay(channel)
+        try self.closeWhenIdle(channel, message: "idle target connection closed")
+        let handler = ResumeLocalHandler()
+        try channel.pipeline.syncOperations.addHandler(handler)
+        return handler
     }
 
     /// With IDLE_TIMEOUT, closes `channel` (a user's or the target's connection) once nothing moved either

@@ -21,6 +21,8 @@ enum ServerProtocol: Sendable {
         var dataFingerprint: [UInt8]
         /// What the tunnel carries for clients of `nodepass/2.1` (`notcp=1`, `noudp=1`).
         var transports: TunnelTransports
+        /// Relays resume for clients of `nodepass/2.3` (`resume=1`).
+        var resume = false
     }
 
     /// The protocol `url` selects, in reverse mode until the server chooses (`chooseForward`). `certificate`
@@ -53,7 +55,8 @@ enum ServerProtocol: Sendable {
                 tls: url.effectiveDataTLS,
                 dataTLS: dataTLS,
                 dataFingerprint: fingerprint,
-                transports: url.transports
+                transports: url.transports,
+                resume: url.resume
             )
         )
     }

@@ -46,6 +46,9 @@ import Testing
         ("server://k@:1/:2?noudp=2", "is not 0 or 1"),
         ("server://k@:1/:2?notcp=", "is not 0 or 1"),
         ("server://k@:1/:2?notcp=1&noudp=1", "nothing to carry"),
+        ("server://:1/:2?resume=1", "needs protocol v2"),
+        ("client://k@:1/:2?resume=1", "set on the server"),
+        ("server://k@:1/:2?resume=yes", "is not 0 or 1"),
     ])
     func badV2OptionsAreRefusedWithAReason(text: String, reason: String) {
         do {
@@ -55,6 +58,15 @@ import Testing
             #expect(error.code == .invalidURL)
             #expect(error.message.contains(reason), "\(error.message)")
         }
+    }
+
+    @Test func resumeIsOffUnlessTheServerAsks() throws {
+        #expect(try TunnelURL.parse("server://k@:1/:2").resume == false)
+        let url = try TunnelURL.parse("server://k@:1/:2?resume=1")
+        #expect(url.resume)
+        #expect(url.redacted.hasSuffix("&resume=1"))
+        #expect(try TunnelURL.parse(url.canonical).resume)
+        #expect(try TunnelURL.parse("server://k@:1/:2?resume=0").resume == false)
     }
 
     @Test func notcpAndNoudpChooseWhatTheTunnelCarries() throws {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -170,3 +171,13 @@ class Tunnel:
 
         wait_for(attempt, timeout, f"a round trip through the tunnel (target port {self.target_port})",
                  first_delay=0.05, max_delay=0.5)
+
+
+def pool_port(tunnel: Tunnel) -> int:
+    """The pool port the tunnel's server announced in its start line."""
+
+    def announced():
+        match = re.search(r"server started .*np\.pool=(\d+)", tunnel.server.output())
+        return int(match.group(1)) if match else None
+
+    return wait_for(announced, 10, "the server's start line with its pool port")

@@ -84,6 +84,7 @@ public struct V2Key: Sendable {
     public func sessionSecret(transcript: [UInt8], parameters: V2SessionParameters) -> V2SessionSecret {
         var secret = self.sessionSecret(transcript: transcript, sessionID: parameters.sessionID)
         secret.sealsPoolConnections = parameters.tls == .sealed
+        secret.resumesRelays = parameters.resumes
         return secret
     }
 
@@ -117,6 +118,9 @@ public struct V2SessionSecret: Sendable {
     public let bytes: [UInt8]
     /// Whether the session's pool connections are sealed (`nodepass/2.2` with `tls=1`, `V2PoolSeal`).
     public var sealsPoolConnections = false
+    /// Whether the session's relays resume on a new pool connection after a break (`nodepass/2.3` with the
+    /// server's `resume=1`, `V2Resume`).
+    public var resumesRelays = false
     private let keyed: KeyedHMAC
 
     private static let poolClient = Array("pool client".utf8)
@@ -154,6 +158,23 @@ public struct V2SessionSecret: Sendable {
     /// the session secret at the far end of this very TLS session.
     public func poolConfirmation(nonce: [UInt8], id: PoolID) -> [UInt8] {
         self.keyed.mac(Self.poolConfirm, nonce, Self.bytes(of: id))
+    }
+
+    /// The client's proof on a pool connection that resumes a relay: HMAC(secret, "pool resume" || server
+    /// nonce). Its own label: such a connection never joins the pool.
+    public func poolResumeProof(nonce: [UInt8]) -> [UInt8] {
+        self.keyed.mac(V2Resume.poolResumeLabel, nonce)
+    }
+
+    /// Checks a client's resume-connection proof in constant time.
+    public func isValidPoolResumeProof(_ proof: [UInt8], nonce: [UInt8]) -> Bool {
+        V2Key.constantTimeEquals(proof, self.poolResumeProof(nonce: nonce))
+    }
+
+    /// The key of the relay launched on pool connection `id` (4 bytes) whose opening had `nonce`:
+    /// HMAC(secret, "resume key" || nonce || ID).
+    func resumeKey(nonce: [UInt8], id: [UInt8]) -> [UInt8] {
+        self.keyed.mac(V2Resume.keyLabel, nonce, id)
     }
 
     /// The keys of a sealed pool connection with the server's `serverNonce` and the client's `clientNonce`.

@@ -27,8 +27,16 @@ public enum V2Message: Hashable, Sendable {
     /// The ALPN protocol name of v2 with UDP and sealed pool connections (`V2PoolSeal`): offered first and
     /// preferred by the sides that seal.
     public static let alpnSealed = "nodepass/2.2"
+    /// The ALPN protocol name of `nodepass/2.2` with resumable relays (`V2Resume`, when the server's URL has
+    /// `resume=1`): offered first and preferred by the sides that resume.
+    public static let alpnResume = "nodepass/2.3"
     /// Every v2 protocol name, the preferred first.
-    public static let alpnNames = [alpnSealed, alpnDatagrams, alpn]
+    public static let alpnNames = [alpnResume, alpnSealed, alpnDatagrams, alpn]
+
+    /// Whether the protocol `alpn` may seal pool connections (`nodepass/2.2` and later).
+    public static func seals(_ alpn: String?) -> Bool {
+        alpn == Self.alpnSealed || alpn == Self.alpnResume
+    }
     /// Length of a handshake nonce in bytes.
     public static let nonceLength = 32
     /// Length of a proof (HMAC-SHA256) in bytes.

@@ -17,9 +17,15 @@ public enum V2PoolOpening {
     /// Length of the client's confirmation.
     public static let confirmationLength = V2Message.proofLength
 
-    /// The client's message for `nonce`.
-    public static func clientMessage(sessionID: [UInt8], secret: V2SessionSecret, nonce: [UInt8]) -> [UInt8] {
-        sessionID + secret.poolClientProof(nonce: nonce)
+    /// The client's message for `nonce`; with `resume`, the connection resumes a relay (`V2Resume`) instead
+    /// of joining the pool.
+    public static func clientMessage(
+        sessionID: [UInt8],
+        secret: V2SessionSecret,
+        nonce: [UInt8],
+        resume: Bool = false
+    ) -> [UInt8] {
+        sessionID + (resume ? secret.poolResumeProof(nonce: nonce) : secret.poolClientProof(nonce: nonce))
     }
 
     /// Splits a client's message into session ID and proof; nil when the length is wrong.

@@ -69,6 +69,11 @@ public struct V2SessionParameters: Hashable, Sendable {
     public var dataFingerprint: [UInt8]
     /// `nodepass/2.1`: what the tunnel carries (one more byte); nil under `nodepass/2` (TCP only).
     public var transports: TunnelTransports?
+    /// `nodepass/2.3`: relays resume on a new pool connection after a break (bit 2 of the transports byte).
+    public var resumes = false
+
+    /// The bit of the transports byte that says relays resume (`nodepass/2.3`).
+    static let resumeBit: UInt8 = 4
 
     /// Makes parameters.
     public init(
@@ -78,7 +83,8 @@ public struct V2SessionParameters: Hashable, Sendable {
         heartbeatMilliseconds: UInt32,
         sessionID: [UInt8],
         dataFingerprint: [UInt8],
-        transports: TunnelTransports? = nil
+        transports: TunnelTransports? = nil,
+        resumes: Bool = false
     ) {
         self.mode = mode
         self.tls = tls
@@ -87,6 +93,7 @@ public struct V2SessionParameters: Hashable, Sendable {
         self.sessionID = sessionID
         self.dataFingerprint = dataFingerprint
         self.transports = transports
+        self.resumes = resumes
     }
 
     /// The encoded length: 24 bytes, plus 32 with a fingerprint, plus 1 with the transports.
@@ -96,7 +103,8 @@ public struct V2SessionParameters: Hashable, Sendable {
     }
 
     /// Writes mode (1), tls (1), pool port (2), heartbeat ms (4), session ID (16), fingerprint (32, only
-    /// when tls is 1 or 2), transports (1, `nodepass/2.1` and later); integers big-endian.
+    /// when tls is 1 or 2), transports (1, `nodepass/2.1` and later, with the resume bit under `nodepass/2.3`);
+    /// integers big-endian.
     public func write(to buffer: inout ByteBuffer) {
         buffer.writeInteger(self.mode.rawValue)
         buffer.writeInteger(self.tls.rawValue)
@@ -107,7 +115,7 @@ public struct V2SessionParameters: Hashable, Sendable {
             buffer.writeBytes(self.dataFingerprint)
         }
         if let transports = self.transports {
-            buffer.writeInteger(transports.rawValue)
+            buffer.writeInteger(transports.rawValue | (self.resumes ? Self.resumeBit : 0))
         }
     }
 
@@ -119,12 +127,13 @@ public struct V2SessionParameters: Hashable, Sendable {
     }
 
     /// Reads parameters that fill `buffer` exactly, ending with the transports byte when `withTransports`
-    /// (`nodepass/2.1` and later), naming sealed pool connections only when `allowsSealed` (`nodepass/2.2`);
-    /// throws `.protocolViolation` otherwise.
+    /// (`nodepass/2.1` and later), naming sealed pool connections only when `allowsSealed` (`nodepass/2.2`),
+    /// resumable relays only when `allowsResume` (`nodepass/2.3`); throws `.protocolViolation` otherwise.
     public static func read(
         from buffer: inout ByteBuffer,
         withTransports: Bool = false,
-        allowsSealed: Bool = false
+        allowsSealed: Bool = false,
+        allowsResume: Bool = false
     ) throws(NodePassError) -> V2SessionParameters {
         guard let modeByte = buffer.readInteger(as: UInt8.self),
             let tlsByte = buffer.readInteger(as: UInt8.self),
@@ -157,9 +166,14 @@ public struct V2SessionParameters: Hashable, Sendable {
             fingerprint = bytes
         }
         var transports: TunnelTransports?
+        var resumes = false
         if withTransports {
-            guard let byte = buffer.readInteger(as: UInt8.self) else {
+            guard var byte = buffer.readInteger(as: UInt8.self) else {
                 throw NodePassError(.protocolViolation, "welcome lacks what the tunnel carries")
+            }
+            if allowsResume {
+                resumes = byte & Self.resumeBit != 0
+                byte &= ~Self.resumeBit
             }
             let carried = TunnelTransports(rawValue: byte)
             guard !carried.isEmpty, carried.isSubset(of: [.tcp, .udp]) else {
@@ -177,7 +191,8 @@ public struct V2SessionParameters: Hashable, Sendable {
             heartbeatMilliseconds: heartbeat,
             sessionID: sessionID,
             dataFingerprint: fingerprint,
-            transports: transports
+            transports: transports,
+            resumes: resumes
         )
     }
 }

@@ -8,6 +8,9 @@ import NodePassCore
 /// the authentication handler learns it, the pool-connection handler checks the server's answer with it.
 final class V2PoolNonce {
     var bytes: [UInt8] = []
+    /// Called once the opening is answered and the seal or TLS is in place (a resume connection then sends
+    /// its request).
+    var onAnswered: (() -> Void)?
 }
 
 @available(*, unavailable)
@@ -31,13 +34,17 @@ final class ClientPoolAuthenticationHandler: ChannelInboundHandler {
     /// Called on the channel's event loop when the certificate is not the pinned one.
     private let onMismatch: (any Channel) -> Void
     private let logger: Logger
+    /// The connection resumes a relay: the proof says `pool resume`.
+    private let resume: Bool
 
     init(
         settings: V2PoolSettings,
         nonce: V2PoolNonce,
+        resume: Bool = false,
         logger: Logger,
         onMismatch: @escaping (any Channel) -> Void
     ) {
+        self.resume = resume
         self.settings = settings
         self.logger = logger
         self.nonce = nonce
@@ -68,7 +75,14 @@ final class ClientPoolAuthenticationHandler: ChannelInboundHandler {
         var answer = context.channel.allocator.buffer(
             capacity: V2PoolOpening.clientMessageLength + V2PoolSeal.clientNonceLength
         )
-        answer.writeBytes(V2PoolOpening.clientMessage(sessionID: self.settings.sessionID, secret: secret, nonce: nonce))
+        answer.writeBytes(
+            V2PoolOpening.clientMessage(
+                sessionID: self.settings.sessionID,
+                secret: secret,
+                nonce: nonce,
+                resume: self.resume
+            )
+        )
         // A sealed connection: the client's own nonce follows, and everything after is records.
         let clientNonce = secret.sealsPoolConnections ? SecureRandom.bytes(V2PoolSeal.clientNonceLength) : nil
         if let clientNonce {
@@ -102,6 +116,7 @@ final class ClientPoolAuthenticationHandler: ChannelInboundHandler {
                 context.close(promise: nil)
             }
         }
+        self.nonce.onAnswered?()
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {

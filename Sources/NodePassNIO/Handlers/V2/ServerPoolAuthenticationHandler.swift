@@ -84,13 +84,20 @@ final class ServerPoolAuthenticationHandler: ChannelInboundHandler {
         }
         let message = received.readBytes(length: V2PoolOpening.clientMessageLength) ?? []
         guard let (sessionID, proof) = V2PoolOpening.splitClientMessage(message),
-            let secret = self.settings.secretForSession(sessionID),
-            secret.isValidPoolClientProof(proof, nonce: nonce)
+            let secret = self.settings.secretForSession(sessionID)
         else {
             self.fail(context: context)
             return
         }
-        let authenticated = V2PoolAuthenticated(sessionID: sessionID, nonce: nonce)
+        var authenticated = V2PoolAuthenticated(sessionID: sessionID, nonce: nonce)
+        if !secret.isValidPoolClientProof(proof, nonce: nonce) {
+            // A connection that resumes a relay proves the session under its own label.
+            guard secret.resumesRelays, secret.isValidPoolResumeProof(proof, nonce: nonce) else {
+                self.fail(context: context)
+                return
+            }
+            authenticated.resume = true
+        }
         guard secret.sealsPoolConnections else {
             self.proven(authenticated, received: received, context: context)
             return
