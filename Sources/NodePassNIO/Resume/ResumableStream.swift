@@ -555,6 +555,8 @@ final class ResumableStream {
             case .close, .leave: break
             }
         }
+        // The local handler and this stream refer to each other: the cycle ends here.
+        self.localHandler.stream = nil
         let onFinish = self.onFinish
         self.onFinish = []
         for body in onFinish { body() }
