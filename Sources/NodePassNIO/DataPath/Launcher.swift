@@ -190,26 +190,17 @@ final class Launcher: PoolConnectionRole {
             self.retry(user)
             return
         }
-        if let ticket = connection.resume {
-            guard self.startResumable(connection, ticket: ticket, user: user) else {
-                connection.channel.close(promise: nil)
-                user.channel.close(promise: nil)
-                return
-            }
-            signals.sendLaunch(connection.id)
-            self.logger.debug("launch sent", metadata: ["np.pool.id": "\(connection.id)", "np.resume": "1"])
-            TunnelMetrics.record(self.metrics.newConnectionDuration, since: user.arrived)
-            return
-        }
-        guard connection.handOff(to: user.channel) else {
+        let resumable = connection.resume.map { self.startResumable(connection, ticket: $0, user: user) }
+        guard resumable ?? connection.handOff(to: user.channel) else {
             connection.channel.close(promise: nil)
-            self.retry(user)
+            // A user whose `GlueHandler` gave way to a resumable relay cannot take another connection.
+            if resumable == nil { self.retry(user) } else { user.channel.close(promise: nil) }
             return
         }
         signals.sendLaunch(connection.id)
         self.logger.debug("launch sent", metadata: ["np.pool.id": "\(connection.id)"])
         TunnelMetrics.record(self.metrics.newConnectionDuration, since: user.arrived)
-        user.end.connect(to: connection.channel)
+        if resumable == nil { user.end.connect(to: connection.channel) }
     }
 
     /// On the pool connection's event loop: starts a resumable relay (`ResumableStream`) of the user over

@@ -143,15 +143,6 @@ final class ResumableStream {
         }
     }
 
-    /// Runs `body` when the relay ends (once).
-    func whenFinished(_ body: @escaping () -> Void) {
-        if case .finished = self.phase {
-            body()
-        } else {
-            self.onFinish.append(body)
-        }
-    }
-
     private var isFinished: Bool {
         if case .finished = self.phase { return true }
         return false
@@ -348,8 +339,8 @@ final class ResumableStream {
     }
 
     /// The pool connection closed or failed: wait for a new one (the client dials it).
-    func poolLost(_ handler: ResumePoolHandler, wasCurrent: Bool = false) {
-        guard wasCurrent || handler === self.current else { return }
+    func poolLost(_ handler: ResumePoolHandler) {
+        guard handler === self.current else { return }
         if self.finishIfComplete() { return }
         self.brokenAt = .now()
         let grace = self.eventLoop.assumeIsolated().scheduleTask(in: self.relays.grace) {
@@ -420,9 +411,10 @@ final class ResumableStream {
         case .finished:
             return
         case .relaying(let old):
+            // Detached first, so that its close reports nothing; still the current one for `poolLost`.
             old.detach()
             old.close()
-            self.poolLost(old, wasCurrent: true)
+            self.poolLost(old)
         case .detached:
             self.resumeAttempt?.cancel()
             self.resumeAttempt = nil
