@@ -18,6 +18,10 @@ command -v dig >/dev/null || need_packages+=(dnsutils)
 [ -x /usr/sbin/dnsmasq ] || command -v dnsmasq >/dev/null || need_packages+=(dnsmasq-base)
 command -v dnsperf >/dev/null || need_packages+=(dnsperf)
 command -v iperf3 >/dev/null || need_packages+=(iperf3)
+[ -x /usr/sbin/sshd ] || need_packages+=(openssh-server)
+command -v ssh >/dev/null || need_packages+=(openssh-client)
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_packages+=(postgresql)
+command -v psql >/dev/null || need_packages+=(postgresql-client)
 command -v python3 >/dev/null || need_packages+=(python3 python3-pip)
 if [ ${#need_packages[@]} -gt 0 ]; then
     say "installing Debian packages: ${need_packages[*]}"

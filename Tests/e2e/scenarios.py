@@ -95,7 +95,7 @@ class StreamResult:
         self.error: Optional[str] = None
 
 
-def _run_stream(host: str, port: int, base: bytes, index: int, blocks: int, result: StreamResult,
+def run_stream(host: str, port: int, base: bytes, index: int, blocks: int, result: StreamResult,
                 io_timeout: float) -> None:
     pattern = PatternStream(base, index)
     try:
@@ -140,6 +140,16 @@ def _run_stream(host: str, port: int, base: bytes, index: int, blocks: int, resu
         result.error = send_error[0]
 
 
+def echo_stream_in_background(host: str, port: int, mib: int, io_timeout: float = 60.0):
+    """One stream of `integrity`, started in a thread: returns the thread and its StreamResult, whose byte
+    counts show its progress."""
+    result = StreamResult(0)
+    thread = threading.Thread(target=run_stream, name="stream-0", daemon=True,
+                              args=(host, port, os.urandom(MiB), 0, mib, result, io_timeout))
+    thread.start()
+    return thread, result
+
+
 def integrity(tunnel: Tunnel, streams: int, mib_per_stream: int, deadline_s: float) -> None:
     """streams parallel connections, each sending mib_per_stream MiB to an echo service while reading the
     echo; SHA-256 of what was sent must equal SHA-256 of what came back, for each stream."""
@@ -148,7 +158,7 @@ def integrity(tunnel: Tunnel, streams: int, mib_per_stream: int, deadline_s: flo
     tunnel.wait_pool(min(streams, 16), timeout=15)
     base = os.urandom(MiB)
     results = [StreamResult(i) for i in range(streams)]
-    threads = [threading.Thread(target=_run_stream, name=f"stream-{i}", daemon=True,
+    threads = [threading.Thread(target=run_stream, name=f"stream-{i}", daemon=True,
                                 args=(tunnel.host, tunnel.target_port, base, i, mib_per_stream, results[i], 60.0))
                for i in range(streams)]
     started = time.monotonic()
