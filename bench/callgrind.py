@@ -100,7 +100,10 @@ def measure(binary: str, other: str, side: str, protocol: str, connections: int,
     tunnel, user = free_port(), free_port()
     target = EchoServer()
     key = "" if protocol == "v1" else secrets.token_hex(16) + "@"
-    query = "?log=warn" + ("&tls=0" if protocol == "v2-tls0" else "")
+    # v2-tlsN[-resume]: that tls mode, with resume=1 on the server's URL when asked.
+    query = "?log=warn"
+    if protocol != "v1":
+        query += "&tls=" + protocol.split("-")[1].removeprefix("tls") + ("&resume=1" if protocol.endswith("-resume") else "")
     server_url = f"server://{key}127.0.0.1:{tunnel}/127.0.0.1:{user}{query}"
     client_url = f"client://{key}127.0.0.1:{tunnel}/127.0.0.1:{target.port}?log=warn"
     out = workdir / f"callgrind.{side}.{connections}.{os.getpid()}.out"
@@ -140,7 +143,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--nodepass", action="append", required=True, help="binary to measure (repeatable)")
     parser.add_argument("--other", help="binary for the side not measured (default: the measured one)")
     parser.add_argument("--side", choices=["server", "client"], action="append")
-    parser.add_argument("--protocol", choices=["v1", "v2-tls0"], action="append")
+    parser.add_argument("--protocol", action="append",
+                        choices=["v1", "v2-tls0", "v2-tls1", "v2-tls0-resume", "v2-tls1-resume"])
     parser.add_argument("--short", type=int, default=100, help="connections in the short run")
     parser.add_argument("--long", type=int, default=1100, help="connections in the long run")
     parser.add_argument("--repeat", type=int, default=1, help="measurements of each row, alternating the binaries")

@@ -92,6 +92,54 @@ private final class Received: ChannelInboundHandler {
         #expect(try self.written(server).readableBytes == V2PoolSeal.headerLength + V2PoolSeal.overhead + 6)
     }
 
+    /// The lengths of the records in `wire`.
+    private func recordLengths(_ wire: ByteBuffer) -> [Int] {
+        var wire = wire
+        var lengths: [Int] = []
+        while let length = wire.readInteger(as: UInt16.self), wire.readSlice(length: Int(length)) != nil {
+            lengths.append(Int(length) - V2PoolSeal.overhead)
+        }
+        return lengths
+    }
+
+    @Test func smallWritesWithoutAPromiseGoInTheNextWritesFirstRecord() throws {
+        let (client, _) = try self.end(isClient: true)
+        let (server, received) = try self.end(isClient: false)
+        let header: [UInt8] = [1, 0x3F, 0xFD]
+        let payload = (0..<(SealedRecordHandler.recordSize - 3)).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        client.write(ByteBuffer(bytes: header), promise: nil)
+        client.write(ByteBuffer(bytes: payload), promise: nil)
+        client.flush()
+        let wire = try self.written(client)
+        #expect(self.recordLengths(wire) == [SealedRecordHandler.recordSize], "one full record, not 3 + the rest")
+        try server.writeInbound(wire)
+        #expect(received.bytes == header + payload)
+    }
+
+    @Test func heldBytesGoOutAloneAtAFlushAnEmptyWriteOrTheEnd() throws {
+        let (client, _) = try self.end(isClient: true)
+        let (server, received) = try self.end(isClient: false)
+        // A flush.
+        client.write(ByteBuffer(string: "ack"), promise: nil)
+        #expect(try client.readOutbound(as: ByteBuffer.self) == nil, "held until the flush")
+        client.flush()
+        // An empty write with a promise: its callback comes after the bytes written before it.
+        client.write(ByteBuffer(string: "header"), promise: nil)
+        let ordered = client.write(ByteBuffer())
+        client.flush()
+        try ordered.wait()
+        // The end of the direction.
+        client.write(ByteBuffer(string: "end"), promise: nil)
+        let closed = client.close(mode: .output)
+        client.embeddedEventLoop.run()
+        try closed.wait()
+        let wire = try self.written(client)
+        #expect(self.recordLengths(wire) == [3, 6, 3, 0])
+        try server.writeInbound(wire)
+        #expect(received.bytes == Array("ackheaderend".utf8))
+        #expect(received.inputClosed)
+    }
+
     @Test func anEndOfInputWithoutTheEndRecordClosesInsteadOfEndingCleanly() throws {
         let (client, _) = try self.end(isClient: true)
         let (server, received) = try self.end(isClient: false)

@@ -17,7 +17,9 @@ protocol ResumeConnector: AnyObject, Sendable {
 final class ResumableRelays: Sendable {
     /// How long a relay waits for a new pool connection after a break (RESUME_GRACE).
     let grace: TimeAmount
-    /// The most bytes one relay keeps for a resend: 16 times RELAY_BUFFER, at least 256 KiB.
+    /// The most bytes one relay keeps for a resend: 16 times RELAY_BUFFER, at least 1 MiB (four times
+    /// `ackEvery`, so that a sender whose peer acks at that pace does not wait for an ack on a short path).
+    /// Over a path with a round trip of RTT, one relay carries at most this much per RTT.
     let keepLimit: Int
     /// RELAY_BUFFER: the size of a relay's reads, and what it hands to its user or service at a time.
     let relayBuffer: Int
@@ -25,8 +27,9 @@ final class ResumableRelays: Sendable {
     let budget: RelayBudget
     /// What a relay may keep even while the budget is full, so that none waits for bytes others keep.
     static let keepFloor = 64 * 1024
-    /// Positions received before an ack goes out at the end of a read.
-    static let ackEvery: UInt64 = 64 * 1024
+    /// Positions received before an ack goes out at the end of a read. (Bytes sent the other way carry an
+    /// ack of what arrived so far anyway.)
+    static let ackEvery: UInt64 = 256 * 1024
     /// When fewer were received, the ack goes out after this delay.
     static let ackDelay = TimeAmount.milliseconds(20)
     let metrics: ResumeMetrics
@@ -46,7 +49,7 @@ final class ResumableRelays: Sendable {
     init(configuration: Configuration, metrics: TunnelMetrics, budget: RelayBudget, logger: Logger, isClient: Bool) {
         self.grace = configuration.resumeGrace
         self.relayBuffer = configuration.relayBuffer
-        self.keepLimit = max(configuration.relayBuffer * 16, 256 * 1024)
+        self.keepLimit = max(configuration.relayBuffer * 16, 4 * Int(Self.ackEvery))
         self.budget = budget
         self.metrics = metrics.resume
         self.tunnelMetrics = metrics

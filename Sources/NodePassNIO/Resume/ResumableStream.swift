@@ -59,6 +59,10 @@ final class ResumableStream {
     private var localBroken = false
     private var poolFlushOwed = false
     private var localFlushOwed = false
+    /// The last bytes for `local` of this read, written when the read ends with the one promise that covers
+    /// every write of the read (`localHeldCount` bytes).
+    private var localHeld: ByteBuffer?
+    private var localHeldCount = 0
     private var delayedAck: Scheduled<Void>?
     private var resumeAttempt: Scheduled<Void>?
     private var resumeDelay = TimeAmount.milliseconds(100)
@@ -167,7 +171,8 @@ final class ResumableStream {
             return
         }
         let promise = self.eventLoop.makePromise(of: Void.self)
-        pool.writeData(buffer, promise: promise)
+        // What arrived so far is acknowledged with these bytes, in the same write.
+        pool.writeData(buffer, ack: self.takeOwedAck(), promise: promise)
         self.poolFlushOwed = true
         promise.futureResult.assumeIsolated().whenComplete { _ in
             self.localWindow.written(count)
@@ -241,6 +246,17 @@ final class ResumableStream {
     private func flushLocal() {
         guard self.localFlushOwed else { return }
         self.localFlushOwed = false
+        if let held = self.localHeld {
+            let count = self.localHeldCount
+            self.localHeld = nil
+            self.localHeldCount = 0
+            let promise = self.eventLoop.makePromise(of: Void.self)
+            self.local.write(held, promise: promise)
+            promise.futureResult.assumeIsolated().whenComplete { _ in
+                self.poolWindow.written(count)
+                if self.poolReadOwed { self.readPoolIfRoom() }
+            }
+        }
         self.local.flush()
     }
 
@@ -278,17 +294,17 @@ final class ResumableStream {
         }
     }
 
+    /// Writes `buffer` to `local`: the one before it goes out now, this one is held for `flushLocal`.
     private func writeLocal(_ buffer: ByteBuffer) {
         let count = buffer.readableBytes
         self.receivedBytes?.increment(by: Int64(count))
         self.poolWindow.sent(count)
-        let promise = self.eventLoop.makePromise(of: Void.self)
-        self.local.write(buffer, promise: promise)
-        self.localFlushOwed = true
-        promise.futureResult.assumeIsolated().whenComplete { _ in
-            self.poolWindow.written(count)
-            if self.poolReadOwed { self.readPoolIfRoom() }
+        if let previous = self.localHeld {
+            self.local.write(previous, promise: nil)
         }
+        self.localHeld = buffer
+        self.localHeldCount += count
+        self.localFlushOwed = true
     }
 
     func poolReadComplete(from handler: ResumePoolHandler) {
@@ -309,13 +325,19 @@ final class ResumableStream {
 
     /// Acknowledges everything received, at once.
     private func sendAck() {
-        self.delayedAck?.cancel()
-        self.delayedAck = nil
-        guard let pool = self.current, self.ledger.unacknowledgedReceived > 0 else { return }
-        let count = self.ledger.acknowledgingReceived()
+        guard let pool = self.current, let count = self.takeOwedAck() else { return }
         pool.writeAck(count)
         self.poolFlushOwed = true
         self.flushPool()
+    }
+
+    /// The count to acknowledge when anything arrived since the last ack (the delayed ack is then not
+    /// needed), else nil.
+    private func takeOwedAck() -> UInt64? {
+        guard self.current != nil, self.ledger.unacknowledgedReceived > 0 else { return nil }
+        self.delayedAck?.cancel()
+        self.delayedAck = nil
+        return self.ledger.acknowledgingReceived()
     }
 
     private func readPoolIfRoom() {
@@ -341,6 +363,7 @@ final class ResumableStream {
     /// The pool connection closed or failed: wait for a new one (the client dials it).
     func poolLost(_ handler: ResumePoolHandler) {
         guard handler === self.current else { return }
+        self.flushLocal()
         if self.finishIfComplete() { return }
         self.brokenAt = .now()
         let grace = self.eventLoop.assumeIsolated().scheduleTask(in: self.relays.grace) {
@@ -431,6 +454,7 @@ final class ResumableStream {
         case .finished:
             return nil
         case .relaying(let old):
+            self.flushLocal()
             old.detach()
             old.close()
             self.phase = .detached(grace: nil)
@@ -461,6 +485,7 @@ final class ResumableStream {
         case .finished:
             return false
         case .relaying(let old) where old !== handler:
+            self.flushLocal()
             old.detach()
             old.close()
         case .relaying:

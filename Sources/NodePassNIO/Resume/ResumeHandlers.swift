@@ -1,4 +1,5 @@
 import NIOCore
+import NIOSSL
 import NodePassCore
 
 /// The handler of a resumable relay's local end (a user's or the target's connection): passes what it reads
@@ -66,6 +67,11 @@ final class ResumePoolHandler: ChannelInboundHandler {
     private var stream: ResumableStream?
     private var context: ChannelHandlerContext?
     private var decoder = V2ResumeFrameDecoder()
+    /// Each frame goes out as one buffer (its bytes copied after its header): TLS encrypts each write as
+    /// records of its own, where a header written alone would be a record of three bytes. A plain connection
+    /// sends the header and the bytes together anyway (one `writev`), and a sealed one seals small writes
+    /// with the next write (`SealedRecordHandler`): neither copies.
+    private var joinsFrames = false
 
     init(stream: ResumableStream) {
         self.stream = stream
@@ -95,6 +101,7 @@ final class ResumePoolHandler: ChannelInboundHandler {
             try? options.setOption(.maxMessagesPerRead, value: 1)
         }
         SocketTuning.detectDeadPath(on: channel)
+        self.joinsFrames = (try? channel.pipeline.syncOperations.context(handlerType: NIOSSLHandler.self)) != nil
     }
 
     func read() {
@@ -116,21 +123,35 @@ final class ResumePoolHandler: ChannelInboundHandler {
         context.writeAndFlush(NIOAny(ByteBuffer())).whenComplete { _ in channel.close(promise: nil) }
     }
 
-    /// Writes `buffer` as data frames (at most `V2Resume.maximumDataLength` bytes each); `promise` completes
-    /// with the last one.
-    func writeData(_ buffer: ByteBuffer, promise: EventLoopPromise<Void>?) {
+    /// Writes `buffer` as data frames (at most `V2Resume.maximumDataLength` bytes each), after an ack of
+    /// `ack` positions when given; `promise` completes with the last frame.
+    func writeData(_ buffer: ByteBuffer, ack: UInt64? = nil, promise: EventLoopPromise<Void>?) {
         guard let context = self.context else {
             promise?.fail(ChannelError.ioOnClosedChannel)
             return
         }
+        var ack = ack
         var rest = buffer
         while rest.readableBytes > 0 {
             let count = min(rest.readableBytes, V2Resume.maximumDataLength)
-            var header = context.channel.allocator.buffer(capacity: V2Resume.dataHeaderLength)
-            V2Resume.writeDataHeader(length: count, to: &header)
-            context.write(NIOAny(header), promise: nil)
             let slice = rest.readSlice(length: count) ?? ByteBuffer()
-            context.write(NIOAny(slice), promise: rest.readableBytes == 0 ? promise : nil)
+            let last = rest.readableBytes == 0
+            let ackLength = ack == nil ? 0 : V2Resume.ackLength
+            var header = context.channel.allocator.buffer(
+                capacity: ackLength + V2Resume.dataHeaderLength + (self.joinsFrames ? count : 0)
+            )
+            if let count = ack {
+                V2Resume.writeAck(count, to: &header)
+                ack = nil
+            }
+            V2Resume.writeDataHeader(length: count, to: &header)
+            if self.joinsFrames {
+                header.writeImmutableBuffer(slice)
+                context.write(NIOAny(header), promise: last ? promise : nil)
+            } else {
+                context.write(NIOAny(header), promise: nil)
+                context.write(NIOAny(slice), promise: last ? promise : nil)
+            }
         }
     }
 

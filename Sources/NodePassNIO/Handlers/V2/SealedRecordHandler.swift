@@ -20,6 +20,9 @@ final class SealedRecordHandler: ChannelDuplexHandler {
     private var opener: V2RecordOpener
     /// The start of a record that is not whole yet (never more than that record).
     private var partial = ByteBuffer()
+    /// Small writes without a promise (a resumable relay's frame headers and acks), held until the next
+    /// write or flush and sealed at the start of its first record instead of in records of their own.
+    private var held = ByteBuffer()
     private var inputEnded = false
     private var outputEnded = false
     private var failed = false
@@ -30,6 +33,8 @@ final class SealedRecordHandler: ChannelDuplexHandler {
     /// per record), 64 KiB nothing more. Each record gets its own buffer: a buffer for a whole 64 KiB read is
     /// large enough for glibc to hand it back to the kernel on every free (`MemoryTrimmer.keepHeapTops`).
     static let recordSize = 16 * 1024
+    /// The most bytes held for the next record.
+    static let holdLimit = 64
 
     /// The client's end (`isClient`) or the server's of a connection sealed with `keys`.
     init(keys: V2PoolSealKeys, isClient: Bool, logger: Logger) {
@@ -121,9 +126,10 @@ final class SealedRecordHandler: ChannelDuplexHandler {
     // MARK: outbound
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        let plaintext = self.unwrapOutboundIn(data)
+        var rest = self.unwrapOutboundIn(data)
         // An empty write carries no record (it only orders a callback after the writes before it).
-        guard plaintext.readableBytes > 0 else {
+        guard rest.readableBytes > 0 else {
+            self.sealHeld(context: context)
             context.write(data, promise: promise)
             return
         }
@@ -131,21 +137,54 @@ final class SealedRecordHandler: ChannelDuplexHandler {
             promise?.fail(ChannelError.outputClosed)
             return
         }
-        // One buffer per record: a buffer for a whole 64 KiB read would be as costly to allocate as a big record.
-        var rest = plaintext
-        while let piece = rest.readSlice(length: min(rest.readableBytes, Self.recordSize)), piece.readableBytes > 0 {
-            var sealed = context.channel.allocator.buffer(
-                capacity: piece.readableBytes + V2PoolSeal.headerLength + V2PoolSeal.overhead
-            )
-            do {
-                try piece.withUnsafeReadableBytes { try self.sealer.seal($0, into: &sealed) }
-            } catch {
-                promise?.fail(error)
-                self.fail(context: context, error)
-                return
-            }
-            context.write(self.wrapOutboundOut(sealed), promise: rest.readableBytes == 0 ? promise : nil)
+        if promise == nil, self.held.readableBytes + rest.readableBytes <= Self.holdLimit {
+            if self.held.capacity == 0 { self.held = context.channel.allocator.buffer(capacity: Self.holdLimit) }
+            self.held.writeBuffer(&rest)
+            return
         }
+        if self.held.readableBytes > 0 {
+            // The held bytes and the start of this write make the first record (only that much is copied).
+            let count = min(rest.readableBytes, Self.recordSize - self.held.readableBytes)
+            var first = context.channel.allocator.buffer(capacity: self.held.readableBytes + count)
+            first.writeBuffer(&self.held)
+            self.held.clear()
+            first.writeImmutableBuffer(rest.readSlice(length: count) ?? ByteBuffer())
+            guard self.seal(first, context: context, promise: rest.readableBytes == 0 ? promise : nil) else { return }
+        }
+        // One buffer per record: a buffer for a whole 64 KiB read would be as costly to allocate as a big record.
+        while let piece = rest.readSlice(length: min(rest.readableBytes, Self.recordSize)), piece.readableBytes > 0 {
+            guard self.seal(piece, context: context, promise: rest.readableBytes == 0 ? promise : nil) else { return }
+        }
+    }
+
+    func flush(context: ChannelHandlerContext) {
+        self.sealHeld(context: context)
+        context.flush()
+    }
+
+    /// Seals `plaintext` as one record and writes it; false (the connection failed) when it could not.
+    private func seal(_ plaintext: ByteBuffer, context: ChannelHandlerContext, promise: EventLoopPromise<Void>?) -> Bool
+    {
+        var sealed = context.channel.allocator.buffer(
+            capacity: plaintext.readableBytes + V2PoolSeal.headerLength + V2PoolSeal.overhead
+        )
+        do {
+            try plaintext.withUnsafeReadableBytes { try self.sealer.seal($0, into: &sealed) }
+        } catch {
+            promise?.fail(error)
+            self.fail(context: context, error)
+            return false
+        }
+        context.write(self.wrapOutboundOut(sealed), promise: promise)
+        return true
+    }
+
+    /// Writes the held bytes as a record of their own.
+    private func sealHeld(context: ChannelHandlerContext) {
+        guard self.held.readableBytes > 0, !self.failed else { return }
+        let held = self.held
+        self.held.clear()
+        _ = self.seal(held, context: context, promise: nil)
     }
 
     func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
@@ -169,6 +208,7 @@ final class SealedRecordHandler: ChannelDuplexHandler {
     /// end).
     private func end(context: ChannelHandlerContext) -> ByteBuffer? {
         guard !self.outputEnded, !self.failed, context.channel.isActive else { return nil }
+        self.sealHeld(context: context)
         self.outputEnded = true
         var end = context.channel.allocator.buffer(capacity: V2PoolSeal.headerLength + V2PoolSeal.overhead)
         do {
