@@ -190,6 +190,8 @@ final class ResumableStream {
         self.localInputEnded = true
         self.ledger.sendingEnd()
         if let pool = self.current {
+            // What arrived so far is acknowledged with the end, in the same write.
+            if let count = self.takeOwedAck() { pool.writeAck(count) }
             pool.writeFrame(type: V2Resume.endType)
             self.poolFlushOwed = true
             self.flushPool()
@@ -275,7 +277,10 @@ final class ResumableStream {
                 self.finishIfComplete()
             case .end:
                 try self.ledger.receivedEnd()
-                self.sendAck()
+                // The other side needs the ack of its end to finish; once this side's end was sent, it is
+                // the last frame either side waits for. Until then it goes with this side's next frame (its
+                // end, most often), or after `ackDelay`.
+                if self.localInputEnded { self.sendAck() }
                 self.flushLocal()
                 self.localOutputClosed = true
                 let local = self.local
