@@ -17,7 +17,7 @@ protocol ResumeConnector: AnyObject, Sendable {
 final class ResumableRelays: Sendable {
     /// How long a relay waits for a new pool connection after a break (RESUME_GRACE).
     let grace: TimeAmount
-    /// The most bytes one relay keeps for a resend: 16 times RELAY_BUFFER, at least 1 MiB (four times
+    /// The most bytes one relay keeps for a resend: 16 times RELAY_BUFFER, at least 1 MiB (eight times
     /// `ackEvery`, so that a sender whose peer acks at that pace does not wait for an ack on a short path).
     /// Over a path with a round trip of RTT, one relay carries at most this much per RTT.
     let keepLimit: Int
@@ -25,11 +25,12 @@ final class ResumableRelays: Sendable {
     let relayBuffer: Int
     /// BUFFER_BUDGET, shared with every relay of the process: past it, a relay keeps at most `keepFloor`.
     let budget: RelayBudget
-    /// What a relay may keep even while the budget is full, so that none waits for bytes others keep.
-    static let keepFloor = 64 * 1024
+    /// What a relay may keep even while the budget is full, so that none waits for bytes others keep. As
+    /// much as `ackEvery`: a sender at this bound gets its ack when its last byte arrives, not `ackDelay` later.
+    static let keepFloor = Int(ackEvery)
     /// Positions received before an ack goes out at the end of a read. (Bytes sent the other way carry an
     /// ack of what arrived so far anyway.)
-    static let ackEvery: UInt64 = 256 * 1024
+    static let ackEvery: UInt64 = 128 * 1024
     /// When fewer were received, the ack goes out after this delay.
     static let ackDelay = TimeAmount.milliseconds(20)
     let metrics: ResumeMetrics
@@ -49,7 +50,7 @@ final class ResumableRelays: Sendable {
     init(configuration: Configuration, metrics: TunnelMetrics, budget: RelayBudget, logger: Logger, isClient: Bool) {
         self.grace = configuration.resumeGrace
         self.relayBuffer = configuration.relayBuffer
-        self.keepLimit = max(configuration.relayBuffer * 16, 4 * Int(Self.ackEvery))
+        self.keepLimit = max(configuration.relayBuffer * 16, 8 * Int(Self.ackEvery))
         self.budget = budget
         self.metrics = metrics.resume
         self.tunnelMetrics = metrics

@@ -533,6 +533,8 @@ final class ResumableStream {
         self.flushPool()
         self.readPoolIfRoom()
         self.readLocalIfRoom()
+        // The counts of a resume may complete the relay (both ends were sent and acknowledged before the break).
+        self.finishIfComplete()
         return true
     }
 
@@ -570,6 +572,12 @@ final class ResumableStream {
             return
         }
         self.relays.budget.give(self.ledger.keptBytes)
+        // Bytes held for `local` at an end that resets it are dropped; the budget gets them back.
+        if self.localHeld != nil {
+            self.localHeld = nil
+            self.poolWindow.written(self.localHeldCount)
+            self.localHeldCount = 0
+        }
         if !self.localGone {
             switch ending {
             case .reset: GlueHandler.reset(self.local)

@@ -142,18 +142,26 @@ final class SealedRecordHandler: ChannelDuplexHandler {
             self.held.writeBuffer(&rest)
             return
         }
-        if self.held.readableBytes > 0 {
-            // The held bytes and the start of this write make the first record (only that much is copied).
-            let count = min(rest.readableBytes, Self.recordSize - self.held.readableBytes)
-            var first = context.channel.allocator.buffer(capacity: self.held.readableBytes + count)
-            first.writeBuffer(&self.held)
-            self.held.clear()
-            first.writeImmutableBuffer(rest.readSlice(length: count) ?? ByteBuffer())
-            guard self.seal(first, context: context, promise: rest.readableBytes == 0 ? promise : nil) else { return }
-        }
-        // One buffer per record: a buffer for a whole 64 KiB read would be as costly to allocate as a big record.
-        while let piece = rest.readSlice(length: min(rest.readableBytes, Self.recordSize)), piece.readableBytes > 0 {
-            guard self.seal(piece, context: context, promise: rest.readableBytes == 0 ? promise : nil) else { return }
+        do {
+            if self.held.readableBytes > 0 {
+                // The held bytes and the start of this write make the first record (only that much is copied).
+                let count = min(rest.readableBytes, Self.recordSize - self.held.readableBytes)
+                var first = context.channel.allocator.buffer(capacity: self.held.readableBytes + count)
+                first.writeBuffer(&self.held)
+                self.held.clear()
+                first.writeImmutableBuffer(rest.readSlice(length: count) ?? ByteBuffer())
+                try self.seal(first, context: context, promise: rest.readableBytes == 0 ? promise : nil)
+            }
+            // One buffer per record: a buffer for a whole 64 KiB read would be as costly to allocate as a big
+            // record.
+            while let piece = rest.readSlice(length: min(rest.readableBytes, Self.recordSize)), piece.readableBytes > 0
+            {
+                try self.seal(piece, context: context, promise: rest.readableBytes == 0 ? promise : nil)
+            }
+        } catch {
+            // Nothing was written with `promise`: sealing the record that carries it failed, or one before it.
+            promise?.fail(error)
+            self.fail(context: context, error)
         }
     }
 
@@ -162,21 +170,17 @@ final class SealedRecordHandler: ChannelDuplexHandler {
         context.flush()
     }
 
-    /// Seals `plaintext` as one record and writes it; false (the connection failed) when it could not.
-    private func seal(_ plaintext: ByteBuffer, context: ChannelHandlerContext, promise: EventLoopPromise<Void>?) -> Bool
-    {
+    /// Seals `plaintext` as one record and writes it with `promise`; throws (writing nothing) when it could not.
+    private func seal(
+        _ plaintext: ByteBuffer,
+        context: ChannelHandlerContext,
+        promise: EventLoopPromise<Void>?
+    ) throws {
         var sealed = context.channel.allocator.buffer(
             capacity: plaintext.readableBytes + V2PoolSeal.headerLength + V2PoolSeal.overhead
         )
-        do {
-            try plaintext.withUnsafeReadableBytes { try self.sealer.seal($0, into: &sealed) }
-        } catch {
-            promise?.fail(error)
-            self.fail(context: context, error)
-            return false
-        }
+        try plaintext.withUnsafeReadableBytes { try self.sealer.seal($0, into: &sealed) }
         context.write(self.wrapOutboundOut(sealed), promise: promise)
-        return true
     }
 
     /// Writes the held bytes as a record of their own.
@@ -184,7 +188,11 @@ final class SealedRecordHandler: ChannelDuplexHandler {
         guard self.held.readableBytes > 0, !self.failed else { return }
         let held = self.held
         self.held.clear()
-        _ = self.seal(held, context: context, promise: nil)
+        do {
+            try self.seal(held, context: context, promise: nil)
+        } catch {
+            self.fail(context: context, error)
+        }
     }
 
     func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
