@@ -317,10 +317,9 @@ def test_idle_user_connections_are_closed_after_idle_timeout(procs, nodepass_bin
 
 def test_a_flood_of_refused_connections_is_a_few_log_lines_with_a_count(procs, nodepass_bin, echo_service):
     """600 connections closed before TLS, each a `client refused`: at most 10 such lines in 10 s, and the next
-    one written after the window says how many were left out (before: one line per connection). In about one
-    run in ten, some of the 600 (7 to 72 here) are never counted as refused, and never logged: they did not
-    reach the control handler (not understood yet; seen only with connections closed at once, as here), so
-    the count is checked against the refusals counted."""
+    one written after the window says how many were left out (before: one line per connection). They come
+    in batches of 30, each refused before the next: past 64 handshakes in progress the server closes the
+    oldest without counting it as refused, which a loaded machine reached with all 600 at once."""
     from test_metrics import scrape, value
 
     def refused() -> float:
@@ -332,10 +331,13 @@ def test_a_flood_of_refused_connections_is_a_few_log_lines_with_a_count(procs, n
     tunnel.server_query = f"&metrics=127.0.0.1:{metrics}"
     tunnel.start_server()
     started = time.monotonic()
-    for _ in range(600):
-        with socket.create_connection((tunnel.host, tunnel.tunnel_port), timeout=5):
-            pass
-    wait_for(lambda: refused() >= 500, 9, "the server to refuse the 600")
+    sent = 0
+    for _ in range(20):
+        for _ in range(30):
+            with socket.create_connection((tunnel.host, tunnel.tunnel_port), timeout=5):
+                pass
+        sent += 30
+        wait_for(lambda: refused() >= sent, 5, f"the server to refuse {sent} connections")
     assert time.monotonic() - started < 10, "the flood outlasted the window; the count below would be off"
     assert tunnel.server.output().count("client refused") == 10, tunnel.server.output()[-2000:]
     # The next window (its length is the behaviour under test): one more refusal is written, with the count
